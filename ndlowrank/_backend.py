@@ -1,0 +1,246 @@
+"""Array namespaces, devices and dtypes: the only module that knows about backends.
+
+Everything else in the core receives an array namespace ``xp`` from here and uses only
+the array API standard (plus its ``linalg`` extension) on it. The namespace is inferred
+from the input arrays with :func:`array_api_compat.array_namespace`; functions that
+create arrays from nothing resolve a ``backend=`` argument with :func:`resolve_backend`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "available_backends",
+    "backend_name",
+    "compute_dtype",
+    "device_of",
+    "from_numpy",
+    "get_namespace",
+    "resolve_backend",
+    "resolve_dtype",
+    "to_numpy",
+]
+
+# name -> (module holding the standard namespace, predicate on a namespace)
+_BACKENDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "numpy": ("array_api_compat.numpy", array_api_compat.is_numpy_namespace),
+    "torch": ("array_api_compat.torch", array_api_compat.is_torch_namespace),
+    "cupy": ("array_api_compat.cupy", array_api_compat.is_cupy_namespace),
+    "array_api_strict": ("array_api_strict", array_api_compat.is_array_api_strict_namespace),
+}
+
+
+def _cupy_has_gpu() -> bool:
+    try:
+        import cupy  # optional dependency
+
+        return bool(cupy.cuda.runtime.getDeviceCount() > 0)
+    except Exception:  # cupy missing, or present without a usable CUDA driver
+        return False
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can be used on this machine.
+
+    ``"cupy"`` is listed only when cupy is installed *and* a CUDA device is present.
+
+    Returns
+    -------
+    list of str
+        A subset of ``["numpy", "torch", "cupy", "array_api_strict"]``, in that order.
+    """
+    names = []
+    for name, (module, _) in _BACKENDS.items():
+        if name == "cupy":
+            if _cupy_has_gpu():
+                names.append(name)
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def backend_name(xp: ModuleType) -> str:
+    """Short name of an array namespace (``"numpy"``, ``"torch"``, ...), or its module name."""
+    for name, (_, is_namespace) in _BACKENDS.items():
+        if is_namespace(xp):
+            return name
+    return str(getattr(xp, "__name__", xp))
+
+
+def _normalise_namespace(xp: Any) -> ModuleType:
+    """Turn ``numpy``, ``torch`` or any namespace object into its array-API-compatible namespace."""
+    try:
+        probe = xp.asarray(0.0)
+        return array_api_compat.array_namespace(probe)
+    except Exception as exc:
+        raise ValueError(
+            f"backend={xp!r} is not an array namespace; pass one of "
+            f"{available_backends()} or a module such as numpy or torch"
+        ) from exc
+
+
+def resolve_backend(backend: str | ModuleType | None) -> ModuleType:
+    """Return the array namespace for a ``backend=`` argument.
+
+    Parameters
+    ----------
+    backend : str, module or None
+        ``None`` (numpy), a name from :func:`available_backends`, or a namespace
+        object (``numpy``, ``torch``, ``array_api_strict``, ``array_api_compat.torch``, ...).
+
+    Returns
+    -------
+    module
+        An array-API-compatible namespace.
+
+    Raises
+    ------
+    ValueError
+        If the name is unknown or the backend is not usable here; the message lists
+        the available backends.
+    """
+    if backend is None:
+        backend = "numpy"
+    if not isinstance(backend, str):
+        return _normalise_namespace(backend)
+    available = available_backends()
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend={backend!r}; available backends: {available}")
+    if backend not in available:
+        why = "no CUDA device was found" if backend == "cupy" else "it is not installed"
+        raise ValueError(f"backend={backend!r} is not available ({why}); available backends: {available}")
+    return importlib.import_module(_BACKENDS[backend][0])
+
+
+def get_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> ModuleType:
+    """Infer the array namespace shared by ``arrays``.
+
+    Parameters
+    ----------
+    *arrays
+        Arrays from one backend. ``None`` entries are ignored.
+    names
+        Argument names, one per array, used in error messages.
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array, or if the arrays come from different backends
+        (the message names both).
+    """
+    names = names or tuple(f"argument {i}" for i in range(len(arrays)))
+    found: dict[str, str] = {}
+    for name, array in zip(names, arrays, strict=True):
+        if array is None:
+            continue
+        try:
+            xp = array_api_compat.array_namespace(array)
+        except TypeError as exc:
+            raise TypeError(
+                f"{name} must be an array (numpy, torch, cupy or any array-API array), "
+                f"got {type(array).__name__}"
+            ) from exc
+        found.setdefault(backend_name(xp), name)
+        if len(found) > 1:
+            (first, first_arg), (second, second_arg) = list(found.items())[:2]
+            raise TypeError(
+                f"arrays from two backends in one call: {first_arg} is a {first} array and "
+                f"{second_arg} is a {second} array; convert them to one backend first"
+            )
+    present = [a for a in arrays if a is not None]
+    if not present:
+        return resolve_backend(None)
+    return array_api_compat.array_namespace(*present)
+
+
+def device_of(x: Any) -> Any:
+    """The device an array lives on (``array_api_compat.device``)."""
+    return array_api_compat.device(x)
+
+
+def resolve_dtype(xp: ModuleType, dtype: Any, *, default: str = "float32") -> Any:
+    """Return a real floating dtype of namespace ``xp``.
+
+    ``dtype`` may be ``None`` (then ``default``), a name such as ``"float64"``, or a
+    dtype object of the backend (``torch.float16``, ``numpy.float32``, ...).
+
+    Raises
+    ------
+    ValueError
+        If ``dtype`` is not a real floating dtype of the backend.
+    """
+    if dtype is None:
+        dtype = default
+    resolved = getattr(xp, dtype, None) if isinstance(dtype, str) else dtype
+    if resolved is not None and array_api_compat.is_numpy_namespace(xp):
+        resolved = np.dtype(resolved)
+    try:
+        ok = resolved is not None and xp.isdtype(resolved, "real floating")
+    except Exception:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"dtype={dtype!r} is not a real floating dtype of the {backend_name(xp)} backend; "
+            "use e.g. 'float32' or 'float64'"
+        )
+    return resolved
+
+
+def compute_dtype(xp: ModuleType, x: Any, *, name: str = "x") -> Any:
+    """The dtype a decomposition of ``x`` works in.
+
+    float32 and float64 stay as they are; float16 and bfloat16 are lifted to float32;
+    booleans and integers are promoted to the namespace's default float dtype.
+
+    Raises
+    ------
+    TypeError
+        For complex input, which the decompositions do not support.
+    """
+    dtype = x.dtype
+    if xp.isdtype(dtype, "complex floating"):
+        raise TypeError(f"{name} has complex dtype {dtype}; only real input is supported")
+    if xp.isdtype(dtype, "real floating"):
+        if dtype == xp.float64 or dtype == xp.float32:
+            return dtype
+        return xp.float32
+    return xp.asarray(0.0, device=device_of(x)).dtype
+
+
+def from_numpy(array: np.ndarray, xp: ModuleType, *, device: Any = None, dtype: Any = None) -> Any:
+    """Move a numpy array into namespace ``xp`` on ``device`` with ``dtype``.
+
+    The values are cast from the numpy array, so the same numpy input gives the same
+    numbers on every backend (up to the target dtype's rounding).
+    """
+    out = xp.asarray(array, device=device)
+    return out if dtype is None or out.dtype == dtype else xp.astype(out, dtype)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Copy any supported array to a numpy array on the host (bfloat16 becomes float32)."""
+    if array_api_compat.is_numpy_array(x):
+        return np.asarray(x)
+    if array_api_compat.is_torch_array(x):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        return np.asarray(x.numpy())
+    if array_api_compat.is_cupy_array(x):
+        return np.asarray(x.get())
+    if hasattr(x, "to_device"):
+        xp = array_api_compat.array_namespace(x)
+        if array_api_compat.is_array_api_strict_namespace(xp):
+            x = x.to_device(xp.Device("CPU_DEVICE"))
+    return np.from_dlpack(x)

@@ -1,0 +1,127 @@
+"""N-dimensional low-rank weight deltas in Tucker form."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ._backend import from_numpy, resolve_backend, resolve_dtype
+from .init import get_init
+from .ranks import check_shape, validate_ranks
+from .tucker import TuckerTensor
+
+__all__ = ["TuckerDelta", "tucker_delta"]
+
+
+def _check_scale(scale: Any) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"scale must be a real number, got {scale!r} ({type(scale).__name__})")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    return float(scale)
+
+
+class TuckerDelta(TuckerTensor):
+    """A weight delta ``ΔW = scale · core ×_0 factors[0] ... ×_{N-1} factors[N-1]``.
+
+    A :class:`TuckerTensor` with a plain multiplier ``scale``; :meth:`to_dense` and
+    :meth:`norm` include it, :attr:`n_params` does not count it.
+
+    Parameters
+    ----------
+    core, factors
+        As for :class:`TuckerTensor`.
+    scale : float, default 1.0
+        Multiplier of the delta (the paper's ``scale``; ``alpha / r`` in LoRA terms).
+    """
+
+    def __init__(self, core: Any, factors: Sequence[Any], scale: float = 1.0) -> None:
+        super().__init__(core, factors)
+        self.scale = _check_scale(scale)
+
+    def _scale(self) -> float:
+        return self.scale
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", scale={self.scale})"
+
+
+def _make_rng(seed: Any) -> np.random.Generator:
+    if seed is None or isinstance(seed, np.random.Generator):
+        return np.random.default_rng(seed)
+    if isinstance(seed, bool) or not hasattr(seed, "__index__") or int(seed) < 0:
+        raise ValueError(f"seed must be None, a non-negative int or a numpy Generator, got {seed!r}")
+    return np.random.default_rng(int(seed))
+
+
+def tucker_delta(
+    shape: Sequence[int],
+    ranks: int | Sequence[int],
+    *,
+    init: str = "zero_core",
+    scale: float = 1.0,
+    backend: str | ModuleType | None = None,
+    device: Any = None,
+    dtype: Any = None,
+    seed: int | np.random.Generator | None = None,
+) -> TuckerDelta:
+    """Create a Tucker-form weight delta that starts at zero.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Shape of the weight the delta changes, e.g. ``(out, in, kh, kw)`` for a conv kernel.
+    ranks : int or sequence of int
+        Multilinear ranks; an int applies to every mode. Each must satisfy
+        ``1 <= ranks[n] <= shape[n]``.
+    init : str, default "zero_core"
+        ``"zero_core"`` (the FLoRA paper's: zero core, ``kaiming_normal_(a=sqrt(3))``
+        factors, i.e. std ``1/sqrt(2 r_n)``), ``"zero_factor"`` (mode-0 factor zero, as
+        LoRA zeroes ``B``) or ``"orthogonal"`` (orthonormal factor columns, zero core).
+    scale : float, default 1.0
+        Multiplier applied in :meth:`TuckerDelta.to_dense`.
+    backend : str or module, optional
+        ``"numpy"`` (default), ``"torch"``, ``"cupy"``, ``"array_api_strict"`` or a
+        namespace object.
+    device : optional
+        Device of the backend (``"cuda:0"`` for torch, ...); the backend's default if omitted.
+    dtype : str or dtype, optional
+        Real floating dtype; default ``float32``.
+    seed : int or numpy.random.Generator, optional
+        Makes the draw reproducible. The numbers are drawn with numpy and then moved,
+        so the same seed gives the same values on every backend.
+
+    Returns
+    -------
+    TuckerDelta
+        With ``to_dense()`` equal to zero.
+
+    Raises
+    ------
+    ValueError
+        For a bad shape, rank, init, backend, dtype, seed or scale (the message names it).
+
+    Examples
+    --------
+    >>> import ndlowrank as nl
+    >>> d = nl.tucker_delta((64, 32, 3, 3), (8, 8, 3, 3), seed=0)
+    >>> d.n_params, float(abs(d.to_dense()).max())
+    (1362, 0.0)
+    """
+    shape = check_shape(shape)
+    ranks = validate_ranks(ranks, shape)
+    draw = get_init(init)
+    scale = _check_scale(scale)
+    rng = _make_rng(seed)
+    xp = resolve_backend(backend)
+    dtype = resolve_dtype(xp, dtype)
+    core, factors = draw(shape, ranks, rng)
+    return TuckerDelta(
+        from_numpy(core, xp, device=device, dtype=dtype),
+        [from_numpy(f, xp, device=device, dtype=dtype) for f in factors],
+        scale=scale,
+    )

@@ -1,0 +1,137 @@
+"""The Tucker tensor container: a core and one factor matrix per mode."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ._backend import backend_name, device_of, get_namespace
+from .tenalg import multi_mode_product
+
+__all__ = ["TuckerTensor"]
+
+
+class TuckerTensor:
+    """A tensor in Tucker form, ``core ×_0 factors[0] ×_1 ... ×_{N-1} factors[N-1]``.
+
+    Behaves like the tuple ``(core, factors)``: ``core, factors = t`` unpacks it.
+
+    Parameters
+    ----------
+    core : array, shape (r_0, ..., r_{N-1})
+    factors : sequence of N arrays
+        ``factors[n]`` has shape ``(I_n, r_n)``. All arrays must come from one backend.
+
+    Raises
+    ------
+    ValueError
+        If the number of factors differs from the core's modes, a factor is not 2-D, or a
+        factor's column count differs from the core's size on that mode (the message
+        names the mode).
+    TypeError
+        If the core and the factors come from different backends.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import ndlowrank as nl
+    >>> t = nl.TuckerTensor(np.ones((2, 1)), [np.ones((4, 2)), np.ones((3, 1))])
+    >>> t.shape, t.ranks, t.n_params
+    ((4, 3), (2, 1), 13)
+    >>> core, factors = t
+    """
+
+    def __init__(self, core: Any, factors: Sequence[Any]) -> None:
+        factors = tuple(factors)
+        names = ("core", *(f"factors[{n}]" for n in range(len(factors))))
+        self._xp = get_namespace(core, *factors, names=names)
+        if len(factors) != core.ndim:
+            raise ValueError(
+                f"core has {core.ndim} modes (shape {tuple(core.shape)}) but "
+                f"{len(factors)} factors were given"
+            )
+        for n, factor in enumerate(factors):
+            if factor.ndim != 2:
+                raise ValueError(f"factors[{n}] must be 2-D, got shape {tuple(factor.shape)}")
+            if factor.shape[1] != core.shape[n]:
+                raise ValueError(
+                    f"mode {n}: factors[{n}] has {factor.shape[1]} columns but the core has "
+                    f"size {core.shape[n]} on mode {n}; they must be equal"
+                )
+        self.core = core
+        self.factors = factors
+
+    # -- tuple-like behaviour --------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.core, self.factors))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> Any:
+        return (self.core, self.factors)[index]
+
+    # -- description -----------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the full tensor, ``(I_0, ..., I_{N-1})``."""
+        return tuple(int(f.shape[0]) for f in self.factors)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """Multilinear ranks of the representation, ``(r_0, ..., r_{N-1})``."""
+        return tuple(int(s) for s in self.core.shape)
+
+    @property
+    def ndim(self) -> int:
+        """Number of modes."""
+        return len(self.factors)
+
+    @property
+    def n_params(self) -> int:
+        """Stored numbers: ``prod(r_n) + sum(I_n * r_n)``."""
+        return math.prod(self.ranks) + sum(i * r for i, r in zip(self.shape, self.ranks, strict=True))
+
+    @property
+    def dtype(self) -> Any:
+        """dtype of the core."""
+        return self.core.dtype
+
+    @property
+    def device(self) -> Any:
+        """Device of the core."""
+        return device_of(self.core)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(shape={self.shape}, ranks={self.ranks}, "
+            f"n_params={self.n_params}, backend={backend_name(self._xp)}, dtype={self.dtype})"
+        )
+
+    # -- computation -----------------------------------------------------------------
+    def _scale(self) -> float:
+        return 1.0
+
+    def to_dense(self) -> Any:
+        """The full tensor, in the core's namespace, device and dtype."""
+        dense = multi_mode_product(self.core, self.factors)
+        scale = self._scale()
+        return dense if scale == 1.0 else scale * dense
+
+    def norm(self) -> Any:
+        """Frobenius norm, computed without forming the full tensor.
+
+        Uses ``‖G ×_n A_n‖² = ⟨G, G ×_n (A_nᵀ A_n)⟩``, which costs ``O(sum I_n r_n² +
+        prod(r) sum r_n)`` instead of ``O(prod I_n)``.
+
+        Returns
+        -------
+        0-D array in the core's namespace.
+        """
+        xp = self._xp
+        grams = [f.T @ f for f in self.factors]
+        weighted = multi_mode_product(self.core, grams)
+        squared = xp.sum(self.core * weighted)
+        norm = xp.sqrt(xp.clip(squared, min=0.0))
+        return abs(self._scale()) * norm

@@ -1,0 +1,47 @@
+"""Test helpers shared by the test modules: the backend under test and one assertion."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ndlowrank._backend import backend_name, device_of, get_namespace, resolve_backend, to_numpy
+
+
+class Backend:
+    """A backend under test: its namespace, the device to create arrays on, and helpers."""
+
+    def __init__(self, spec: str) -> None:
+        name, _, device = spec.partition(":")
+        self.name = name
+        self.xp = resolve_backend(name)
+        if name == "array_api_strict" and device:
+            self.device = self.xp.Device(device)
+        else:
+            self.device = device or None
+
+    def asarray(self, array, dtype: str | None = None):
+        """Move a numpy array (or nested list) to this backend and device."""
+        array = np.asarray(array)
+        out = self.xp.asarray(array, device=self.device)
+        if dtype is not None:
+            out = self.xp.astype(out, getattr(self.xp, dtype))
+        return out
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r}, device={self.device!r})"
+
+
+def assert_close(actual, desired, *, backend: Backend | None = None, rtol=1e-6, atol=0.0, dtype=None):
+    """Check namespace, device, dtype and shape of ``actual``, then its values against ``desired``.
+
+    ``desired`` is a numpy array (an independent reference) or an array of any backend.
+    """
+    if backend is not None:
+        assert backend_name(get_namespace(actual)) == backend.name, type(actual)
+        if backend.device is not None:
+            assert str(device_of(actual)).startswith(str(backend.device)), device_of(actual)
+    if dtype is not None:
+        assert actual.dtype == dtype, (actual.dtype, dtype)
+    actual_np, desired_np = to_numpy(actual), to_numpy(desired)
+    assert actual_np.shape == desired_np.shape, (actual_np.shape, desired_np.shape)
+    np.testing.assert_allclose(actual_np, desired_np, rtol=rtol, atol=atol)
