@@ -7,9 +7,10 @@ cupy and any array-API library. PyTorch adapters live in :mod:`ndlowrank.nn`.
 from importlib.metadata import PackageNotFoundError, version
 
 from ._backend import available_backends
+from .decompose import hooi, hosvd, sthosvd, tucker
 from .delta import TuckerDelta, tucker_delta
 from .init import INITS
-from .ranks import validate_ranks
+from .ranks import select_ranks, validate_ranks
 from .tenalg import fold, mode_product, multi_mode_product, tucker_to_tensor, unfold
 from .tucker import TuckerTensor
 
@@ -25,8 +26,13 @@ __all__ = [
     "__version__",
     "available_backends",
     "fold",
+    "hooi",
+    "hosvd",
     "mode_product",
     "multi_mode_product",
+    "select_ranks",
+    "sthosvd",
+    "tucker",
     "tucker_delta",
     "tucker_to_tensor",
     "unfold",

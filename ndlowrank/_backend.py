@@ -21,6 +21,7 @@ __all__ = [
     "backend_name",
     "compute_dtype",
     "device_of",
+    "eigh",
     "from_numpy",
     "get_namespace",
     "resolve_backend",
@@ -244,3 +245,24 @@ def to_numpy(x: Any) -> np.ndarray:
         if array_api_compat.is_array_api_strict_namespace(xp):
             x = x.to_device(xp.Device("CPU_DEVICE"))
     return np.from_dlpack(x)
+
+
+def eigh(xp: ModuleType, matrix: Any, *, top: int | None = None) -> tuple[Any, Any]:
+    """Eigen-decomposition of a symmetric matrix, eigenvalues in ascending order.
+
+    With ``top``, only the ``top`` largest eigenpairs are returned (still ascending).
+    numpy uses scipy's ``eigh(subset_by_index=...)`` (LAPACK ``syevr``), which computes
+    only those eigenvectors; every other backend uses its ``linalg.eigh`` (torch's and
+    cupy's native solvers behind array-api-compat) and slices.
+    """
+    size = matrix.shape[0]
+    if top is not None and top < size and array_api_compat.is_numpy_namespace(xp):
+        import scipy.linalg  # imported here: only the numpy fast path needs it
+
+        return scipy.linalg.eigh(
+            matrix, subset_by_index=(size - top, size - 1), driver="evr", check_finite=False
+        )
+    values, vectors = xp.linalg.eigh(matrix)
+    if top is not None:
+        values, vectors = values[size - top :], vectors[:, size - top :]
+    return values, vectors

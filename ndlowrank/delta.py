@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from ._backend import from_numpy, resolve_backend, resolve_dtype
+from ._validation import check_shape, validate_ranks
 from .init import get_init
-from .ranks import check_shape, validate_ranks
 from .tucker import TuckerTensor
 
 __all__ = ["TuckerDelta", "tucker_delta"]

@@ -1,94 +1,100 @@
-"""Rank validation: turning a ``ranks`` argument into one checked int per mode."""
+"""Rank validation and selection: from an error tolerance, an energy fraction or a budget."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 from typing import Any
 
-__all__ = ["check_shape", "validate_ranks"]
+import numpy as np
+
+from ._subspace import mode_spectrum, rank_for_budget
+from ._validation import validate_ranks
+from .decompose import PreparedTensor, check_tol, sthosvd
+
+__all__ = ["select_ranks", "validate_ranks"]
 
 
-def _as_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__})")
-    return int(value)
+def _budget_ranks(spectra: list[np.ndarray], shape: tuple[int, ...], budget: int) -> tuple[int, ...]:
+    """Greedy: grow the rank with the most energy gained per parameter added, while it fits."""
+    ranks = [1] * len(shape)
+    used = 1 + sum(shape)
+    while True:
+        best, best_score, best_cost = None, 0.0, 0
+        for n, size in enumerate(shape):
+            if ranks[n] == size:
+                continue
+            cost = size + math.prod(r for k, r in enumerate(ranks) if k != n)
+            gain = spectra[n][ranks[n]]
+            if used + cost <= budget and gain > 0 and gain / cost > best_score:
+                best, best_score, best_cost = n, gain / cost, cost
+        if best is None:
+            return tuple(ranks)
+        ranks[best] += 1
+        used += best_cost
 
 
-def check_shape(shape: Any, *, name: str = "shape") -> tuple[int, ...]:
-    """Validate a tensor shape: a non-empty sequence of positive ints.
-
-    Raises
-    ------
-    TypeError
-        If ``shape`` is not a sequence of ints.
-    ValueError
-        If it is empty or a size is not positive (the message names the mode).
-    """
-    if hasattr(shape, "__index__"):
-        shape = (shape,)
-    if not isinstance(shape, Sequence):
-        raise TypeError(f"{name} must be a sequence of ints, got {type(shape).__name__}")
-    sizes = tuple(_as_int(s, f"{name}[{n}]") for n, s in enumerate(shape))
-    if not sizes:
-        raise ValueError(f"{name} must have at least one mode, got {tuple(shape)}")
-    for n, size in enumerate(sizes):
-        if size < 1:
-            raise ValueError(f"{name}[{n}]={size}: every mode must have size >= 1")
-    return sizes
-
-
-def validate_ranks(ranks: Any, shape: Sequence[int], *, clip: bool = False) -> tuple[int, ...]:
-    """Check a ``ranks`` argument against a tensor shape and return one int per mode.
+def select_ranks(
+    x: Any, *, tol: float | None = None, energy: float | None = None, budget: int | None = None
+) -> tuple[int, ...]:
+    """Choose Tucker ranks for ``x`` by one of three rules.
 
     Parameters
     ----------
-    ranks : int or sequence of int
-        An int applies to every mode; a sequence gives one rank per mode.
-    shape : sequence of int
-        The tensor's shape ``(I_0, ..., I_{N-1})``.
-    clip : bool, default False
-        Clip an *int* ``ranks`` to each mode's size (``ranks=8`` on a mode of size 3
-        gives 3). A sequence is always validated strictly.
+    x : array
+        Any backend.
+    tol : float in (0, 1), optional
+        The ST-HOSVD rule: the ranks :func:`ndlowrank.sthosvd` picks for ``tol``, which
+        guarantee ``‖x − t‖ ≤ tol · ‖x‖``.
+    energy : float in (0, 1], optional
+        Per mode, the fewest singular vectors of the mode-n unfolding whose squared
+        singular values sum to at least ``energy`` of the total.
+    budget : int, optional
+        A parameter budget: greedily grows the rank that captures the most energy per
+        added parameter while ``prod(r) + sum(I_n r_n) <= budget``.
 
     Returns
     -------
     tuple of int
-        ``(r_0, ..., r_{N-1})`` with ``1 <= r_n <= I_n``.
 
     Raises
     ------
-    TypeError
-        If a rank is not an int.
     ValueError
-        If the number of ranks differs from the number of modes, or a rank is outside
-        ``[1, I_n]``; the message names the mode, the rank and the dimension.
+        If not exactly one rule is given, a value is out of range, or ``budget`` is below
+        the smallest possible Tucker size ``1 + sum(I_n)`` (the message gives that minimum).
 
     Examples
     --------
-    >>> from ndlowrank.ranks import validate_ranks
-    >>> validate_ranks(2, (4, 5, 3))
-    (2, 2, 2)
-    >>> validate_ranks(8, (16, 16, 3, 3), clip=True)
-    (8, 8, 3, 3)
+    >>> import numpy as np
+    >>> import ndlowrank as nl
+    >>> x = np.random.default_rng(0).standard_normal((20, 20, 20))
+    >>> nl.select_ranks(x, energy=0.5)
+    (9, 9, 9)
+    >>> r = nl.select_ranks(x, budget=1000)
+    >>> int(np.prod(r) + sum(20 * k for k in r)) <= 1000
+    True
     """
-    shape = tuple(int(s) for s in shape)
-    if hasattr(ranks, "__index__") and not isinstance(ranks, bool):
-        rank = int(ranks)
-        if clip and rank >= 1:
-            return tuple(min(rank, size) for size in shape)
-        ranks = (rank,) * len(shape)
-    elif not isinstance(ranks, Sequence) or isinstance(ranks, str):
-        raise TypeError(f"ranks must be an int or a sequence of ints, got {ranks!r} ({type(ranks).__name__})")
-    checked = tuple(_as_int(r, f"ranks[{n}]") for n, r in enumerate(ranks))
-    if len(checked) != len(shape):
-        raise ValueError(
-            f"ranks={checked} has {len(checked)} entries but the tensor of shape {shape} "
-            f"has {len(shape)} modes"
-        )
-    for n, (rank, size) in enumerate(zip(checked, shape, strict=True)):
-        if not 1 <= rank <= size:
+    given = [
+        name for name, value in (("tol", tol), ("energy", energy), ("budget", budget)) if value is not None
+    ]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of tol=, energy= or budget=, got {given or 'none'}")
+    if tol is not None:
+        return sthosvd(x, tol=check_tol(tol)).ranks
+    prepared = PreparedTensor(x)
+    shape = tuple(int(s) for s in prepared.y.shape)
+    if budget is not None:
+        if isinstance(budget, bool) or not hasattr(budget, "__index__"):
+            raise TypeError(f"budget must be an int number of parameters, got {budget!r}")
+        minimum = 1 + sum(shape)
+        if budget < minimum:
             raise ValueError(
-                f"ranks[{n}]={rank} is invalid for mode {n} of size {size}: "
-                f"each rank must satisfy 1 <= rank <= {size}"
+                f"budget={budget} is below the smallest Tucker form of shape {shape}: "
+                f"all ranks 1 need {minimum} parameters"
             )
-    return checked
+    elif not (isinstance(energy, (int, float)) and not isinstance(energy, bool) and 0 < energy <= 1):
+        raise ValueError(f"energy={energy!r} must be a fraction in (0, 1]")
+    spectra = [mode_spectrum(prepared.y, n, xp=prepared.xp) for n in range(len(shape))]
+    if budget is not None:
+        return _budget_ranks(spectra, shape, int(budget))
+    assert energy is not None
+    return tuple(rank_for_budget(s, (1.0 - energy) * float(s.sum())) for s in spectra)

@@ -1,0 +1,407 @@
+"""Tucker decompositions: HOSVD, ST-HOSVD, HOOI and a randomized ST-HOSVD.
+
+All of them run on the input's backend and device. They share one preparation step:
+
+- float16 / bfloat16 are computed in float32, integers in the namespace's default float
+  dtype; the result comes back in the input's floating dtype (float64 stays float64);
+- complex input is a ``TypeError``; NaN or Inf a ``ValueError``;
+- tensors whose largest entry is far from 1 are rescaled by a power of two before any
+  squaring (exact, so values near 1e-30 or 1e30 neither underflow nor overflow) and the
+  core is scaled back at the end.
+
+Each mode's factor comes from :func:`ndlowrank._subspace.leading_subspace`, whose
+``solver`` (``"auto"``, ``"gram"``, ``"svd"``, ``"randomized"``) is documented there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ._backend import compute_dtype, device_of, get_namespace
+from ._subspace import SOLVERS, leading_subspace
+from ._validation import validate_ranks
+from .tenalg import mode_product, multi_mode_product, unfold
+from .tucker import TuckerTensor
+
+__all__ = ["METHODS", "hooi", "hosvd", "sthosvd", "tucker"]
+
+METHODS = ("sthosvd", "hosvd", "hooi", "randomized")
+
+# entries are rescaled when the largest magnitude leaves [2**-_SAFE_EXPONENT, 2**_SAFE_EXPONENT]
+_SAFE_EXPONENT = 24
+
+
+class PreparedTensor:
+    """An input tensor ready for decomposition: working array, exact scale, output dtype."""
+
+    def __init__(self, x: Any, name: str = "x") -> None:
+        xp = get_namespace(x, names=(name,))
+        if x.ndim < 1:
+            raise ValueError(f"{name} must have at least one mode, got a 0-D array")
+        if math.prod(x.shape) == 0:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}: every mode must have size >= 1")
+        work = compute_dtype(xp, x, name=name)
+        y = x if x.dtype == work else xp.astype(x, work)
+        if not bool(xp.all(xp.isfinite(y))):
+            raise ValueError(f"{name} contains NaN or Inf; decompositions need finite values")
+        peak = float(xp.max(xp.abs(y)))
+        self.scale = 1.0
+        if peak > 0 and abs(math.log2(peak)) > _SAFE_EXPONENT:
+            self.scale = 2.0 ** round(math.log2(peak))
+            y = y / self.scale
+        self.xp: ModuleType = xp
+        self.y = y
+        self.is_zero = peak == 0
+        self.out_dtype = x.dtype if xp.isdtype(x.dtype, "real floating") else work
+
+    def squared_norm(self) -> float:
+        """``‖y‖²`` of the rescaled working tensor."""
+        return float(self.xp.linalg.vector_norm(self.y)) ** 2
+
+    def finish(self, core: Any, factors: Sequence[Any]) -> TuckerTensor:
+        """Undo the rescaling and return the result in the output dtype."""
+        xp = self.xp
+        if self.scale != 1.0:
+            core = core * self.scale
+        cast = [a if a.dtype == self.out_dtype else xp.astype(a, self.out_dtype) for a in (core, *factors)]
+        return TuckerTensor(cast[0], cast[1:])
+
+
+def _check_solver(solver: Any) -> str:
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver={solver!r}; known solvers: {list(SOLVERS)}")
+    return str(solver)
+
+
+def check_tol(tol: Any) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating, np.integer)):
+        raise TypeError(f"tol must be a float in (0, 1), got {tol!r} ({type(tol).__name__})")
+    if not 0.0 < float(tol) < 1.0:
+        raise ValueError(f"tol={tol!r} is outside (0, 1); it is a relative error such as 0.05")
+    return float(tol)
+
+
+def _ranks_or_tol(
+    ranks: Any, tol: Any, shape: tuple[int, ...]
+) -> tuple[tuple[int, ...] | None, float | None]:
+    if (ranks is None) == (tol is None):
+        raise ValueError("give exactly one of ranks= (fixed ranks) or tol= (a relative error bound)")
+    if ranks is not None:
+        return validate_ranks(ranks, shape), None
+    return None, check_tol(tol)
+
+
+def _check_order(order: Any, ndim: int) -> list[int]:
+    if order is None:
+        return list(range(ndim))
+    modes = [int(m) for m in order]
+    if sorted(modes) != list(range(ndim)):
+        raise ValueError(f"order={list(order)} must be a permutation of the modes 0..{ndim - 1}")
+    return modes
+
+
+def _zero_result(prepared: PreparedTensor, ranks: Sequence[int]) -> TuckerTensor:
+    """Exact decomposition of a zero tensor: zero core, the first columns of the identity."""
+    xp, y = prepared.xp, prepared.y
+    device = device_of(y)
+    factors = [
+        xp.eye(size, rank, dtype=y.dtype, device=device) for size, rank in zip(y.shape, ranks, strict=True)
+    ]
+    core = xp.zeros(tuple(ranks), dtype=y.dtype, device=device)
+    return prepared.finish(core, factors)
+
+
+def hosvd(x: Any, ranks: int | Sequence[int], *, solver: str = "auto") -> TuckerTensor:
+    """Truncated higher-order SVD (De Lathauwer, De Moor & Vandewalle 2000).
+
+    Each factor holds the leading left singular vectors of the *full* tensor's mode-n
+    unfolding; the core is ``x ×_n factors[n]ᵀ``. Its core is all-orthogonal at full ranks.
+
+    Parameters
+    ----------
+    x : array, shape (I_0, ..., I_{N-1})
+        Any backend; float16/bfloat16 are computed in float32.
+    ranks : int or sequence of int
+        ``1 <= ranks[n] <= I_n``; an int applies to every mode.
+    solver : {"auto", "gram", "svd"}, default "auto"
+        How each mode's singular vectors are computed (see :mod:`ndlowrank._subspace`).
+
+    Returns
+    -------
+    TuckerTensor
+        Orthonormal factors, in ``x``'s namespace, device and floating dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import ndlowrank as nl
+    >>> x = np.random.default_rng(0).standard_normal((6, 5, 4))
+    >>> t = nl.hosvd(x, (6, 5, 4))
+    >>> bool(np.allclose(t.to_dense(), x))
+    True
+    """
+    prepared = PreparedTensor(x)
+    ranks = validate_ranks(ranks, prepared.y.shape)
+    solver = _check_solver(solver)
+    if prepared.is_zero:
+        return _zero_result(prepared, ranks)
+    xp, y = prepared.xp, prepared.y
+    factors = [
+        leading_subspace(unfold(y, n), rank=rank, solver=solver, xp=xp)[0] for n, rank in enumerate(ranks)
+    ]
+    core = multi_mode_product(y, factors, transpose=True)
+    return prepared.finish(core, factors)
+
+
+def sthosvd(
+    x: Any,
+    ranks: int | Sequence[int] | None = None,
+    *,
+    tol: float | None = None,
+    order: Sequence[int] | None = None,
+    solver: str = "auto",
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int | np.random.Generator | None = None,
+) -> TuckerTensor:
+    """Sequentially truncated HOSVD (Vannieuwenhoven, Vandebril & Meerbergen 2012).
+
+    Modes are processed one after the other; each factor comes from the tensor already
+    truncated in the earlier modes, which is both cheaper and usually more accurate than
+    :func:`hosvd`.
+
+    Parameters
+    ----------
+    x : array, shape (I_0, ..., I_{N-1})
+    ranks : int or sequence of int, optional
+        Fixed ranks. Give this or ``tol``.
+    tol : float in (0, 1), optional
+        Relative error bound. Each mode keeps the fewest singular vectors whose discarded
+        energy stays under ``tol² ‖x‖² / N``, which **guarantees**
+        ``‖x − t‖ ≤ tol · ‖x‖``.
+    order : sequence of int, optional
+        Order in which the modes are truncated; the natural order by default.
+    solver : {"auto", "gram", "svd", "randomized"}, default "auto"
+        How each mode's singular vectors are computed (see :mod:`ndlowrank._subspace`).
+        ``"randomized"`` needs ``ranks``.
+    oversample, power_iters : int
+        Extra columns and power iterations of the randomized solver.
+    seed : int or numpy.random.Generator, optional
+        Seed of the randomized solver (the same seed gives the same result on every backend).
+
+    Returns
+    -------
+    TuckerTensor
+
+    Raises
+    ------
+    ValueError
+        If both or neither of ``ranks`` and ``tol`` are given, ``tol`` is outside (0, 1),
+        a rank is invalid, or ``x`` holds NaN or Inf.
+    TypeError
+        For complex input.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import ndlowrank as nl
+    >>> rng = np.random.default_rng(0)
+    >>> factors = [rng.random((20, 2)), rng.random((30, 3)), rng.random((10, 2))]
+    >>> x = nl.tucker_to_tensor(rng.random((2, 3, 2)), factors)
+    >>> t = nl.sthosvd(x, tol=1e-6)
+    >>> t.ranks
+    (2, 3, 2)
+    >>> bool(np.linalg.norm(x - t.to_dense()) <= 1e-6 * np.linalg.norm(x))
+    True
+    """
+    prepared = PreparedTensor(x)
+    shape = tuple(prepared.y.shape)
+    fixed, tol = _ranks_or_tol(ranks, tol, shape)
+    solver = _check_solver(solver)
+    if solver == "randomized" and fixed is None:
+        raise ValueError('solver="randomized" needs ranks=; it cannot choose ranks from tol=')
+    modes = _check_order(order, len(shape))
+    if prepared.is_zero:
+        return _zero_result(prepared, fixed or (1,) * len(shape))
+    budget = None if tol is None else tol**2 * prepared.squared_norm() / len(shape)
+    rng = np.random.default_rng(seed)
+    xp = prepared.xp
+    core = prepared.y
+    factors: list[Any] = [None] * len(shape)
+    for n in modes:
+        factors[n], _ = leading_subspace(
+            unfold(core, n),
+            rank=None if fixed is None else fixed[n],
+            budget=budget,
+            solver=solver,
+            oversample=oversample,
+            power_iters=power_iters,
+            rng=rng,
+            xp=xp,
+        )
+        core = mode_product(core, factors[n], n, transpose=True)
+    return prepared.finish(core, factors)
+
+
+def hooi(
+    x: Any,
+    ranks: int | Sequence[int],
+    *,
+    init: str | TuckerTensor = "sthosvd",
+    max_iter: int = 50,
+    tol: float = 1e-5,
+    solver: str = "auto",
+    callback: Callable[[int, float], Any] | None = None,
+    verbose: bool = False,
+) -> TuckerTensor:
+    """Higher-order orthogonal iteration (De Lathauwer, De Moor & Vandewalle 2000).
+
+    Alternately replaces each factor by the leading singular vectors of ``x`` projected
+    on all the other factors. The returned decomposition is the best one seen, so its
+    error never exceeds that of its initialisation.
+
+    Parameters
+    ----------
+    x : array, shape (I_0, ..., I_{N-1})
+    ranks : int or sequence of int
+    init : {"sthosvd", "hosvd"} or TuckerTensor, default "sthosvd"
+        Start point; a :class:`TuckerTensor` of the right ranks is used as given (its
+        factors are orthonormalised).
+    max_iter : int, default 50
+        Maximum number of sweeps over the modes.
+    tol : float, default 1e-5
+        Stop when a sweep improves the relative error by less than ``tol`` times its
+        previous value.
+    solver : {"auto", "gram", "svd"}, default "auto"
+    callback : callable, optional
+        Called as ``callback(iteration, relative_error)`` after each sweep.
+    verbose : bool, default False
+        Show a tqdm progress bar with the current relative error.
+
+    Returns
+    -------
+    TuckerTensor
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import ndlowrank as nl
+    >>> x = np.random.default_rng(0).standard_normal((8, 7, 6))
+    >>> start, t = nl.sthosvd(x, 3), nl.hooi(x, 3)
+    >>> bool(np.linalg.norm(x - t.to_dense()) <= np.linalg.norm(x - start.to_dense()))
+    True
+    """
+    prepared = PreparedTensor(x)
+    ranks = validate_ranks(ranks, prepared.y.shape)
+    solver = _check_solver(solver)
+    if solver == "randomized":
+        raise ValueError('hooi does not take solver="randomized"; use "auto", "gram" or "svd"')
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    if not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a non-negative float, got {tol!r}")
+    if prepared.is_zero:
+        return _zero_result(prepared, ranks)
+    xp, y = prepared.xp, prepared.y
+    factors = _hooi_start(prepared, ranks, init, solver)
+    core = multi_mode_product(y, factors, transpose=True)
+    norm2 = prepared.squared_norm()
+
+    def relative_error(core: Any) -> float:
+        return math.sqrt(max(norm2 - float(xp.linalg.vector_norm(core)) ** 2, 0.0) / norm2)
+
+    best_error, best = relative_error(core), (core, list(factors))
+    error = best_error
+    with tqdm(range(max_iter), desc="hooi", disable=not verbose, leave=False) as sweeps:
+        for iteration in sweeps:
+            for n in range(len(ranks)):
+                projected = multi_mode_product(y, factors, skip=n, transpose=True)
+                factors[n], _ = leading_subspace(unfold(projected, n), rank=ranks[n], solver=solver, xp=xp)
+            core = mode_product(projected, factors[-1], len(ranks) - 1, transpose=True)
+            previous, error = error, relative_error(core)
+            sweeps.set_postfix(error=f"{error:.3e}")
+            if callback is not None:
+                callback(iteration, error)
+            if error < best_error:
+                best_error, best = error, (core, list(factors))
+            if previous - error < tol * previous:
+                break
+    return prepared.finish(*best)
+
+
+def _hooi_start(prepared: PreparedTensor, ranks: tuple[int, ...], init: Any, solver: str) -> list[Any]:
+    xp, y = prepared.xp, prepared.y
+    if isinstance(init, TuckerTensor):
+        if init.shape != tuple(y.shape) or init.ranks != ranks:
+            raise ValueError(
+                f"init has shape {init.shape} and ranks {init.ranks}; expected {tuple(y.shape)} and {ranks}"
+            )
+        get_namespace(y, init.core, names=("x", "init.core"))
+        return [xp.astype(xp.linalg.qr(f)[0], y.dtype) for f in init.factors]
+    starts = {"sthosvd": sthosvd, "hosvd": hosvd}
+    if init not in starts:
+        raise ValueError(f"unknown init={init!r}; use one of {list(starts)} or a TuckerTensor")
+    start = starts[init](y, ranks, solver=solver)
+    return list(start.factors)
+
+
+def tucker(
+    x: Any,
+    ranks: int | Sequence[int] | None = None,
+    *,
+    tol: float | None = None,
+    method: str = "sthosvd",
+    **options: Any,
+) -> TuckerTensor:
+    """Tucker decomposition: one entry point for every method.
+
+    Parameters
+    ----------
+    x : array
+    ranks : int or sequence of int, optional
+        Fixed ranks; give this or ``tol``.
+    tol : float in (0, 1), optional
+        Relative error bound ``‖x − t‖ ≤ tol · ‖x‖``, guaranteed by every method that
+        accepts it: ``"sthosvd"`` chooses the ranks; ``"hooi"`` starts from that
+        ST-HOSVD and only improves on it. ``"hosvd"`` and ``"randomized"`` need ``ranks``.
+    method : {"sthosvd", "hosvd", "hooi", "randomized"}, default "sthosvd"
+        ``"randomized"`` is :func:`sthosvd` with ``solver="randomized"``.
+    **options
+        Passed to the method's function (``solver``, ``order``, ``max_iter``, ``seed``, ...).
+
+    Returns
+    -------
+    TuckerTensor
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import ndlowrank as nl
+    >>> x = np.random.default_rng(0).standard_normal((10, 10, 10))
+    >>> nl.tucker(x, 4, method="hooi").ranks
+    (4, 4, 4)
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method={method!r}; known methods: {list(METHODS)}")
+    if method == "sthosvd":
+        return sthosvd(x, ranks, tol=tol, **options)
+    if method == "randomized":
+        if ranks is None:
+            raise ValueError('method="randomized" needs ranks=; it cannot choose ranks from tol=')
+        return sthosvd(x, ranks, solver="randomized", **options)
+    if tol is not None and ranks is not None:
+        raise ValueError("give exactly one of ranks= (fixed ranks) or tol= (a relative error bound)")
+    if method == "hosvd":
+        if ranks is None:
+            raise ValueError('method="hosvd" needs ranks=; use method="sthosvd" to choose ranks from tol=')
+        return hosvd(x, ranks, **options)
+    if ranks is None:
+        start = sthosvd(x, tol=tol, solver=options.get("solver", "auto"))
+        return hooi(x, start.ranks, init=start, **options)
+    return hooi(x, ranks, **options)
