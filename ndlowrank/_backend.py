@@ -184,9 +184,9 @@ def resolve_dtype(xp: ModuleType, dtype: Any, *, default: str = "float32") -> An
     if dtype is None:
         dtype = default
     resolved = getattr(xp, dtype, None) if isinstance(dtype, str) else dtype
-    if resolved is not None and array_api_compat.is_numpy_namespace(xp):
-        resolved = np.dtype(resolved)
     try:
+        if resolved is not None and array_api_compat.is_numpy_namespace(xp):
+            resolved = np.dtype(resolved)
         ok = resolved is not None and xp.isdtype(resolved, "real floating")
     except Exception:
         ok = False

@@ -58,7 +58,8 @@ def _fix_signs(u: Any, *, xp: ModuleType) -> Any:
     rows = xp.arange(u.shape[0], device=device_of(u))
     largest = xp.argmax(xp.abs(u), axis=0)
     picked = xp.sum(xp.where(rows[:, None] == largest[None, :], u, 0.0), axis=0)
-    return u * xp.where(picked < 0, -1.0, 1.0)[None, :]
+    one = xp.ones((), dtype=u.dtype, device=device_of(u))
+    return u * xp.where(picked < 0, -one, one)[None, :]
 
 
 def _gram_eigh(y: Any, rank: int | None, dtype: Any, *, xp: ModuleType) -> tuple[Any, np.ndarray, float]:

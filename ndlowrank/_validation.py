@@ -8,8 +8,13 @@ from typing import Any
 __all__ = ["check_shape", "validate_ranks"]
 
 
+def _is_int(value: Any) -> bool:
+    """An int-like scalar (Python or numpy int, 0-D integer array), not a bool or an array."""
+    return not isinstance(value, bool) and hasattr(value, "__index__") and getattr(value, "ndim", 0) == 0
+
+
 def _as_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
+    if not _is_int(value):
         raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__})")
     return int(value)
 
@@ -24,8 +29,10 @@ def check_shape(shape: Any, *, name: str = "shape") -> tuple[int, ...]:
     ValueError
         If it is empty or a size is not positive (the message names the mode).
     """
-    if hasattr(shape, "__index__"):
+    if _is_int(shape):
         shape = (shape,)
+    if hasattr(shape, "tolist"):  # a numpy or torch array of sizes
+        shape = shape.tolist()
     if not isinstance(shape, Sequence):
         raise TypeError(f"{name} must be a sequence of ints, got {type(shape).__name__}")
     sizes = tuple(_as_int(s, f"{name}[{n}]") for n, s in enumerate(shape))
@@ -72,7 +79,9 @@ def validate_ranks(ranks: Any, shape: Sequence[int], *, clip: bool = False) -> t
     (8, 8, 3, 3)
     """
     shape = tuple(int(s) for s in shape)
-    if hasattr(ranks, "__index__") and not isinstance(ranks, bool):
+    if hasattr(ranks, "tolist") and getattr(ranks, "ndim", 0) == 1:  # a numpy or torch array of ranks
+        ranks = ranks.tolist()
+    if _is_int(ranks):
         rank = int(ranks)
         if clip and rank >= 1:
             return tuple(min(rank, size) for size in shape)

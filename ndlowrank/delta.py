@@ -103,7 +103,10 @@ def tucker_delta(
     Raises
     ------
     ValueError
-        For a bad shape, rank, init, backend, dtype, seed or scale (the message names it).
+        For a bad shape, rank, init, backend, dtype or seed, or a non-finite scale (the
+        message names it).
+    TypeError
+        For a rank or size that is not an int, or a scale that is not a real number.
 
     Examples
     --------

@@ -59,9 +59,8 @@ def unfold(x: Any, mode: int) -> Any:
     """
     xp = get_namespace(x, names=("x",))
     mode = check_mode(mode, x.ndim)
-    rows = x.shape[mode]
-    cols = math.prod(x.shape) // rows if rows else 0
-    return xp.reshape(xp.moveaxis(x, mode, 0), (rows, cols))
+    cols = math.prod(x.shape[:mode]) * math.prod(x.shape[mode + 1 :])
+    return xp.reshape(xp.moveaxis(x, mode, 0), (x.shape[mode], cols))
 
 
 def fold(matrix: Any, mode: int, shape: Sequence[int]) -> Any:

@@ -281,3 +281,26 @@ def test_tucker_delta_scale_is_checked_by_the_class_too(backend):
         nl.TuckerDelta(core, factors, scale=float("-inf"))
     with pytest.raises(TypeError, match="real number"):
         nl.TuckerDelta(core, factors, scale=True)
+
+
+@pytest.mark.parametrize("dtype", [3, "torch.float16"])
+def test_foreign_dtype_object_on_numpy_is_a_value_error(dtype):
+    if dtype == "torch.float16":
+        dtype = pytest.importorskip("torch").float16
+    with pytest.raises(ValueError, match=r"dtype=.* is not a real floating dtype of the numpy backend"):
+        nl.tucker_delta((4, 5), 2, dtype=dtype)
+
+
+@pytest.mark.parametrize("argument", ["ranks", "shape"])
+def test_numpy_array_ranks_or_shape_are_accepted_or_refused_by_name(argument):
+    shape, ranks = (4, 5), (2, 2)
+    if argument == "ranks":
+        ranks = np.array(ranks)
+    else:
+        shape = np.array(shape)
+    try:
+        d = nl.tucker_delta(shape, ranks)
+    except (TypeError, ValueError) as exc:
+        assert argument in str(exc), str(exc)
+    else:
+        assert (d.shape, d.ranks) == ((4, 5), (2, 2))

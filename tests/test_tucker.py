@@ -129,7 +129,7 @@ def test_wrong_number_of_factors(backend):
     core = backend.asarray(np.ones((2, 3)))
     with pytest.raises(ValueError, match=r"2 modes \(shape \(2, 3\)\) but 1 factors"):
         nl.TuckerTensor(core, [backend.asarray(np.ones((4, 2)))])
-    with pytest.raises(ValueError, match="2 modes .* but 3 factors"):
+    with pytest.raises(ValueError, match=r"2 modes .* but 3 factors"):
         nl.TuckerTensor(core, [backend.asarray(np.ones((4, 2)))] * 3)
 
 
