@@ -48,9 +48,11 @@ class PreparedTensor:
             raise ValueError(f"{name} has shape {tuple(x.shape)}: every mode must have size >= 1")
         work = compute_dtype(xp, x, name=name)
         y = x if x.dtype == work else xp.astype(x, work)
-        if not bool(xp.all(xp.isfinite(y))):
+        # max and min propagate NaN (array API), so one pair of reductions finds both
+        # non-finite entries and the largest magnitude, without a temporary copy
+        peak = max(float(xp.max(y)), -float(xp.min(y)))
+        if not math.isfinite(peak):
             raise ValueError(f"{name} contains NaN or Inf; decompositions need finite values")
-        peak = float(xp.max(xp.abs(y)))
         self.scale = 1.0
         if peak > 0 and abs(math.log2(peak)) > _SAFE_EXPONENT:
             self.scale = 2.0 ** round(math.log2(peak))

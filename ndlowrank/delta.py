@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import from_numpy, resolve_backend, resolve_dtype
+from ._backend import backend_name, device_of, from_numpy, get_namespace, resolve_backend, resolve_dtype
 from ._validation import check_shape, validate_ranks
-from .init import get_init
+from .init import get_init, principal
 from .tucker import TuckerTensor
 
 __all__ = ["TuckerDelta", "tucker_delta"]
@@ -68,8 +68,9 @@ def tucker_delta(
     device: Any = None,
     dtype: Any = None,
     seed: int | np.random.Generator | None = None,
+    weight: Any = None,
 ) -> TuckerDelta:
-    """Create a Tucker-form weight delta that starts at zero.
+    """Create a Tucker-form weight delta that starts at zero (or at a weight's principal part).
 
     Parameters
     ----------
@@ -81,7 +82,10 @@ def tucker_delta(
     init : str, default "zero_core"
         ``"zero_core"`` (the FLoRA paper's: zero core, ``kaiming_normal_(a=sqrt(3))``
         factors, i.e. std ``1/sqrt(2 r_n)``), ``"zero_factor"`` (mode-0 factor zero, as
-        LoRA zeroes ``B``) or ``"orthogonal"`` (orthonormal factor columns, zero core).
+        LoRA zeroes ``B``; core ``N(0, 1/prod(ranks))``), ``"orthogonal"`` (orthonormal
+        factor columns, zero core), or ``"principal"`` (needs ``weight``: the ST-HOSVD of
+        the weight at ``ranks``, so ``to_dense()`` is the weight's principal part; replace
+        the weight by ``weight - d.to_dense()`` to keep the model's function unchanged).
     scale : float, default 1.0
         Multiplier applied in :meth:`TuckerDelta.to_dense`.
     backend : str or module, optional
@@ -93,12 +97,16 @@ def tucker_delta(
         Real floating dtype; default ``float32``.
     seed : int or numpy.random.Generator, optional
         Makes the draw reproducible. The numbers are drawn with numpy and then moved,
-        so the same seed gives the same values on every backend.
+        so the same seed gives the same values on every backend. Unused by ``"principal"``.
+    weight : array, optional
+        The weight of shape ``shape`` that ``init="principal"`` decomposes. The delta is
+        then built on the weight's backend and device, in ``dtype`` or else the weight's
+        floating dtype.
 
     Returns
     -------
     TuckerDelta
-        With ``to_dense()`` equal to zero.
+        With ``to_dense()`` equal to zero (for ``"principal"``: the weight's principal part).
 
     Raises
     ------
@@ -117,8 +125,14 @@ def tucker_delta(
     """
     shape = check_shape(shape)
     ranks = validate_ranks(ranks, shape)
-    draw = get_init(init)
     scale = _check_scale(scale)
+    if init == "principal":
+        return _principal_delta(
+            weight, shape, ranks, scale=scale, backend=backend, device=device, dtype=dtype
+        )
+    draw = get_init(init)
+    if weight is not None:
+        raise ValueError(f"weight= is only used by init='principal', not by init={init!r}")
     rng = _make_rng(seed)
     xp = resolve_backend(backend)
     dtype = resolve_dtype(xp, dtype)
@@ -128,3 +142,31 @@ def tucker_delta(
         [from_numpy(f, xp, device=device, dtype=dtype) for f in factors],
         scale=scale,
     )
+
+
+def _principal_delta(
+    weight: Any,
+    shape: tuple[int, ...],
+    ranks: tuple[int, ...],
+    *,
+    scale: float,
+    backend: Any,
+    device: Any,
+    dtype: Any,
+) -> TuckerDelta:
+    if weight is None:
+        raise ValueError("init='principal' needs weight=, the array whose principal part the delta takes")
+    xp = get_namespace(weight, names=("weight",))
+    if backend is not None and backend_name(resolve_backend(backend)) != backend_name(xp):
+        raise TypeError(
+            f"weight is a {backend_name(xp)} array but backend={backend!r}; drop backend= or convert"
+        )
+    if tuple(weight.shape) != shape:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but shape={shape}")
+    if scale == 0.0:
+        raise ValueError("init='principal' needs a non-zero scale: the core is divided by it")
+    core, factors = principal(weight, ranks)
+    dtype = core.dtype if dtype is None else resolve_dtype(xp, dtype)
+    device = device_of(weight) if device is None else device
+    arrays = [xp.asarray(a, dtype=dtype, device=device) for a in (core / scale, *factors)]
+    return TuckerDelta(arrays[0], arrays[1:], scale=scale)

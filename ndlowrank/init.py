@@ -1,20 +1,26 @@
 """Initialisation strategies for Tucker deltas: a small registry.
 
-Each strategy draws a core and factors in float64 numpy from a
+The random strategies in :data:`INITS` draw a core and factors in float64 numpy from a
 :class:`numpy.random.Generator`; :func:`ndlowrank.tucker_delta` then casts and moves
 them to the requested backend, which is why one seed gives the same numbers on numpy,
-torch and cupy. Every strategy starts at ``ΔW = 0``.
+torch and cupy. Every one of them starts at ``ΔW = 0``.
+
+``"principal"`` is different: it is computed from a given weight, on that weight's
+backend (:func:`principal`), and starts at the weight's best Tucker approximation, to be
+subtracted from the weight (the N-D analogue of PiSSA).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["INITS", "get_init", "register_init"]
+from .decompose import sthosvd
+
+__all__ = ["INITS", "KNOWN_INITS", "get_init", "principal", "register_init"]
 
 Shape = tuple[int, ...]
 Draw = tuple[np.ndarray, list[np.ndarray]]
@@ -34,15 +40,15 @@ def register_init(name: str) -> Callable[[InitFn], InitFn]:
 
 
 def get_init(name: Any) -> InitFn:
-    """Look up an init strategy by name.
+    """Look up a random init strategy by name.
 
     Raises
     ------
     ValueError
-        If ``name`` is not registered; the message lists the known strategies.
+        If ``name`` is not a known strategy; the message lists them all.
     """
     if not isinstance(name, str) or name not in INITS:
-        raise ValueError(f"unknown init={name!r}; known inits: {sorted(INITS)}")
+        raise ValueError(f"unknown init={name!r}; known inits: {sorted(KNOWN_INITS)}")
     return INITS[name]
 
 
@@ -81,3 +87,16 @@ def orthogonal(shape: Shape, ranks: Shape, rng: np.random.Generator) -> Draw:
     """Orthonormal factor columns (QR of a Gaussian matrix, signs fixed), zero core."""
     factors = [_orthonormal_factor(i, r, rng) for i, r in zip(shape, ranks, strict=True)]
     return np.zeros(ranks), factors
+
+
+KNOWN_INITS = (*INITS, "principal")
+
+
+def principal(weight: Any, ranks: Sequence[int]) -> tuple[Any, list[Any]]:
+    """Core and factors of the rank-``ranks`` ST-HOSVD of ``weight``, on its backend.
+
+    ``core ×_n factors[n]`` is the weight's best quasi-optimal Tucker approximation; the
+    caller replaces the weight by ``weight - approximation`` so that the sum is unchanged.
+    """
+    core, factors = sthosvd(weight, ranks)
+    return core, list(factors)

@@ -1,0 +1,1 @@
+"""Benchmarks that put ndlowrank side by side with its peers; see RESULTS.md."""
