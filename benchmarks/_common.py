@@ -78,9 +78,15 @@ def write_section(name: str, body: str, results: Path = RESULTS) -> None:
     """Replace (or append) the section of ``RESULTS.md`` between this benchmark's markers."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{body.rstrip()}\n{end}"
-    text = results.read_text() if results.exists() else "# Benchmark results\n\nEach section is written by the script it names; rerun it to refresh.\n"
+    text = (
+        results.read_text()
+        if results.exists()
+        else "# Benchmark results\n\nEach section is written by the script it names; rerun it to refresh.\n"
+    )
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    text = (
+        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    )
     tmp = results.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(results)

@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ndlowrank as nl  # noqa: E402
-from benchmarks._common import (  # noqa: E402
+import ndlowrank as nl
+from benchmarks._common import (
     interleaved_medians,
     machine,
     peak_extra_bytes,
@@ -69,6 +69,16 @@ def relative_error(x, dense):
     return float(np.linalg.norm(x64 - np.asarray(dense, dtype=np.float64)) / np.linalg.norm(x64))
 
 
+def _contenders(x, ranks, tl_tucker):
+    return {
+        "nl.sthosvd": lambda: nl.sthosvd(x, ranks),
+        "nl.hooi": lambda: nl.hooi(x, ranks),
+        "plain": lambda: plain_sthosvd(x, ranks),
+        "tl.hosvd": lambda: tl_tucker(x, rank=list(ranks), n_iter_max=0, init="svd"),
+        "tl.hooi": lambda: tl_tucker(x, rank=list(ranks)),
+    }
+
+
 def run(repeats: int, cases) -> str:
     import tensorly as tl
     from tensorly.decomposition import tucker as tl_tucker
@@ -77,14 +87,7 @@ def run(repeats: int, cases) -> str:
     rows = []
     for shape, ranks in cases:
         x = low_rank_plus_noise(shape, ranks)
-        rank_list = list(ranks)
-        results = {
-            "nl.sthosvd": lambda x=x: nl.sthosvd(x, ranks),
-            "nl.hooi": lambda x=x: nl.hooi(x, ranks),
-            "plain": lambda x=x: plain_sthosvd(x, ranks),
-            "tl.hosvd": lambda x=x: tl_tucker(x, rank=rank_list, n_iter_max=0, init="svd"),
-            "tl.hooi": lambda x=x: tl_tucker(x, rank=rank_list),
-        }
+        results = _contenders(x, ranks, tl_tucker)
         times = interleaved_medians(results, repeats)
         errors = {
             "nl.sthosvd": relative_error(x, nl.sthosvd(x, ranks).to_dense()),
@@ -92,7 +95,7 @@ def run(repeats: int, cases) -> str:
             "tl.hosvd": relative_error(x, tl.tucker_to_tensor(results["tl.hosvd"]())),
             "tl.hooi": relative_error(x, tl.tucker_to_tensor(results["tl.hooi"]())),
         }
-        memory = peak_extra_bytes(lambda x=x: nl.sthosvd(x, ranks)) / x.nbytes
+        memory = peak_extra_bytes(results["nl.sthosvd"]) / x.nbytes
         rows.append((shape, ranks, times, errors, memory))
         print(
             f"{shape}: sthosvd {times['tl.hosvd'] / times['nl.sthosvd']:.1f}x TensorLy HOSVD, "

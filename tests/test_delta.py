@@ -304,3 +304,52 @@ def test_numpy_array_ranks_or_shape_are_accepted_or_refused_by_name(argument):
         assert argument in str(exc), str(exc)
     else:
         assert (d.shape, d.ranks) == ((4, 5), (2, 2))
+
+
+# -- init="principal" -----------------------------------------------------------------------
+
+
+@given(case=delta_cases(), scale=st.sampled_from([1.0, 0.5, 4.0]))
+def test_principal_is_the_sthosvd_of_the_weight(backend, case, scale):
+    shape, ranks, seed = case
+    weight = backend.asarray(_normal(seed, *shape))
+    d = nl.tucker_delta(shape, ranks, init="principal", weight=weight, scale=scale)
+    reference = nl.sthosvd(weight, ranks)
+    # the delta carries the scale, so its dense form is the weight's ST-HOSVD approximation
+    assert_close(d.to_dense(), reference.to_dense(), backend=backend, rtol=1e-9, atol=1e-12)
+    assert d.scale == scale and d.ranks == ranks
+
+
+def test_principal_full_ranks_reproduce_the_weight(backend):
+    weight = backend.asarray(_normal(0, 5, 4, 3))
+    d = nl.tucker_delta((5, 4, 3), (5, 4, 3), init="principal", weight=weight)
+    assert_close(d.to_dense(), to_numpy(weight), backend=backend, rtol=1e-10, atol=1e-12)
+
+
+def test_principal_keeps_the_weights_dtype_unless_told():
+    torch = pytest.importorskip("torch")
+    weight = torch.randn(6, 5, 3, dtype=torch.float64)
+    assert nl.tucker_delta((6, 5, 3), 2, init="principal", weight=weight).dtype == torch.float64
+    d = nl.tucker_delta((6, 5, 3), 2, init="principal", weight=weight, dtype="float32")
+    assert d.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "pattern"),
+    [
+        ({"init": "principal"}, ValueError, "needs weight="),
+        ({"init": "principal", "weight": np.ones((4, 4))}, ValueError, r"weight has shape \(4, 4\)"),
+        ({"init": "principal", "weight": np.ones((4, 3)), "scale": 0.0}, ValueError, "non-zero scale"),
+        (
+            {"init": "principal", "weight": np.ones((4, 3)), "backend": "torch"},
+            TypeError,
+            "numpy array but backend",
+        ),
+        ({"init": "zero_core", "weight": np.ones((4, 3))}, ValueError, "only used by init='principal'"),
+    ],
+)
+def test_principal_bad_input(options, error, pattern):
+    if options.get("backend") == "torch":
+        pytest.importorskip("torch")
+    with pytest.raises(error, match=pattern):
+        nl.tucker_delta((4, 3), 2, **options)
