@@ -34,7 +34,9 @@ def main() -> None:
     x = _conv_like_kernel()
     print(f"ndlowrank {nl.__version__}: backends available here: {', '.join(nl.available_backends())}\n")
     print(f"A conv-like kernel of shape {x.shape} (float32): Tucker ranks (16, 16, 3, 3) plus 5% noise.\n")
-    print(f"{'method':<28} {'ranks':<16} {'dense':>9} {'tucker':>8} {'ratio':>7} {'rel. error':>10} {'ms':>8}")
+    print(
+        f"{'method':<28} {'ranks':<16} {'dense':>9} {'tucker':>8} {'ratio':>7} {'rel. error':>10} {'ms':>8}"
+    )
     runs = [
         ("sthosvd(tol=0.1)", lambda: nl.sthosvd(x, tol=0.1)),
         ("sthosvd(tol=0.01)", lambda: nl.sthosvd(x, tol=0.01)),

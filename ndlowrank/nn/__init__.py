@@ -1,0 +1,32 @@
+"""PyTorch adapters: Tucker-form deltas on the layers people fine-tune.
+
+The only part of ndlowrank that imports torch at module level. Everything here builds on
+the array-API core (:func:`ndlowrank.tucker_delta`, :func:`ndlowrank.sthosvd`).
+"""
+
+from .delta import TuckerDelta
+from .layers import PATHS, ConvAdapter, EmbeddingAdapter, LinearAdapter, TuckerAdapter, supported_layers
+from .model import (
+    add_adapters,
+    iter_adapters,
+    mark_only_adapters_trainable,
+    merge_adapters,
+    remove_adapters,
+    unmerge_adapters,
+)
+
+__all__ = [
+    "PATHS",
+    "ConvAdapter",
+    "EmbeddingAdapter",
+    "LinearAdapter",
+    "TuckerAdapter",
+    "TuckerDelta",
+    "add_adapters",
+    "iter_adapters",
+    "mark_only_adapters_trainable",
+    "merge_adapters",
+    "remove_adapters",
+    "supported_layers",
+    "unmerge_adapters",
+]

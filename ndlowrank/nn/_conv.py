@@ -1,0 +1,150 @@
+"""Convolutions with a Tucker delta: geometry, the factorized branch and the fused path.
+
+A conv weight of shape ``(out, in/groups, *k)`` gets ``ΔW[o, c, κ] = Σ A0[o, a] A1[c, b] Gs[a, b, κ]``,
+where ``Gs`` is the *spatial core*: the Tucker core with its spatial factors (and the
+scale) folded in, of shape ``(r0, r1, *k)``. Two ways to run it:
+
+factorized
+    ``base(x)`` plus three small convolutions: a 1×1 in-projection by ``A1ᵀ`` (per group),
+    the spatial core carrying the base's stride, padding, dilation and padding mode, and a
+    1×1 out-projection by ``A0`` (grouped like the base).
+fused (the ``materialize`` path)
+    one convolution with ``W + ΔW`` forward and for the input gradient; the gradients of
+    ``A0``, ``A1`` and ``Gs`` come from the same small convolutions as above, so the full
+    ``out × in × k`` weight gradient is never computed. :class:`FusedTuckerConv` is that
+    autograd function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ConvGeometry", "FusedTuckerConv", "conv_delta", "factorized_branch"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class ConvGeometry:
+    """How a base ``nn.ConvNd`` pads and strides, reduced to a pre-padding plus numeric padding.
+
+    ``padding_mode`` other than zeros, and ``padding="same"`` with an asymmetric need, become
+    an explicit ``F.pad`` of the input (as ``nn.ConvNd`` itself does); everything else stays a
+    numeric padding of the convolution.
+    """
+
+    def __init__(self, conv: Any) -> None:
+        self.dims = len(conv.kernel_size)
+        self.stride = list(conv.stride)
+        self.dilation = list(conv.dilation)
+        self.groups = int(conv.groups)
+        self.pre_pad: list[int] | None = None
+        self.pad_mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        reversed_twice = [int(p) for p in conv._reversed_padding_repeated_twice]
+        symmetric = all(reversed_twice[i] == reversed_twice[i + 1] for i in range(0, len(reversed_twice), 2))
+        if conv.padding_mode != "zeros" or not symmetric:
+            self.pre_pad = reversed_twice
+            self.padding = [0] * self.dims
+        else:
+            self.padding = reversed_twice[::2][::-1]
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the pre-padding, if any."""
+        return x if self.pre_pad is None else F.pad(x, self.pre_pad, mode=self.pad_mode)
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The base convolution's geometry on a prepared input."""
+        return _CONV[self.dims](x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _pointwise(matrix: torch.Tensor, dims: int) -> torch.Tensor:
+    """A ``(out, in)`` matrix as a 1×…×1 conv kernel."""
+    return matrix.reshape(*matrix.shape, *([1] * dims))
+
+
+def _tiled(kernel: torch.Tensor, groups: int) -> torch.Tensor:
+    """Repeat a per-group kernel along the output channels for a grouped convolution."""
+    return kernel if groups == 1 else kernel.repeat(groups, *([1] * (kernel.ndim - 1)))
+
+
+def conv_delta(a0: torch.Tensor, a1: torch.Tensor, spatial_core: torch.Tensor) -> torch.Tensor:
+    """``ΔW = Gs ×_0 A0 ×_1 A1`` of shape ``(out, in/groups, *k)``."""
+    inner = torch.tensordot(spatial_core, a1, dims=([1], [1]))  # (r0, *k, in/g)
+    inner = torch.movedim(inner, -1, 1)  # (r0, in/g, *k)
+    return torch.tensordot(a0, inner, dims=([1], [0]))
+
+
+def factorized_branch(
+    x: torch.Tensor, geometry: ConvGeometry, a0: torch.Tensor, a1: torch.Tensor, spatial_core: torch.Tensor
+) -> torch.Tensor:
+    """``conv(x, ΔW)`` as three small convolutions (``x`` not yet prepared)."""
+    g, dims = geometry.groups, geometry.dims
+    z = _CONV[dims](x, _tiled(_pointwise(a1.T, dims), g), groups=g)
+    z = geometry.conv(geometry.prepare(z), _tiled(spatial_core, g))
+    return _CONV[dims](z, _pointwise(a0, dims), groups=g)
+
+
+class FusedTuckerConv(torch.autograd.Function):
+    """``conv(x, W + ΔW) + b`` with the factor gradients computed in factorized form.
+
+    Inputs: the *prepared* input, the base weight and bias, ``A0`` (out × r0), ``A1``
+    (in/g × r1), the spatial core ``Gs`` (r0 × r1 × k…) and the geometry. Gradients flow to
+    every tensor input that requires them (the base weight's is the full weight gradient,
+    computed only when the base weight is trainable).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        a0: torch.Tensor,
+        a1: torch.Tensor,
+        spatial_core: torch.Tensor,
+        geometry: ConvGeometry,
+    ) -> torch.Tensor:
+        ctx.geometry = geometry
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, a0, a1, spatial_core)
+        return geometry.conv(x, weight + conv_delta(a0, a1, spatial_core), bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        x, weight, a0, a1, spatial_core = ctx.saved_tensors
+        geo: ConvGeometry = ctx.geometry
+        need_x, need_w, need_b, need_a0, need_a1, need_core, _ = ctx.needs_input_grad
+        g, dims = geo.groups, geo.dims
+        grad_x = grad_w = grad_b = grad_a0 = grad_a1 = grad_core = None
+        if need_x or need_w:
+            merged = weight + conv_delta(a0, a1, spatial_core)
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad_out, x, merged, None, geo.stride, geo.padding, geo.dilation, False, [0] * dims, g,
+                [need_x, need_w, False],
+            )  # fmt: skip
+        if need_b:
+            grad_b = grad_out.sum(dim=[0, *range(2, grad_out.ndim)])
+        if need_a0 or need_a1 or need_core:
+            batch, out = grad_out.shape[:2]
+            r0, r1 = spatial_core.shape[:2]
+            z = _CONV[dims](x, _tiled(_pointwise(a1.T, dims), g), groups=g)  # (B, g·r1, *S_in)
+            grouped_grad = grad_out.reshape(batch, g, out // g, -1)  # (B, g, out/g, S_out)
+            q = torch.einsum("bgos,goa->bgas", grouped_grad, a0.reshape(g, out // g, r0))
+            q = q.reshape(batch, g * r0, *grad_out.shape[2:])
+            core_tiled = _tiled(spatial_core, g)
+            grad_z, grad_core_tiled, _ = torch.ops.aten.convolution_backward(
+                q, z, core_tiled, None, geo.stride, geo.padding, geo.dilation, False, [0] * dims, g,
+                [need_a1, need_core, False],
+            )  # fmt: skip
+            if need_core:
+                grad_core = grad_core_tiled.reshape(g, r0, *spatial_core.shape[1:]).sum(0)
+            if need_a1:
+                grouped_x = x.reshape(batch, g, x.shape[1] // g, -1)
+                grad_a1 = torch.einsum("bgcs,bgrs->cr", grouped_x, grad_z.reshape(batch, g, r1, -1))
+            if need_a0:
+                u = geo.conv(z, core_tiled).reshape(batch, g, r0, -1)
+                grad_a0 = torch.einsum("bgos,bgas->goa", grouped_grad, u).reshape(out, r0)
+        return grad_x, grad_w, grad_b, grad_a0, grad_a1, grad_core, None

@@ -1,0 +1,155 @@
+"""``TuckerDelta``: a trainable Tucker-form weight delta as an ``nn.Module``."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..delta import TuckerDelta as ArrayTuckerDelta
+from ..delta import tucker_delta
+from ..tenalg import multi_mode_product
+from ..tucker import TuckerTensor
+
+__all__ = ["TuckerDelta", "layer_seed"]
+
+
+def layer_seed(seed: int | None, name: str = "") -> int:
+    """A per-layer seed: derived from ``seed`` and the layer's name, or from torch's RNG.
+
+    With ``seed=None`` the draw comes from ``torch``'s global generator, so
+    ``torch.manual_seed`` makes adapter inits reproducible, as PyTorch users expect.
+    """
+    if seed is None:
+        return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    entropy = [int(seed), zlib.crc32(name.encode())]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+
+
+class TuckerDelta(nn.Module):
+    """A weight delta ``ΔW = scale · core ×_0 factors[0] … ×_{N-1} factors[N-1]`` with trainable parts.
+
+    ``core`` and every factor are :class:`torch.nn.Parameter`. Called with no argument,
+    the module returns ``ΔW``; called with a weight ``W`` it returns ``W + ΔW``, so the
+    same module works as a parametrization
+    (``torch.nn.utils.parametrize.register_parametrization(layer, "weight", delta)``).
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Shape of the weight the delta changes.
+    ranks : int or sequence of int
+        Multilinear ranks, ``1 <= ranks[n] <= shape[n]``.
+    init : str, default "zero_core"
+        A random init of :func:`ndlowrank.tucker_delta` (``"zero_core"``, ``"zero_factor"``,
+        ``"orthogonal"``); every one starts at ``ΔW = 0``. Use :meth:`from_tucker` for a
+        given start (such as a weight's principal part).
+    scale : float, default 1.0
+        Plain multiplier of the delta.
+    dtype, device : optional
+        Of the parameters; float32 on the default device if omitted.
+    seed : int, optional
+        The same seed gives the same numbers as ``ndlowrank.tucker_delta(..., seed=seed)``
+        on any backend. Without it, the draw is seeded from torch's global generator.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ndlowrank import nn as nlnn
+    >>> delta = nlnn.TuckerDelta((16, 8, 3, 3), (4, 4, 3, 3), seed=0)
+    >>> delta().shape, float(delta().detach().abs().max())
+    (torch.Size([16, 8, 3, 3]), 0.0)
+    >>> delta
+    TuckerDelta(shape=(16, 8, 3, 3), ranks=(4, 4, 3, 3), n_params=258, scale=1.0)
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        ranks: int | Sequence[int],
+        *,
+        init: str = "zero_core",
+        scale: float = 1.0,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        seed = layer_seed(None) if seed is None else seed
+        start = tucker_delta(
+            shape,
+            ranks,
+            init=init,
+            scale=scale,
+            backend="torch",
+            device=device,
+            dtype=dtype or torch.float32,
+            seed=seed,
+        )
+        self._adopt(start.core, start.factors, start.scale)
+
+    def _adopt(self, core: torch.Tensor, factors: Sequence[torch.Tensor], scale: float) -> None:
+        self.core = nn.Parameter(core.detach().clone())
+        self.factors = nn.ParameterList([nn.Parameter(f.detach().clone()) for f in factors])
+        self.scale = float(scale)
+
+    @classmethod
+    def from_tucker(cls, tucker: TuckerTensor, *, scale: float | None = None) -> TuckerDelta:
+        """Build the module from a :class:`ndlowrank.TuckerTensor` (or ``TuckerDelta``) of torch tensors.
+
+        ``scale`` defaults to the input's own scale (1 for a plain ``TuckerTensor``).
+        The tensors are copied into new parameters.
+        """
+        if not isinstance(tucker, TuckerTensor):
+            raise TypeError(f"tucker must be an ndlowrank.TuckerTensor, got {type(tucker).__name__}")
+        if not isinstance(tucker.core, torch.Tensor):
+            raise TypeError("tucker must hold torch tensors; build it with backend='torch'")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._adopt(tucker.core, tucker.factors, getattr(tucker, "scale", 1.0) if scale is None else scale)
+        return module
+
+    def to_tucker(self) -> TuckerTensor:
+        """The delta as a :class:`ndlowrank.TuckerDelta` whose tensors are this module's parameters."""
+        return ArrayTuckerDelta(self.core, list(self.factors), scale=self.scale)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the weight the delta changes."""
+        return tuple(int(f.shape[0]) for f in self.factors)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """Multilinear ranks."""
+        return tuple(int(s) for s in self.core.shape)
+
+    @property
+    def n_params(self) -> int:
+        """Trainable numbers: ``prod(ranks) + sum(I_n r_n)``."""
+        return self.core.numel() + sum(f.numel() for f in self.factors)
+
+    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``ΔW`` (differentiable), optionally computed in ``dtype``."""
+        core: torch.Tensor = self.core
+        factors: list[torch.Tensor] = list(self.factors)
+        if dtype is not None and dtype != core.dtype:
+            core, factors = core.to(dtype), [f.to(dtype) for f in factors]
+        return self.scale * multi_mode_product(core, factors)
+
+    def forward(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``ΔW``, or ``weight + ΔW`` when a weight is given (the parametrization form)."""
+        if weight is None:
+            return self.delta()
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"weight has shape {tuple(weight.shape)} but this delta has shape {self.shape}")
+        return weight + self.delta(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, ranks={self.ranks}, n_params={self.n_params}, scale={self.scale}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"

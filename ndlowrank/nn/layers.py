@@ -1,0 +1,438 @@
+"""``TuckerAdapter``: a layer plus a Tucker-form delta on its weight.
+
+One class for users, ``TuckerAdapter(base_layer, ranks, ...)``, which builds the subclass
+for the layer's type. A subclass supplies only what differs between layer types: how to
+run the layer with ``W + ΔW`` (the ``materialize`` path), how to run the delta on the
+activations (the ``factorized`` path) and what each costs. Merging, unmerging, the
+principal init and the choice of path are generic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._validation import validate_ranks
+from ..decompose import sthosvd
+from ..init import KNOWN_INITS
+from ..tenalg import multi_mode_product
+from ..tucker import TuckerTensor
+from ._conv import ConvGeometry, FusedTuckerConv, conv_delta, factorized_branch
+from .delta import TuckerDelta
+
+__all__ = ["PATHS", "ConvAdapter", "EmbeddingAdapter", "LinearAdapter", "TuckerAdapter", "supported_layers"]
+
+PATHS = ("auto", "materialize", "factorized")
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def supported_layers() -> tuple[type[nn.Module], ...]:
+    """Layer types :class:`TuckerAdapter` can wrap."""
+    return tuple(_ADAPTERS)
+
+
+def _adapter_class(base_layer: nn.Module) -> type[TuckerAdapter]:
+    for layer_type, adapter_type in _ADAPTERS.items():
+        if isinstance(base_layer, layer_type):
+            return adapter_type
+    names = ", ".join(t.__name__ for t in _ADAPTERS)
+    raise TypeError(f"cannot adapt a {type(base_layer).__name__}; supported layers: {names}")
+
+
+class TuckerAdapter(nn.Module):
+    """A layer whose weight is changed by ``ΔW = scale · G ×_0 A_0 … ×_{N-1} A_{N-1}`` in the weight's own layout.
+
+    ``TuckerAdapter(layer, ...)`` returns a :class:`LinearAdapter`, :class:`ConvAdapter`
+    (``nn.Conv1d/2d/3d``, every geometry including groups and padding modes) or
+    :class:`EmbeddingAdapter`. The delta has the weight's shape: ``(out, in)`` for a linear
+    layer, ``(out, in/groups, *kernel)`` for a convolution, ``(num, dim)`` for an embedding.
+
+    Parameters
+    ----------
+    base_layer : nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d or nn.Embedding
+        Kept as ``self.base_layer``; it is not frozen here (:func:`add_adapters` does that).
+    ranks : int or sequence of int
+        An int is clipped to each mode's size (``8`` on a 3×3 kernel gives spatial ranks 3);
+        a sequence is validated strictly, one rank per weight mode.
+    init : {"zero_core", "zero_factor", "orthogonal", "principal"}, default "zero_core"
+        Every init leaves the layer's output unchanged. ``"principal"`` takes the delta from
+        the ST-HOSVD of the base weight and replaces the base weight by the residual.
+    scale : float, default 1.0
+        Multiplier of the delta (``alpha / r`` in LoRA terms).
+    dropout : float, default 0.0
+        Dropout on the adapter branch's input (for an embedding: on the looked-up factor
+        rows); the factorized path only.
+    path : {"auto", "materialize", "factorized"}, default "auto"
+        ``"materialize"`` runs the layer once with ``W + ΔW`` (for convolutions the factor
+        gradients are then computed in factorized form, see :mod:`ndlowrank.nn._conv`);
+        ``"factorized"`` adds the delta computed on the activations; ``"auto"`` picks the
+        one with fewer estimated flops (:meth:`path_costs`), factorized when dropout is on.
+    dtype : torch.dtype, optional
+        dtype of the adapter parameters: float32 by default (float64 for a float64 layer),
+        also for a bfloat16/float16 layer; pass the layer's dtype to match it.
+    seed : int, optional
+        Seed of the random init; without it, torch's global generator seeds it.
+    """
+
+    kind: ClassVar[str] = ""
+    base_layer: Any
+
+    def __new__(cls, base_layer: nn.Module | None = None, *args: Any, **kwargs: Any) -> TuckerAdapter:
+        if cls is TuckerAdapter and base_layer is not None:
+            cls = _adapter_class(base_layer)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        ranks: int | Sequence[int],
+        *,
+        init: str = "zero_core",
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        path: str = "auto",
+        dtype: torch.dtype | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        _adapter_class(base_layer)  # type check for direct subclass use
+        if init not in KNOWN_INITS:
+            raise ValueError(f"unknown init={init!r}; known inits: {sorted(KNOWN_INITS)}")
+        if path not in PATHS:
+            raise ValueError(f"unknown path={path!r}; known paths: {list(PATHS)}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout={dropout!r} must be a probability in [0, 1)")
+        weight: torch.Tensor = base_layer.weight  # type: ignore[assignment]
+        if path == "materialize" and dropout > 0:
+            raise ValueError(
+                "path='materialize' cannot apply dropout to the adapter branch; use path='factorized'"
+            )
+        self.base_layer = base_layer
+        shape = tuple(weight.shape)
+        ranks = validate_ranks(ranks, shape, clip=True)
+        param_dtype = dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        self.init, self.path, self.dropout_p = init, path, float(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._original_weight: torch.Tensor | None = None
+        if init == "principal":
+            self.delta = TuckerDelta(
+                shape, ranks, scale=scale, dtype=param_dtype, device=weight.device, seed=0
+            )
+            core, factors = sthosvd(weight.detach().to(param_dtype), ranks)
+            self._set_principal(core, list(factors))
+        else:
+            self.delta = TuckerDelta(
+                shape, ranks, init=init, scale=scale, dtype=param_dtype, device=weight.device, seed=seed
+            )
+        self._after_init()
+
+    # -- what subclasses supply ------------------------------------------------------
+    def _after_init(self) -> None:
+        """Layer-specific adjustments of a fresh delta (e.g. an embedding's padding row)."""
+
+    def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
+        """Estimated flops ``(materialize, factorized)`` of one call on an input of this shape.
+
+        With ``training`` the backward pass is included (the input is assumed to need a
+        gradient). The base layer's own cost, common to both paths, is left out.
+        """
+        raise NotImplementedError
+
+    # -- generic behaviour -----------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (merged or not)."""
+        return self.base_layer.weight
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.delta.ranks
+
+    @property
+    def scale(self) -> float:
+        return self.delta.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW`` in the base weight's dtype and layout (differentiable)."""
+        return self.delta.delta(torch.float32 if self.weight.dtype in _LOW_PRECISION else None).to(
+            self.weight.dtype
+        )
+
+    def chosen_path(self, x: torch.Tensor) -> str:
+        """The path a call on ``x`` takes."""
+        if self.path != "auto":
+            return self.path
+        if self.dropout_p > 0 and self.training:
+            return "factorized"
+        training = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.delta.parameters())
+        )
+        materialize, factorized = self.path_costs(tuple(x.shape), training=training)
+        return "materialize" if materialize < factorized else "factorized"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        if self.chosen_path(x) == "materialize":
+            return self._forward_materialize(x)
+        return self._forward_factorized(x)
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if tensor.dtype == self.weight.dtype else tensor.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ``ΔW`` into the base weight in place (parameter identity is kept). Merging twice is a no-op.
+
+        Low-precision (float16/bfloat16) weights keep an exact copy of the unmerged weight
+        so that :meth:`unmerge` restores it bit for bit; float32/float64 weights are
+        unmerged by subtraction (exact to rounding).
+
+        Raises
+        ------
+        ValueError
+            If the merged weight would hold NaN or Inf; nothing is changed then.
+        """
+        if self.merged:
+            return
+        merged = self.weight + self.delta_weight()
+        if not torch.isfinite(merged).all():
+            raise ValueError("merging would put NaN or Inf into the base weight; the layer was left unmerged")
+        if self.weight.dtype in _LOW_PRECISION:
+            self._original_weight = self.weight.detach().clone()
+        self.weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`; a no-op when not merged."""
+        if not self.merged:
+            return
+        if self._original_weight is not None:
+            self.weight.copy_(self._original_weight)
+            self._original_weight = None
+        else:
+            self.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    # -- the principal init ----------------------------------------------------------
+    @torch.no_grad()
+    def _set_principal(self, core: torch.Tensor, factors: list[torch.Tensor]) -> None:
+        """Start the delta at the Tucker tensor ``(core, factors)`` and subtract it from the base weight.
+
+        The start is kept in buffers, so that removing the adapter without merging gives
+        back the original weight and saved adapters can be rebuilt on a fresh model.
+        """
+        scale = self.delta.scale
+        self.delta.core.copy_(core / scale)
+        for parameter, factor in zip(self.delta.factors, factors, strict=True):
+            parameter.copy_(factor)
+        self.register_buffer("principal_core", core.detach().clone())
+        for n, factor in enumerate(factors):
+            self.register_buffer(f"principal_factor_{n}", factor.detach().clone())
+        self.weight.sub_(self._principal_start())
+        self.init = "principal"
+
+    def _principal_start(self) -> torch.Tensor:
+        """The delta the principal init started from, in the weight's dtype (zero for other inits)."""
+        if not hasattr(self, "principal_core"):
+            return torch.zeros_like(self.weight)
+        factors = [getattr(self, f"principal_factor_{n}") for n in range(self.weight.ndim)]
+        start = TuckerDelta.from_tucker(TuckerTensor(self.principal_core, factors)).delta()
+        return start.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def restore_base(self) -> nn.Module:
+        """The base layer with its original weight (undoing a merge and the principal init)."""
+        self.unmerge()
+        self.weight.add_(self._principal_start())
+        return self.base_layer
+
+    @torch.no_grad()
+    def merged_base(self) -> nn.Module:
+        """The base layer with ``ΔW`` merged in for good (the fine-tuned weight)."""
+        if not self.merged:
+            merged = self.weight + self.delta_weight()
+            if not torch.isfinite(merged).all():
+                raise ValueError("merging would put NaN or Inf into the base weight; nothing was changed")
+            self.weight.copy_(merged)
+        self._original_weight = None
+        self.merged = True
+        return self.base_layer
+
+    def config(self) -> dict[str, Any]:
+        """What is needed to rebuild this adapter on the same base layer (JSON-serialisable)."""
+        return {
+            "kind": self.kind,
+            "layer": type(self.base_layer).__name__,
+            "weight_shape": list(self.weight.shape),
+            "ranks": list(self.ranks),
+            "init": self.init,
+            "scale": self.scale,
+            "dropout": self.dropout_p,
+            "path": self.path,
+            "dtype": str(self.delta.core.dtype).removeprefix("torch."),
+        }
+
+    def extra_repr(self) -> str:
+        return f"ranks={self.ranks}, init={self.init!r}, scale={self.scale}, path={self.path!r}, merged={self.merged}"
+
+
+class LinearAdapter(TuckerAdapter):
+    """Tucker adapter of an ``nn.Linear``: ``ΔW = scale · A0 G A1ᵀ`` of shape ``(out, in)``."""
+
+    kind = "linear"
+
+    def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.base_layer
+        return F.linear(x, self.weight + self.delta_weight(), layer.bias)
+
+    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
+        a0, a1 = (self._cast(f) for f in self.delta.factors)
+        core = self._cast(self.delta.core) * self.scale
+        return self.base_layer(x) + (self.dropout(x) @ a1) @ core.T @ a0.T
+
+    def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
+        out, inp = self.weight.shape
+        r0, r1 = self.ranks
+        tokens = math.prod(input_shape) // inp
+        build = out * inp * r0 + inp * r0 * r1
+        branch = tokens * (inp * r1 + r1 * r0 + r0 * out)
+        if not training:
+            return float(build), float(branch)
+        # materialize also pays the full weight gradient (tokens · out · in)
+        return float(3 * build + tokens * out * inp), float(3 * branch)
+
+
+class ConvAdapter(TuckerAdapter):
+    """Tucker adapter of an ``nn.Conv1d/2d/3d``: ``ΔW`` of shape ``(out, in/groups, *kernel)``.
+
+    The spatial factors and the scale are folded into the core (``spatial_core``) before
+    use, so both paths work with three small convolutions at most; see
+    :mod:`ndlowrank.nn._conv` for the factorized and fused forms.
+    """
+
+    kind = "conv"
+
+    def _after_init(self) -> None:
+        self.geometry = ConvGeometry(self.base_layer)
+
+    def spatial_core(self) -> torch.Tensor:
+        """``scale · G ×_2 K_2 … ×_N K_N`` of shape ``(r0, r1, *kernel)``, in the weight's dtype."""
+        core = self.delta.core * self.scale
+        spatial = list(self.delta.factors)[2:]
+        folded = multi_mode_product(core, spatial, modes=range(2, core.ndim))
+        return self._cast(folded)
+
+    def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
+        a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
+        layer = self.base_layer
+        return FusedTuckerConv.apply(
+            self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, self.spatial_core(), self.geometry
+        )
+
+    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
+        a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
+        return self.base_layer(x) + factorized_branch(
+            self.dropout(x), self.geometry, a0, a1, self.spatial_core()
+        )
+
+    def delta_weight(self) -> torch.Tensor:
+        a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
+        return conv_delta(a0, a1, self.spatial_core())
+
+    def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
+        out, in_per_group = self.weight.shape[:2]
+        kernel = math.prod(self.weight.shape[2:])
+        r0, r1 = self.ranks[:2]
+        groups = self.geometry.groups
+        batch = input_shape[0] if len(input_shape) == self.weight.ndim else 1
+        in_pixels = math.prod(input_shape[-(self.weight.ndim - 2) :])
+        out_pixels = math.prod(
+            s // st
+            for s, st in zip(input_shape[-(self.weight.ndim - 2) :], self.geometry.stride, strict=True)
+        )
+        build = out * in_per_group * kernel * r0 + r0 * in_per_group * kernel * r1
+        branch = batch * (
+            in_pixels * in_per_group * groups * r1
+            + out_pixels * groups * r0 * r1 * kernel
+            + out_pixels * out * r0
+        )
+        if not training:
+            return float(build), float(branch)
+        # the fused path's backward runs the small convolutions about twice
+        return float(3 * build + 2 * branch), float(3 * branch)
+
+
+class EmbeddingAdapter(TuckerAdapter):
+    """Tucker adapter of an ``nn.Embedding``: ``ΔW = scale · A0 G A1ᵀ`` of shape ``(num, dim)``.
+
+    ``padding_idx`` is honoured: the padding row of ``ΔW`` starts at zero and gets no
+    gradient. With ``max_norm`` the renormalisation applies to ``W + ΔW``, which only the
+    materialize path can do, so ``auto`` picks it.
+    """
+
+    kind = "embedding"
+
+    @torch.no_grad()
+    def _after_init(self) -> None:
+        padding_idx = self.base_layer.padding_idx
+        if padding_idx is not None:
+            self.delta.factors[0][padding_idx].zero_()
+
+    def _options(self) -> dict[str, Any]:
+        layer = self.base_layer
+        return {"padding_idx": layer.padding_idx, "scale_grad_by_freq": layer.scale_grad_by_freq}
+
+    def chosen_path(self, x: torch.Tensor) -> str:
+        if self.base_layer.max_norm is not None:
+            if self.path == "factorized":
+                raise ValueError(
+                    "an embedding with max_norm renormalises W + ΔW: use path='materialize' or 'auto'"
+                )
+            return "materialize"
+        return super().chosen_path(x)
+
+    def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.base_layer
+        weight = self.weight + self.delta_weight()
+        return F.embedding(
+            x, weight, max_norm=layer.max_norm, norm_type=layer.norm_type, sparse=False, **self._options()
+        )
+
+    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
+        a0, a1 = (self._cast(f) for f in self.delta.factors)
+        core = self._cast(self.delta.core) * self.scale
+        rows = self.dropout(F.embedding(x, a0, **self._options()))
+        return self.base_layer(x) + rows @ (core @ a1.T)
+
+    def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
+        num, dim = self.weight.shape
+        r0, r1 = self.ranks
+        lookups = math.prod(input_shape)
+        build = num * dim * r0 + num * dim
+        branch = lookups * (r0 * r1 + r1 * dim) + r0 * r1 * dim
+        factor = 3 if training else 1
+        return float(factor * build), float(factor * branch)
+
+
+_ADAPTERS: dict[type[nn.Module], type[TuckerAdapter]] = {
+    nn.Linear: LinearAdapter,
+    nn.Conv1d: ConvAdapter,
+    nn.Conv2d: ConvAdapter,
+    nn.Conv3d: ConvAdapter,
+    nn.Embedding: EmbeddingAdapter,
+}
