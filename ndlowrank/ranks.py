@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -11,25 +12,41 @@ from ._subspace import mode_spectrum, rank_for_budget
 from ._validation import validate_ranks
 from .decompose import PreparedTensor, check_tol, sthosvd
 
-__all__ = ["select_ranks", "validate_ranks"]
+__all__ = ["budget_ranks", "select_ranks", "validate_ranks"]
 
 
-def _budget_ranks(spectra: list[np.ndarray], shape: tuple[int, ...], budget: int) -> tuple[int, ...]:
-    """Greedy: grow the rank with the most energy gained per parameter added, while it fits."""
-    ranks = [1] * len(shape)
-    used = 1 + sum(shape)
+def budget_ranks(
+    spectra: Sequence[Sequence[np.ndarray]], shapes: Sequence[tuple[int, ...]], budget: int
+) -> list[tuple[int, ...]]:
+    """Ranks for several Tucker tensors sharing one parameter budget.
+
+    Greedy: starting from all ranks 1, repeatedly grow the (tensor, mode) rank that gains
+    the most energy (the next squared singular value) per added parameter, while the total
+    ``sum(prod(r) + sum(I_n r_n))`` fits ``budget``. A mode's spectrum may be shorter than
+    its size; its length caps the rank (used to shrink trained adapters, never grow them).
+
+    Parameters
+    ----------
+    spectra : sequence, one entry per tensor, of per-mode decreasing squared singular values
+    shapes : sequence of tensor shapes ``(I_0, ..., I_{N-1})``, which set the parameter costs
+    budget : int
+        Must be at least ``sum(1 + sum(I_n))`` (all ranks 1); the caller checks it.
+    """
+    ranks = [[1] * len(shape) for shape in shapes]
+    used = sum(1 + sum(shape) for shape in shapes)
     while True:
         best, best_score, best_cost = None, 0.0, 0
-        for n, size in enumerate(shape):
-            if ranks[n] == size:
-                continue
-            cost = size + math.prod(r for k, r in enumerate(ranks) if k != n)
-            gain = spectra[n][ranks[n]]
-            if used + cost <= budget and gain > 0 and gain / cost > best_score:
-                best, best_score, best_cost = n, gain / cost, cost
+        for t, (tensor_spectra, shape) in enumerate(zip(spectra, shapes, strict=True)):
+            for n, size in enumerate(shape):
+                if ranks[t][n] >= min(size, len(tensor_spectra[n])):
+                    continue
+                cost = size + math.prod(r for k, r in enumerate(ranks[t]) if k != n)
+                gain = float(tensor_spectra[n][ranks[t][n]])
+                if used + cost <= budget and gain > 0 and gain / cost > best_score:
+                    best, best_score, best_cost = (t, n), gain / cost, cost
         if best is None:
-            return tuple(ranks)
-        ranks[best] += 1
+            return [tuple(r) for r in ranks]
+        ranks[best[0]][best[1]] += 1
         used += best_cost
 
 
@@ -95,6 +112,6 @@ def select_ranks(
         raise ValueError(f"energy={energy!r} must be a fraction in (0, 1]")
     spectra = [mode_spectrum(prepared.y, n, xp=prepared.xp) for n in range(len(shape))]
     if budget is not None:
-        return _budget_ranks(spectra, shape, int(budget))
+        return budget_ranks([spectra], [shape], int(budget))[0]
     assert energy is not None
     return tuple(rank_for_budget(s, (1.0 - energy) * float(s.sum())) for s in spectra)

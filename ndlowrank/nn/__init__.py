@@ -14,12 +14,14 @@ from .model import (
     remove_adapters,
     unmerge_adapters,
 )
+from .truncate import TruncationReport, truncate_adapters
 
 __all__ = [
     "PATHS",
     "ConvAdapter",
     "EmbeddingAdapter",
     "LinearAdapter",
+    "TruncationReport",
     "TuckerAdapter",
     "TuckerDelta",
     "add_adapters",
@@ -28,5 +30,6 @@ __all__ = [
     "merge_adapters",
     "remove_adapters",
     "supported_layers",
+    "truncate_adapters",
     "unmerge_adapters",
 ]
