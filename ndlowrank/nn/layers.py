@@ -17,19 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import validate_ranks
-from ..decompose import sthosvd
-from ..init import KNOWN_INITS
 from ..tenalg import multi_mode_product
-from ..tucker import TuckerTensor
 from ._conv import ConvGeometry, FusedTuckerConv, conv_delta, factorized_branch
-from .delta import TuckerDelta
+from ._host import DeltaHost
 
 __all__ = ["PATHS", "ConvAdapter", "EmbeddingAdapter", "LinearAdapter", "TuckerAdapter", "supported_layers"]
 
 PATHS = ("auto", "materialize", "factorized")
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def supported_layers() -> tuple[type[nn.Module], ...]:
@@ -45,7 +39,7 @@ def _adapter_class(base_layer: nn.Module) -> type[TuckerAdapter]:
     raise TypeError(f"cannot adapt a {type(base_layer).__name__}; supported layers: {names}")
 
 
-class TuckerAdapter(nn.Module):
+class TuckerAdapter(DeltaHost):
     """A layer whose weight is changed by ``ΔW = scale · G ×_0 A_0 … ×_{N-1} A_{N-1}`` in the weight's own layout.
 
     ``TuckerAdapter(layer, ...)`` returns a :class:`LinearAdapter`, :class:`ConvAdapter`
@@ -102,35 +96,18 @@ class TuckerAdapter(nn.Module):
     ) -> None:
         super().__init__()
         _adapter_class(base_layer)  # type check for direct subclass use
-        if init not in KNOWN_INITS:
-            raise ValueError(f"unknown init={init!r}; known inits: {sorted(KNOWN_INITS)}")
         if path not in PATHS:
             raise ValueError(f"unknown path={path!r}; known paths: {list(PATHS)}")
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout={dropout!r} must be a probability in [0, 1)")
-        weight: torch.Tensor = base_layer.weight  # type: ignore[assignment]
         if path == "materialize" and dropout > 0:
             raise ValueError(
                 "path='materialize' cannot apply dropout to the adapter branch; use path='factorized'"
             )
         self.base_layer = base_layer
-        shape = tuple(weight.shape)
-        ranks = validate_ranks(ranks, shape, clip=True)
-        param_dtype = dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
-        self.init, self.path, self.dropout_p = init, path, float(dropout)
+        self.path, self.dropout_p = path, float(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self._original_weight: torch.Tensor | None = None
-        if init == "principal":
-            self.delta = TuckerDelta(
-                shape, ranks, scale=scale, dtype=param_dtype, device=weight.device, seed=0
-            )
-            core, factors = sthosvd(weight.detach().to(param_dtype), ranks)
-            self._set_principal(core, list(factors))
-        else:
-            self.delta = TuckerDelta(
-                shape, ranks, init=init, scale=scale, dtype=param_dtype, device=weight.device, seed=seed
-            )
+        self._init_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed)
         self._after_init()
 
     # -- what subclasses supply ------------------------------------------------------
@@ -157,20 +134,6 @@ class TuckerAdapter(nn.Module):
         """The base layer's weight (merged or not)."""
         return self.base_layer.weight
 
-    @property
-    def ranks(self) -> tuple[int, ...]:
-        return self.delta.ranks
-
-    @property
-    def scale(self) -> float:
-        return self.delta.scale
-
-    def delta_weight(self) -> torch.Tensor:
-        """``ΔW`` in the base weight's dtype and layout (differentiable)."""
-        return self.delta.delta(torch.float32 if self.weight.dtype in _LOW_PRECISION else None).to(
-            self.weight.dtype
-        )
-
     def chosen_path(self, x: torch.Tensor) -> str:
         """The path a call on ``x`` takes."""
         if self.path != "auto":
@@ -190,101 +153,23 @@ class TuckerAdapter(nn.Module):
             return self._forward_materialize(x)
         return self._forward_factorized(x)
 
-    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if tensor.dtype == self.weight.dtype else tensor.to(self.weight.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add ``ΔW`` into the base weight in place (parameter identity is kept). Merging twice is a no-op.
-
-        Low-precision (float16/bfloat16) weights keep an exact copy of the unmerged weight
-        so that :meth:`unmerge` restores it bit for bit; float32/float64 weights are
-        unmerged by subtraction (exact to rounding).
-
-        Raises
-        ------
-        ValueError
-            If the merged weight would hold NaN or Inf; nothing is changed then.
-        """
-        if self.merged:
-            return
-        merged = self.weight + self.delta_weight()
-        if not torch.isfinite(merged).all():
-            raise ValueError("merging would put NaN or Inf into the base weight; the layer was left unmerged")
-        if self.weight.dtype in _LOW_PRECISION:
-            self._original_weight = self.weight.detach().clone()
-        self.weight.copy_(merged)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`; a no-op when not merged."""
-        if not self.merged:
-            return
-        if self._original_weight is not None:
-            self.weight.copy_(self._original_weight)
-            self._original_weight = None
-        else:
-            self.weight.sub_(self.delta_weight())
-        self.merged = False
-
-    # -- the principal init ----------------------------------------------------------
-    @torch.no_grad()
-    def _set_principal(self, core: torch.Tensor, factors: list[torch.Tensor]) -> None:
-        """Start the delta at the Tucker tensor ``(core, factors)`` and subtract it from the base weight.
-
-        The start is kept in buffers, so that removing the adapter without merging gives
-        back the original weight and saved adapters can be rebuilt on a fresh model.
-        """
-        scale = self.delta.scale
-        self.delta.core.copy_(core / scale)
-        for parameter, factor in zip(self.delta.factors, factors, strict=True):
-            parameter.copy_(factor)
-        self.register_buffer("principal_core", core.detach().clone())
-        for n, factor in enumerate(factors):
-            self.register_buffer(f"principal_factor_{n}", factor.detach().clone())
-        self.weight.sub_(self._principal_start())
-        self.init = "principal"
-
-    def _principal_start(self) -> torch.Tensor:
-        """The delta the principal init started from, in the weight's dtype (zero for other inits)."""
-        if not hasattr(self, "principal_core"):
-            return torch.zeros_like(self.weight)
-        factors = [getattr(self, f"principal_factor_{n}") for n in range(self.weight.ndim)]
-        start = TuckerDelta.from_tucker(TuckerTensor(self.principal_core, factors)).delta()
-        return start.to(self.weight.dtype)
-
-    @torch.no_grad()
     def restore_base(self) -> nn.Module:
         """The base layer with its original weight (undoing a merge and the principal init)."""
-        self.unmerge()
-        self.weight.add_(self._principal_start())
+        self.restore_weight()
         return self.base_layer
 
-    @torch.no_grad()
     def merged_base(self) -> nn.Module:
         """The base layer with ``ΔW`` merged in for good (the fine-tuned weight)."""
-        if not self.merged:
-            merged = self.weight + self.delta_weight()
-            if not torch.isfinite(merged).all():
-                raise ValueError("merging would put NaN or Inf into the base weight; nothing was changed")
-            self.weight.copy_(merged)
-        self._original_weight = None
-        self.merged = True
+        self.merge_for_good()
         return self.base_layer
 
     def config(self) -> dict[str, Any]:
         """What is needed to rebuild this adapter on the same base layer (JSON-serialisable)."""
         return {
-            "kind": self.kind,
+            **super().config(),
             "layer": type(self.base_layer).__name__,
-            "weight_shape": list(self.weight.shape),
-            "ranks": list(self.ranks),
-            "init": self.init,
-            "scale": self.scale,
             "dropout": self.dropout_p,
             "path": self.path,
-            "dtype": str(self.delta.core.dtype).removeprefix("torch."),
         }
 
     def extra_repr(self) -> str:
