@@ -14,6 +14,7 @@ from .model import (
     remove_adapters,
     unmerge_adapters,
 )
+from .parameters import ParameterAdapter
 from .truncate import TruncationReport, truncate_adapters
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ConvAdapter",
     "EmbeddingAdapter",
     "LinearAdapter",
+    "ParameterAdapter",
     "TruncationReport",
     "TuckerAdapter",
     "TuckerDelta",

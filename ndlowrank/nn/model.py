@@ -8,9 +8,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .delta import layer_seed
+from ._host import DeltaHost
+from .delta import TuckerDelta, layer_seed
 from .layers import TuckerAdapter, _adapter_class
+from .parameters import ParameterAdapter, attach_parameter_adapter, detach_parameter_adapter
 
 __all__ = [
     "add_adapters",
@@ -24,11 +27,34 @@ __all__ = [
 Ranks = int | Sequence[int]
 
 
-def iter_adapters(model: nn.Module) -> Iterator[tuple[str, TuckerAdapter]]:
-    """``(name, adapter)`` for every :class:`TuckerAdapter` in ``model``."""
+def _parameter_adapters(model: nn.Module) -> Iterator[tuple[str, ParameterAdapter, nn.Module, str]]:
+    """``(parameter name, adapter, owning module, attribute)`` for every parameter adapter."""
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for attribute, parametrizations in module.parametrizations.items():
+            for adapter in parametrizations:
+                if isinstance(adapter, ParameterAdapter):
+                    yield (
+                        f"{module_name}.{attribute}" if module_name else attribute,
+                        adapter,
+                        module,
+                        attribute,
+                    )
+
+
+def iter_adapters(model: nn.Module) -> Iterator[tuple[str, DeltaHost]]:
+    """``(name, adapter)`` for every adapter in ``model``.
+
+    Layer adapters (:class:`TuckerAdapter`) are named by their module path
+    (``"layer1.0.conv1"``), parameter adapters (:class:`ParameterAdapter`) by their
+    parameter's path (``"attn.in_proj_weight"``).
+    """
     for name, module in model.named_modules():
         if isinstance(module, TuckerAdapter):
             yield name, module
+    for name, adapter, _, _ in _parameter_adapters(model):
+        yield name, adapter
 
 
 def _suffix_match(pattern: str, name: str) -> bool:
@@ -38,13 +64,10 @@ def _suffix_match(pattern: str, name: str) -> bool:
 
 def _targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
     """Names of the modules ``target_modules`` selects; every entry must select something."""
-    inside_adapters = {f"{name}.base_layer" for name, _ in iter_adapters(model)}
     candidates = [
         name
         for name, module in model.named_modules()
-        if name
-        and not isinstance(module, TuckerAdapter)
-        and not any(name.startswith(p) for p in inside_adapters)
+        if name and not isinstance(module, TuckerAdapter) and not _is_internal(name)
     ]
     if isinstance(target_modules, str):
         chosen = [name for name in candidates if re.fullmatch(target_modules, name)]
@@ -60,6 +83,32 @@ def _targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]
         matched = [name for name in candidates if name == target or name.endswith("." + target)]
         if not matched:
             raise ValueError(f"target module {target!r} matches no module of the model")
+        chosen += [name for name in matched if name not in chosen]
+    return chosen
+
+
+def _is_internal(name: str) -> bool:
+    """A module or parameter that belongs to an adapter or a parametrization, not to the user's model."""
+    parts = name.split(".")
+    return "base_layer" in parts or "parametrizations" in parts
+
+
+def _target_parameters(model: nn.Module, target_parameters: Sequence[str]) -> list[str]:
+    """Names of the parameters ``target_parameters`` selects (exact names or dotted suffixes)."""
+    if isinstance(target_parameters, str):
+        raise TypeError("target_parameters must be a list of parameter names, e.g. ['attn.in_proj_weight']")
+    candidates = [name for name, _ in model.named_parameters() if not _is_internal(name)]
+    chosen: list[str] = []
+    for target in target_parameters:
+        matched = [name for name in candidates if name == target or name.endswith("." + target)]
+        if not matched:
+            raise ValueError(f"target parameter {target!r} matches no parameter of the model")
+        for name in matched:
+            shape = tuple(model.get_parameter(name).shape)
+            if len(shape) < 2:
+                raise ValueError(
+                    f"parameter {name!r} has shape {shape}: a Tucker delta needs at least 2 modes"
+                )
         chosen += [name for name in matched if name not in chosen]
     return chosen
 
@@ -80,6 +129,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def mark_only_adapters_trainable(model: nn.Module) -> None:
     """Freeze every parameter of ``model`` except the adapters' cores and factors."""
     adapter_params = {id(p) for _, adapter in iter_adapters(model) for p in adapter.delta.parameters()}
+    adapter_params |= {id(p) for m in model.modules() if isinstance(m, TuckerDelta) for p in m.parameters()}
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in adapter_params)
 
@@ -96,28 +146,35 @@ def add_adapters(
     path: str = "auto",
     dtype: torch.dtype | None = None,
     seed: int | None = None,
+    target_parameters: Sequence[str] | None = None,
 ) -> nn.Module:
-    """Wrap the target layers of ``model`` in :class:`TuckerAdapter` and train only the adapters.
+    """Put Tucker adapters on the target layers (and parameters) of ``model``; train only the adapters.
 
     Parameters
     ----------
     model : nn.Module
         Changed in place and returned.
-    target_modules : str or sequence of str
-        A sequence selects modules by exact name or dotted suffix (``["conv1", "layer1.0.conv2"]``);
-        a string is a regular expression matched against the full module name
-        (``r".*\\.conv\\d"``). Every entry must match at least one module.
+    target_modules : str, sequence of str or None
+        Layers to wrap in :class:`TuckerAdapter`. A sequence selects modules by exact name or
+        dotted suffix (``["conv1", "layer1.0.conv2"]``); a string is a regular expression
+        matched against the full module name (``r".*\\.conv\\d"``). Every entry must match at
+        least one module. ``None`` when only ``target_parameters`` are adapted.
     ranks : int or sequence of int
         Ranks of every adapter. An int is clipped to each mode's size (``8`` works on a
         depthwise 1×3×3 kernel); a sequence must fit every targeted weight.
     init, scale, dropout, path, dtype
-        As for :class:`TuckerAdapter`.
+        As for :class:`TuckerAdapter` (``dropout`` and ``path`` apply to layers only).
     rank_pattern : mapping of str to ranks, optional
-        Per-module ranks: a key is a regex matched against the module name or a dotted
-        suffix of it (as in PEFT); the first matching key wins, ``ranks`` otherwise.
+        Per-target ranks: a key is a regex matched against the module (or parameter) name
+        or a dotted suffix of it (as in PEFT); the first matching key wins.
     seed : int, optional
-        Seed of the random inits; each layer gets its own stream derived from the seed and
+        Seed of the random inits; each target gets its own stream derived from the seed and
         its name. Without it, torch's global generator is used.
+    target_parameters : sequence of str, optional
+        Named parameters of any module and any number of modes (2 or more), by exact name or
+        dotted suffix (``["attn.in_proj_weight"]``): each gets a :class:`ParameterAdapter`
+        registered as a ``torch.nn.utils.parametrize`` parametrization, so the module
+        sees ``W + ΔW`` wherever it uses the parameter.
 
     Returns
     -------
@@ -127,8 +184,9 @@ def add_adapters(
     Raises
     ------
     ValueError
-        A target that matches nothing, a rank that does not fit a weight (naming the
-        module, mode, rank and size), or a bad option. The model is unchanged then.
+        A target that matches nothing, a parameter with fewer than 2 modes, a rank that
+        does not fit a weight (naming the target, mode, rank and size), or a bad option.
+        The model is unchanged then.
     TypeError
         A target whose type cannot be adapted (naming the type and the supported ones).
 
@@ -141,51 +199,63 @@ def add_adapters(
     >>> model = nlnn.add_adapters(model, ["0", "2"], ranks=(4, 3, 3, 3), seed=0)
     >>> sum(p.numel() for p in model.parameters() if p.requires_grad)
     437
+    >>> attention = nn.MultiheadAttention(32, 4)
+    >>> attention = nlnn.add_adapters(attention, None, ranks=8, target_parameters=["in_proj_weight"], seed=0)
+    >>> [name for name, _ in nlnn.iter_adapters(attention)]
+    ['in_proj_weight']
     """
-    if target_modules is None:
+    if target_modules is None and not target_parameters:
         raise ValueError(
-            "target_modules is None; name the modules to adapt (exact names, suffixes or a regex)"
+            "name the layers to adapt with target_modules= or the parameters with target_parameters="
         )
-    names = _targets(model, target_modules)
+    names = [] if target_modules is None else _targets(model, target_modules)
+    parameter_names = [] if not target_parameters else _target_parameters(model, target_parameters)
     for name in names:
-        module = model.get_submodule(name)
         try:
-            _adapter_class(module)
+            _adapter_class(model.get_submodule(name))
         except TypeError as exc:
             raise TypeError(f"module {name!r}: {exc}") from None
-    built: list[tuple[str, TuckerAdapter]] = []
+    options: dict[str, Any] = {"init": init, "scale": scale, "dtype": dtype}
+    built: list[tuple[str, DeltaHost]] = []
     try:
         for name in names:
             layer = model.get_submodule(name)
-            options: dict[str, Any] = {
-                "init": init,
-                "scale": scale,
-                "dropout": dropout,
-                "path": path,
-                "dtype": dtype,
-            }
-            adapter = TuckerAdapter(
-                layer, _ranks_for(name, ranks, rank_pattern), seed=layer_seed(seed, name), **options
+            adapter: DeltaHost = TuckerAdapter(
+                layer,
+                _ranks_for(name, ranks, rank_pattern),
+                seed=layer_seed(seed, name),
+                dropout=dropout,
+                path=path,
+                **options,
+            )
+            built.append((name, adapter))
+        for name in parameter_names:
+            parameter = model.get_parameter(name)
+            adapter = ParameterAdapter(
+                parameter, _ranks_for(name, ranks, rank_pattern), seed=layer_seed(seed, name), **options
             )
             built.append((name, adapter))
     except (ValueError, TypeError) as exc:
-        for _, adapter in built:  # undo the principal init's change of the base weights
-            adapter.restore_base()
-        message = f"module {name!r}: {exc}" if not str(exc).startswith("module") else str(exc)
-        raise type(exc)(message) from None
+        for _, done in built:  # undo the principal init's change of the base weights
+            done.restore_weight()
+        raise type(exc)(f"{name!r}: {exc}") from None
     for name, adapter in built:
-        _set_submodule(model, name, adapter)
+        if isinstance(adapter, TuckerAdapter):
+            _set_submodule(model, name, adapter)
+        else:
+            owner_name, _, attribute = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            attach_parameter_adapter(owner, attribute, adapter)  # type: ignore[arg-type]
     mark_only_adapters_trainable(model)
     return model
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
-    """Merge every adapter's ``ΔW`` into its base weight; forward then runs at the base layer's speed.
+    """Merge every adapter's ``ΔW`` into its weight; forward then runs at the base model's speed.
 
     Merging twice does not add twice. Returns ``model``.
     """
-    adapters = list(iter_adapters(model))
-    for _, adapter in adapters:
+    for _, adapter in iter_adapters(model):
         adapter.merge()
     return model
 
@@ -198,7 +268,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 
 def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every adapter by its base layer: a plain model with the original module types and keys.
+    """Take every adapter out: a plain model with the original module types and ``state_dict`` keys.
 
     Parameters
     ----------
@@ -212,7 +282,10 @@ def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
     nn.Module
         ``model`` without adapters; ``requires_grad`` of the base parameters is left as is.
     """
-    for name, adapter in list(iter_adapters(model)):
-        base = adapter.merged_base() if merge else adapter.restore_base()
-        _set_submodule(model, name, base)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, TuckerAdapter):
+            base = module.merged_base() if merge else module.restore_base()
+            _set_submodule(model, name, base)
+    for _, _, owner, attribute in list(_parameter_adapters(model)):
+        detach_parameter_adapter(owner, attribute, merge=merge)
     return model

@@ -15,8 +15,9 @@ from .._validation import validate_ranks
 from ..decompose import check_tol, sthosvd
 from ..ranks import budget_ranks
 from ..tenalg import multi_mode_product
+from ._host import DeltaHost
 from .delta import TuckerDelta
-from .layers import TuckerAdapter
+from .model import iter_adapters
 
 __all__ = ["TruncationReport", "truncate_adapters"]
 
@@ -35,13 +36,12 @@ class TruncationReport:
         return f"{self.name}: ranks {self.old_ranks} -> {self.new_ranks}, relative change {self.relative_change:.2e}"
 
 
-def _iter_deltas(model: nn.Module) -> Iterator[tuple[str, TuckerDelta, TuckerAdapter | None]]:
-    """Every Tucker delta of ``model``: those of module adapters and standalone ``TuckerDelta`` modules."""
+def _iter_deltas(model: nn.Module) -> Iterator[tuple[str, TuckerDelta, DeltaHost | None]]:
+    """Every Tucker delta of ``model``: those of adapters (by adapter name) and standalone ``TuckerDelta`` modules."""
     owned = set()
-    for name, module in model.named_modules():
-        if isinstance(module, TuckerAdapter):
-            owned.add(id(module.delta))
-            yield name, module.delta, module
+    for name, host in iter_adapters(model):
+        owned.add(id(host.delta))
+        yield name, host.delta, host
     for name, module in model.named_modules():
         if isinstance(module, TuckerDelta) and id(module) not in owned:
             yield name, module, None

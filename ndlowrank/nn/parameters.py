@@ -1,0 +1,95 @@
+"""Tucker deltas on named parameters of any module, through ``torch.nn.utils.parametrize``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ._host import DeltaHost
+
+__all__ = ["ParameterAdapter", "attach_parameter_adapter", "detach_parameter_adapter"]
+
+
+class ParameterAdapter(DeltaHost):
+    """A Tucker delta on one parameter of any module, applied as a parametrization: ``W ↦ W + ΔW``.
+
+    For N-D parameters that are not a Linear/Conv/Embedding weight: an attention block's
+    ``in_proj_weight``, a stacked expert weight ``(experts, out, in)``, a 5-D kernel used
+    through ``F.conv3d`` in custom code. Registered by :func:`ndlowrank.nn.add_adapters` with
+    ``target_parameters=``; merges, unmerges, saves and loads like a layer adapter.
+
+    Parameters
+    ----------
+    parameter : nn.Parameter
+        The parameter (2-D to any number of modes) the delta changes.
+    ranks, init, scale, dtype, seed
+        As for :class:`~ndlowrank.nn.TuckerAdapter`.
+    """
+
+    kind = "parameter"
+
+    def __init__(
+        self,
+        parameter: nn.Parameter,
+        ranks: int | Sequence[int],
+        *,
+        init: str = "zero_core",
+        scale: float = 1.0,
+        dtype: torch.dtype | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(parameter, torch.Tensor) or parameter.ndim < 2:
+            shape = tuple(getattr(parameter, "shape", ()))
+            raise ValueError(f"a Tucker delta needs a parameter with at least 2 modes, got shape {shape}")
+        # a plain reference, not a registered parameter: the parametrization owns it
+        self.__dict__["_weight"] = parameter
+        self._init_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The original (unparametrized) parameter."""
+        return self.__dict__["_weight"]
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        """``original + ΔW`` (just ``original`` once merged)."""
+        return original if self.merged else original + self.delta_weight()
+
+    def extra_repr(self) -> str:
+        return f"ranks={self.ranks}, init={self.init!r}, scale={self.scale}, merged={self.merged}"
+
+
+def attach_parameter_adapter(module: nn.Module, name: str, adapter: ParameterAdapter) -> None:
+    """Register ``adapter`` as the parametrization of ``module.<name>``."""
+    parametrize.register_parametrization(module, name, adapter)
+    parametrizations: Any = module.parametrizations
+    # the parametrization must keep the very parameter the adapter refers to
+    assert parametrizations[name].original is adapter.weight
+
+
+def detach_parameter_adapter(module: nn.Module, name: str, *, merge: bool) -> None:
+    """Remove the parametrization of ``module.<name>``, leaving ``W + ΔW`` (``merge``) or the original ``W``."""
+    parametrizations: Any = module.parametrizations
+    adapter = next(p for p in parametrizations[name] if isinstance(p, ParameterAdapter))
+    if merge:
+        adapter.merge_for_good()
+    else:
+        adapter.restore_weight()
+    _own_parametrized_class(module)
+    parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+
+
+def _own_parametrized_class(module: nn.Module) -> None:
+    """Give ``module`` a private copy of its parametrized class before a parametrization is removed.
+
+    ``copy.deepcopy`` of a parametrized module shares torch's dynamically created class
+    with the original, and ``remove_parametrizations`` deletes the property from that class,
+    which would break every copy. A private class keeps the copies independent.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
