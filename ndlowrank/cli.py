@@ -1,0 +1,266 @@
+"""The ``ndlowrank`` command line: decompose, reconstruct, extract, info and demo.
+
+Every subcommand reports bad input as one line on stderr and exits with status 2, with no
+traceback and no partial output file (files are written to a temporary name and renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import __version__
+from ._files import FileError, read_metadata, read_tensors, write_tensors
+from .decompose import METHODS, tucker
+from .tenalg import tucker_to_tensor
+
+__all__ = ["main"]
+
+FACTORS_KEY = "ndlowrank"
+FACTORS_FORMAT = "tucker-factors"
+FORMAT_VERSION = 1
+
+
+class UsageError(ValueError):
+    """Bad input from the command line; reported as one line, exit status 2."""
+
+
+# -- decompose -------------------------------------------------------------------------------
+def _ranks_option(ranks: list[int] | None, ndim: int, name: str) -> int | tuple[int, ...] | None:
+    if ranks is None:
+        return None
+    if len(ranks) == 1:
+        return ranks[0]
+    if len(ranks) != ndim:
+        raise UsageError(f"--ranks gives {len(ranks)} ranks but tensor {name!r} has {ndim} modes")
+    return tuple(ranks)
+
+
+def _decompose_one(x: np.ndarray, name: str, args: argparse.Namespace) -> tuple[Any, float]:
+    ranks = _ranks_option(args.ranks, x.ndim, name)
+    if isinstance(ranks, int):
+        ranks = tuple(min(ranks, size) for size in x.shape)
+    options: dict[str, Any] = {"seed": 0} if args.method == "randomized" else {}
+    tol = None if ranks is not None else args.tol
+    try:
+        t = tucker(x, ranks, tol=tol, method=args.method, **options)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"tensor {name!r}: {exc}") from None
+    dense = np.asarray(t.to_dense(), dtype=np.float64)
+    reference = x.astype(np.float64)
+    norm = float(np.linalg.norm(reference))
+    error = float(np.linalg.norm(reference - dense)) / norm if norm > 0 else 0.0
+    return t, error
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    line = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
+
+
+def cmd_decompose(args: argparse.Namespace) -> int:
+    """Decompose every large-enough floating tensor of a file into Tucker factors."""
+    if args.method in ("hosvd", "randomized") and args.ranks is None:
+        raise UsageError(f"--method {args.method} needs --ranks")
+    tensors = read_tensors(args.input)
+    out: dict[str, np.ndarray] = {}
+    entries: dict[str, Any] = {}
+    rows = []
+    chosen = [
+        name
+        for name, x in tensors.items()
+        if np.issubdtype(x.dtype, np.floating) and x.ndim >= 2 and x.size >= args.min_size
+    ]
+    if not chosen:
+        raise UsageError(f"{args.input}: no floating tensor with >= 2 modes and >= {args.min_size} elements")
+    for name in tqdm(chosen, desc="decompose", unit="tensor", file=sys.stderr, disable=args.quiet):
+        x = tensors[name]
+        t, error = _decompose_one(x, name, args)
+        dense_size = x.size
+        if t.n_params >= dense_size:
+            rows.append(
+                (name, str(x.shape), str(t.ranks), f"{dense_size:,}", f"{dense_size:,}", "kept dense")
+            )
+            continue
+        out[f"{name}.core"] = np.asarray(t.core)
+        for n, factor in enumerate(t.factors):
+            out[f"{name}.factors.{n}"] = np.asarray(factor)
+        entries[name] = {
+            "shape": list(x.shape),
+            "ranks": list(t.ranks),
+            "dtype": str(x.dtype),
+            "method": args.method,
+            "relative_error": error,
+        }
+        rows.append((name, str(x.shape), str(t.ranks), f"{dense_size:,}", f"{t.n_params:,}", f"{error:.3e}"))
+    dense = [name for name in tensors if name not in entries]
+    out.update({name: tensors[name] for name in dense})
+    metadata = {
+        FACTORS_KEY: json.dumps(
+            {
+                "format": FACTORS_FORMAT,
+                "format_version": FORMAT_VERSION,
+                "ndlowrank_version": __version__,
+                "tensors": entries,
+                "dense": dense,
+            }
+        )
+    }
+    write_tensors(args.output, out, metadata)
+    before = sum(x.size for x in tensors.values())
+    after = sum(v.size for v in out.values())
+    print(_table(rows, ("tensor", "shape", "ranks", "params before", "params after", "rel. error")))
+    print(
+        f"\n{len(entries)} of {len(tensors)} tensors decomposed; {before:,} -> {after:,} numbers; wrote {args.output}"
+    )
+    return 0
+
+
+# -- reconstruct and info --------------------------------------------------------------------
+def _factors_header(path: str) -> dict[str, Any]:
+    metadata = read_metadata(path)
+    try:
+        header = json.loads(metadata[FACTORS_KEY])
+    except (KeyError, json.JSONDecodeError):
+        raise UsageError(f"{path} is not an ndlowrank file (no '{FACTORS_KEY}' metadata)") from None
+    return dict(header)
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """Turn a factors file back into dense tensors."""
+    if not str(args.input).endswith(".safetensors"):
+        raise UsageError(
+            f"{args.input}: a factors file is a .safetensors file written by 'ndlowrank decompose'"
+        )
+    header = _factors_header(args.input)
+    if header.get("format") != FACTORS_FORMAT:
+        raise UsageError(f"{args.input} holds {header.get('format', 'something else')}, not Tucker factors")
+    stored = read_tensors(args.input)
+    dense: dict[str, np.ndarray] = {}
+    for name, entry in header["tensors"].items():
+        try:
+            core = stored[f"{name}.core"]
+            factors = [stored[f"{name}.factors.{n}"] for n in range(len(entry["shape"]))]
+        except KeyError as exc:
+            raise UsageError(
+                f"{args.input}: tensor {exc.args[0]!r} is missing; the file is damaged"
+            ) from None
+        dense[name] = np.asarray(tucker_to_tensor(core, factors)).astype(entry["dtype"])
+    for name in header.get("dense", []):
+        dense[name] = stored[name]
+    write_tensors(args.output, dense)
+    print(
+        f"reconstructed {len(header['tensors'])} tensors (+{len(header.get('dense', []))} kept dense); wrote {args.output}"
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe a factors or adapter file."""
+    if not str(args.file).endswith(".safetensors"):
+        raise UsageError(f"{args.file}: ndlowrank files are .safetensors files")
+    if not Path(args.file).is_file():
+        raise UsageError(f"{args.file}: no such file")
+    header = _factors_header(args.file)
+    print(f"{args.file}: {header.get('format', 'adapters')} (format {header.get('format_version')}), "
+          f"written by ndlowrank {header.get('ndlowrank_version', '?')}")  # fmt: skip
+    if header.get("format") == FACTORS_FORMAT:
+        rows = [
+            (name, str(tuple(e["shape"])), str(tuple(e["ranks"])), e["dtype"], f"{e['relative_error']:.3e}")
+            for name, e in header["tensors"].items()
+        ]
+        print(_table(rows, ("tensor", "shape", "ranks", "dtype", "rel. error")))
+        if header.get("dense"):
+            print(f"kept dense: {', '.join(header['dense'])}")
+        return 0
+    targets = header.get("targets", [])
+    adapter_rows: list[tuple[Any, ...]] = []
+    for entry in targets:
+        shape, ranks = entry.get("weight_shape", []), entry.get("ranks", [])
+        size = math.prod(ranks) + sum(i * r for i, r in zip(shape, ranks, strict=False))
+        adapter_rows.append((entry.get("name", "?"), entry.get("kind", "?"), str(tuple(shape)), str(tuple(ranks)),
+                     entry.get("init", "?"), str(entry.get("scale", "?")), f"{size:,}"))  # fmt: skip
+    print(_table(adapter_rows, ("target", "kind", "weight shape", "ranks", "init", "scale", "params")))
+    return 0
+
+
+def cmd_tour(args: argparse.Namespace) -> int:
+    """Print the quick tour."""
+    from ._tour import main as tour  # imported on use: it builds example data
+
+    tour()
+    return 0
+
+
+# -- the parser --------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ndlowrank", description="N-dimensional low-rank weight deltas in Tucker form."
+    )
+    parser.add_argument("--version", action="version", version=f"ndlowrank {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dec = sub.add_parser("decompose", help="decompose the tensors of a file into Tucker factors")
+    dec.add_argument(
+        "input", help=".npy, .npz, .safetensors or PyTorch (.pt/.pth, loaded with weights_only=True)"
+    )
+    dec.add_argument("-o", "--output", required=True, help="the factors file to write (.safetensors)")
+    how = dec.add_mutually_exclusive_group()
+    how.add_argument("--tol", type=float, default=0.05, help="relative error bound per tensor (default 0.05)")
+    how.add_argument("--ranks", type=int, nargs="+", help="one rank for every mode, or one per mode")
+    dec.add_argument(
+        "--method", choices=METHODS, default="sthosvd", help="decomposition method (default sthosvd)"
+    )
+    dec.add_argument(
+        "--min-size", type=int, default=1024, help="skip tensors with fewer elements (default 1024)"
+    )
+    dec.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    dec.set_defaults(run=cmd_decompose)
+
+    rec = sub.add_parser("reconstruct", help="turn a factors file back into dense tensors")
+    rec.add_argument("input", help="a factors file written by 'ndlowrank decompose'")
+    rec.add_argument(
+        "-o", "--output", required=True, help="dense tensors to write (.safetensors, .npz or .pt)"
+    )
+    rec.set_defaults(run=cmd_reconstruct)
+
+    tour = sub.add_parser("tour", help="a quick tour: decompose a conv-like kernel with every method")
+    tour.set_defaults(run=cmd_tour)
+
+    info = sub.add_parser("info", help="describe a factors or adapter file")
+    info.add_argument("file")
+    info.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 on success, 2 on bad input)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (
+        getattr(args, "output", None) is not None
+        and Path(args.output).suffix.lower() != ".safetensors"
+        and args.command == "decompose"
+    ):
+        parser.exit(2, f"ndlowrank: error: -o {args.output}: the factors file must end in .safetensors\n")
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except (UsageError, FileError) as exc:
+        parser.exit(2, f"ndlowrank: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "ndlowrank: interrupted\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
