@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,9 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path beside ``path`` that replaces it only if the block succeeds.
 
-    On any error the temporary file is removed and an existing file at ``path`` is left
+    The temporary file is created with the permissions a new file gets (the umask's), kept
+    after the writer ran (some writers create 0600 files), flushed to disk and renamed onto
+    ``path``. On any error it is removed and an existing file at ``path`` is left
     untouched, so a failed write never leaves a truncated file in place of a good one.
     """
     target = Path(path)
@@ -115,10 +118,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise FileError(f"{target} is a directory; give a file name")
     if not target.parent.is_dir():
         raise FileError(f"{target}: the directory {target.parent} does not exist")
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     try:
-        yield Path(temporary)
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = stat.S_IMODE(os.stat(temporary).st_mode)
+        yield temporary
+        os.chmod(temporary, mode)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -5,6 +5,7 @@ the array-API core (:func:`ndlowrank.tucker_delta`, :func:`ndlowrank.sthosvd`).
 """
 
 from .delta import TuckerDelta
+from .io import adapter_state_dict, load_adapters, save_adapters
 from .layers import PATHS, ConvAdapter, EmbeddingAdapter, LinearAdapter, TuckerAdapter, supported_layers
 from .model import (
     add_adapters,
@@ -26,11 +27,14 @@ __all__ = [
     "TruncationReport",
     "TuckerAdapter",
     "TuckerDelta",
+    "adapter_state_dict",
     "add_adapters",
     "iter_adapters",
+    "load_adapters",
     "mark_only_adapters_trainable",
     "merge_adapters",
     "remove_adapters",
+    "save_adapters",
     "supported_layers",
     "truncate_adapters",
     "unmerge_adapters",

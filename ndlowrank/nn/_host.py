@@ -128,9 +128,13 @@ class DeltaHost(nn.Module):
         self.delta.core.copy_(core / scale)
         for parameter, factor in zip(self.delta.factors, factors, strict=True):
             parameter.copy_(factor)
-        self.register_buffer("principal_core", core.detach().clone())
+        # row-major copies, so that the start computed from them (here and when a saved
+        # adapter is rebuilt from its file) rounds identically
+        self.register_buffer("principal_core", core.detach().clone(memory_format=torch.contiguous_format))
         for n, factor in enumerate(factors):
-            self.register_buffer(f"principal_factor_{n}", factor.detach().clone())
+            self.register_buffer(
+                f"principal_factor_{n}", factor.detach().clone(memory_format=torch.contiguous_format)
+            )
         self.weight.sub_(self._principal_start())
         self.init = "principal"
 

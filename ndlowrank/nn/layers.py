@@ -109,6 +109,7 @@ class TuckerAdapter(DeltaHost):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._init_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed)
         self._after_init()
+        self.train(base_layer.training)  # an adapter on a model in eval mode starts in eval mode
 
     # -- what subclasses supply ------------------------------------------------------
     def _after_init(self) -> None:

@@ -11,7 +11,12 @@ from torch.nn.utils import parametrize
 
 from ._host import DeltaHost
 
-__all__ = ["ParameterAdapter", "attach_parameter_adapter", "detach_parameter_adapter"]
+__all__ = [
+    "ParameterAdapter",
+    "attach_parameter_adapter",
+    "detach_parameter_adapter",
+    "remove_parameter_adapter",
+]
 
 
 class ParameterAdapter(DeltaHost):
@@ -48,6 +53,7 @@ class ParameterAdapter(DeltaHost):
             raise ValueError(f"a Tucker delta needs a parameter with at least 2 modes, got shape {shape}")
         # a plain reference, not a registered parameter: the parametrization owns it
         self.__dict__["_weight"] = parameter
+        self.parameter_order: list[str] = []
         self._init_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed)
 
     @property
@@ -65,6 +71,8 @@ class ParameterAdapter(DeltaHost):
 
 def attach_parameter_adapter(module: nn.Module, name: str, adapter: ParameterAdapter) -> None:
     """Register ``adapter`` as the parametrization of ``module.<name>``."""
+    adapter.parameter_order = list(module._parameters)  # to put the parameter back in its place
+    adapter.train(module.training)
     parametrize.register_parametrization(module, name, adapter)
     parametrizations: Any = module.parametrizations
     # the parametrization must keep the very parameter the adapter refers to
@@ -79,8 +87,26 @@ def detach_parameter_adapter(module: nn.Module, name: str, *, merge: bool) -> No
         adapter.merge_for_good()
     else:
         adapter.restore_weight()
+    remove_parameter_adapter(module, name)
+
+
+def remove_parameter_adapter(module: nn.Module, name: str) -> None:
+    """Undo :func:`attach_parameter_adapter` without changing the weight.
+
+    The parameter object is the same as before, in the same place among the module's
+    parameters (so ``state_dict`` keys keep their order). A no-op if not parametrized.
+    """
+    if not parametrize.is_parametrized(module, name):
+        return
+    parametrizations: Any = module.parametrizations
+    adapter = next(p for p in parametrizations[name] if isinstance(p, ParameterAdapter))
     _own_parametrized_class(module)
     parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    parameters = module._parameters
+    reordered = {key: parameters[key] for key in adapter.parameter_order if key in parameters}
+    reordered.update(parameters)
+    parameters.clear()
+    parameters.update(reordered)
 
 
 def _own_parametrized_class(module: nn.Module) -> None:

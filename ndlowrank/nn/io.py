@@ -1,0 +1,707 @@
+"""Saving and loading trained adapters: one safetensors file holding the tensors and a JSON config.
+
+The file holds, per adapter named ``name`` (a module path for a layer adapter, a
+parameter path for a parameter adapter), the tensors ``{name}.core`` and
+``{name}.factors.{n}``, plus ``{name}.principal_core`` and ``{name}.principal_factor_{n}``
+for a ``"principal"`` adapter (the start subtracted from the base weight, needed to rebuild
+it on a fresh model). Its safetensors metadata holds, under the key ``"ndlowrank"``, a JSON
+object::
+
+    {"format": "tucker-adapters", "format_version": 1, "ndlowrank_version": "0.1.0",
+     "targets": [{"name": "layer1.0.conv1", "kind": "conv", "layer": "Conv2d",
+                   "weight_shape": [64, 64, 3, 3], "ranks": [16, 16, 3, 3], "init": "zero_core",
+                   "scale": 1.0, "dropout": 0.0, "path": "auto", "dtype": "float32"},
+                  {"name": "attn.in_proj_weight", "kind": "parameter",
+                   "weight_shape": [96, 32], "ranks": [8, 8], "init": "principal",
+                   "scale": 1.0, "dtype": "float32", "principal_ranks": [8, 8]}]}
+
+A principal adapter adds ``"principal_ranks"``, the ranks of its start, which
+:func:`~ndlowrank.nn.truncate_adapters` may have left larger than ``"ranks"``. The base
+weight of a rebuilt adapter is ``W - ΔW₀`` computed from the same row-major start tensors
+as when the adapter was made, so it comes out bit for bit the same.
+
+:func:`load_adapters` validates the whole file against the model before changing it and
+undoes its changes if anything fails part way, so a failed load leaves the model as it was;
+:func:`save_adapters` writes a temporary file and renames it, so a failed save never
+leaves a truncated file in place of a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from .._files import atomic_path
+from ..init import KNOWN_INITS
+from ._host import DeltaHost
+from .delta import TuckerDelta
+from .layers import _ADAPTERS, PATHS, TuckerAdapter, _adapter_class
+from .model import _is_internal, _set_submodule, iter_adapters, mark_only_adapters_trainable
+from .parameters import ParameterAdapter, attach_parameter_adapter, remove_parameter_adapter
+
+__all__ = ["adapter_state_dict", "load_adapters", "save_adapters"]
+
+METADATA_KEY = "ndlowrank"
+"""Key of the safetensors metadata entry that holds the JSON config."""
+
+FILE_FORMAT = "tucker-adapters"
+"""The ``"format"`` of an adapter file (``ndlowrank decompose`` writes ``"tucker-factors"`` files under the same key)."""
+
+FORMAT_VERSION = 1
+"""Version of the file layout written by :func:`save_adapters`."""
+
+_READABLE_FORMATS = (1,)
+_LAYER_KINDS = tuple(sorted({adapter.kind for adapter in _ADAPTERS.values()}))
+_KINDS = (*_LAYER_KINDS, ParameterAdapter.kind)
+
+Undo = list[Callable[[], object]]
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def _principal_names(ndim: int) -> list[str]:
+    return ["principal_core", *(f"principal_factor_{n}" for n in range(ndim))]
+
+
+def _is_principal(adapter: DeltaHost) -> bool:
+    return hasattr(adapter, "principal_core")
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors of every adapter in ``model``, keyed by adapter name.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model with adapters (layer adapters, :class:`~ndlowrank.nn.TuckerAdapter`, named
+        by module path; parameter adapters, :class:`~ndlowrank.nn.ParameterAdapter`, by
+        parameter path). An empty dict without.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        For an adapter named ``name``: ``f"{name}.core"`` (shape ``ranks``) and
+        ``f"{name}.factors.{n}"`` (shape ``(weight.shape[n], ranks[n])``); for a
+        ``"principal"`` adapter also its start, ``f"{name}.principal_core"`` and
+        ``f"{name}.principal_factor_{n}"``. The tensors are detached and contiguous, on
+        the adapters' device and in their dtype; like ``Module.state_dict`` they may share
+        memory with the parameters.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from ndlowrank import nn as nlnn
+    >>> model = nlnn.add_adapters(nn.Sequential(nn.Linear(8, 4)), ["0"], ranks=2, seed=0)
+    >>> {key: tuple(t.shape) for key, t in nlnn.adapter_state_dict(model).items()}
+    {'0.core': (2, 2), '0.factors.0': (4, 2), '0.factors.1': (8, 2)}
+    """
+    state: dict[str, torch.Tensor] = {}
+    for name, adapter in iter_adapters(model):
+        prefix = _prefix(name)
+        state[f"{prefix}core"] = adapter.delta.core.detach().contiguous()
+        for n, factor in enumerate(adapter.delta.factors):
+            state[f"{prefix}factors.{n}"] = factor.detach().contiguous()
+        if _is_principal(adapter):
+            for buffer in _principal_names(adapter.weight.ndim):
+                state[prefix + buffer] = getattr(adapter, buffer).detach().contiguous()
+    return state
+
+
+def _adapter_config(name: str, adapter: DeltaHost) -> dict[str, Any]:
+    config = {"name": name, **adapter.config()}
+    if _is_principal(adapter):
+        buffers = [adapter.get_buffer(name) for name in _principal_names(adapter.weight.ndim)]
+        config["principal_ranks"] = list(buffers[0].shape)
+    return config
+
+
+def _fspath(path: Any) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    result = os.fspath(path)
+    if not isinstance(result, str):
+        raise TypeError(f"path must be a str or os.PathLike of str, got {path!r}")
+    return result
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "saving and loading adapters needs the safetensors package: pip install safetensors"
+        ) from exc
+    return safetensors
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Save every adapter of ``model`` (tensors and config) to one safetensors file.
+
+    The file holds :func:`adapter_state_dict` and, in its metadata, a JSON config with the
+    format version, the ndlowrank version and per adapter: name, kind, layer type, weight
+    shape, ranks, init, scale, dropout, path and dtype (see :mod:`ndlowrank.nn.io`). The
+    base model's own weights are not saved: load the file into the same base model with
+    :func:`load_adapters`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model with at least one adapter (layer or parameter adapter). Merged adapters are
+        saved as well (their ``ΔW`` is read from the adapter, not from the weight).
+    path : str or os.PathLike
+        The file to write (``.safetensors`` by convention); an existing file is replaced.
+
+    Raises
+    ------
+    ValueError
+        If ``model`` has no adapters.
+    IsADirectoryError, FileNotFoundError
+        If ``path`` is a directory or its directory does not exist (naming the path).
+
+    Notes
+    -----
+    The write is atomic: the file is written under a temporary name in the same directory,
+    flushed to disk and renamed onto ``path``. If anything fails, the temporary file is
+    removed and a file already at ``path`` is left untouched.
+
+    Examples
+    --------
+    >>> import copy, os, tempfile
+    >>> import torch
+    >>> from torch import nn
+    >>> from ndlowrank import nn as nlnn
+    >>> base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    >>> model = nlnn.add_adapters(copy.deepcopy(base), ["0", "2"], ranks=2, seed=0)
+    >>> with torch.no_grad():  # stands in for training
+    ...     _ = model[0].delta.core.normal_()
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "adapters.safetensors")
+    ...     nlnn.save_adapters(model, path)
+    ...     restored = nlnn.load_adapters(base, path)  # builds the adapters on the plain model
+    >>> x = torch.randn(3, 8)
+    >>> torch.equal(restored(x), model(x))
+    True
+    """
+    adapters = list(iter_adapters(model))
+    if not adapters:
+        raise ValueError("the model has no adapters to save; add them with ndlowrank.nn.add_adapters")
+    target = _fspath(path)
+    if os.path.isdir(target):
+        raise IsADirectoryError(f"cannot save adapters to {target!r}: it is a directory")
+    directory = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot save adapters to {target!r}: directory {directory!r} does not exist")
+    safetensors = _safetensors()
+
+    header = {
+        "format": FILE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ndlowrank_version": __version__,
+        "targets": [_adapter_config(name, adapter) for name, adapter in adapters],
+    }
+    metadata = {METADATA_KEY: json.dumps(header), "format": "pt"}
+    tensors = {key: t.to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
+
+    with atomic_path(target) as temporary:
+        safetensors.torch.save_file(tensors, str(temporary), metadata=metadata)
+
+
+# -- reading and validating a file -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One adapter described by a file."""
+
+    name: str
+    kind: str
+    layer: str | None  # None for a parameter adapter
+    weight_shape: tuple[int, ...]
+    ranks: tuple[int, ...]
+    init: str
+    scale: float
+    dropout: float
+    path: str
+    dtype: torch.dtype
+    principal_ranks: tuple[int, ...] | None
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        prefix = _prefix(self.name)
+        shapes = {f"{prefix}core": self.ranks}
+        for n, (size, rank) in enumerate(zip(self.weight_shape, self.ranks, strict=True)):
+            shapes[f"{prefix}factors.{n}"] = (size, rank)
+        if self.principal_ranks is not None:
+            names = _principal_names(len(self.weight_shape))
+            shapes[prefix + names[0]] = self.principal_ranks
+            for name, size, rank in zip(names[1:], self.weight_shape, self.principal_ranks, strict=True):
+                shapes[prefix + name] = (size, rank)
+        return shapes
+
+
+def _read_file(path: str, where: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata (with our key) and every tensor of the file at ``path``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no adapter file at {path!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a directory, not an adapter file")
+    safetensors = _safetensors()
+    try:
+        with safetensors.safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+            if METADATA_KEY not in metadata:
+                raise ValueError(
+                    f"{where} is a safetensors file but not an ndlowrank adapter file (its metadata "
+                    f"has no {METADATA_KEY!r} entry); write adapter files with ndlowrank.nn.save_adapters"
+                )
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except (safetensors.SafetensorError, OSError) as exc:
+        raise ValueError(f"{where} is not a readable safetensors file: {exc}") from exc
+    return metadata, tensors
+
+
+def _int_tuple(value: Any, field: str, at: str) -> tuple[int, ...]:
+    if not (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    ):
+        raise ValueError(f"{at}: {field} must be a non-empty list of positive ints, got {value!r}")
+    return tuple(value)
+
+
+def _number(value: Any, field: str, at: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{at}: {field} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _string(value: Any, field: str, at: str, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(value, str) or (choices is not None and value not in choices):
+        expected = f"one of {list(choices)}" if choices is not None else "a string"
+        raise ValueError(f"{at}: {field} must be {expected}, got {value!r}")
+    return value
+
+
+def _check_ranks(field: str, ranks: tuple[int, ...], weight_shape: tuple[int, ...], at: str) -> None:
+    if len(ranks) != len(weight_shape):
+        raise ValueError(f"{at}: {field}={list(ranks)} has not one rank per mode of {list(weight_shape)}")
+    for n, (rank, size) in enumerate(zip(ranks, weight_shape, strict=True)):
+        if rank > size:
+            raise ValueError(f"{at}: {field}[{n}]={rank} exceeds dimension {size} of mode {n}")
+
+
+def _parse_target(entry: Any, where: str) -> _Target:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: an adapter entry must be a JSON object, got {entry!r}")
+    name = _string(entry.get("name"), "an adapter's name", where)
+    at = f"{where}, adapter {name!r}"
+    kind = _string(entry.get("kind"), "kind", at, _KINDS)
+    required = ["weight_shape", "ranks", "init", "scale", "dtype"]
+    if kind in _LAYER_KINDS:
+        required += ["layer", "dropout", "path"]
+    missing = [key for key in required if key not in entry]
+    if missing:
+        raise ValueError(f"{at}: the entry lacks {missing}")
+    weight_shape = _int_tuple(entry["weight_shape"], "weight_shape", at)
+    ranks = _int_tuple(entry["ranks"], "ranks", at)
+    _check_ranks("ranks", ranks, weight_shape, at)
+    init = _string(entry["init"], "init", at, tuple(KNOWN_INITS))
+    principal_ranks = None
+    if init == "principal":
+        principal_ranks = _int_tuple(entry.get("principal_ranks", entry["ranks"]), "principal_ranks", at)
+        _check_ranks("principal_ranks", principal_ranks, weight_shape, at)
+    layer, dropout, path = None, 0.0, "auto"
+    if kind in _LAYER_KINDS:
+        layer = _string(entry["layer"], "layer", at)
+        dropout = _number(entry["dropout"], "dropout", at)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{at}: dropout={dropout} must be a probability in [0, 1)")
+        path = _string(entry["path"], "path", at, PATHS)
+        if path == "materialize" and dropout > 0:
+            raise ValueError(f"{at}: path='materialize' cannot have dropout={dropout}")
+    dtype_name = _string(entry["dtype"], "dtype", at)
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ValueError(f"{at}: dtype must name a floating torch dtype, got {dtype_name!r}")
+    return _Target(
+        name=name,
+        kind=kind,
+        layer=layer,
+        weight_shape=weight_shape,
+        ranks=ranks,
+        init=init,
+        scale=_number(entry["scale"], "scale", at),
+        dropout=dropout,
+        path=path,
+        dtype=dtype,
+        principal_ranks=principal_ranks,
+    )
+
+
+def _parse_header(text: str, where: str) -> list[_Target]:
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: its {METADATA_KEY!r} metadata is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{where}: its {METADATA_KEY!r} metadata must be a JSON object")
+    kind = header.get("format")
+    if kind != FILE_FORMAT:
+        raise ValueError(
+            f"{where} holds {kind!r} data, not adapters (format {FILE_FORMAT!r}); "
+            "write adapter files with ndlowrank.nn.save_adapters"
+        )
+    version = header.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{where}: format_version must be an int, got {version!r}")
+    if version not in _READABLE_FORMATS:
+        newer = ", it was written by a newer ndlowrank" if version > max(_READABLE_FORMATS) else ""
+        raise ValueError(
+            f"{where}: format_version {version} is not supported (ndlowrank {__version__} "
+            f"reads {list(_READABLE_FORMATS)}{newer})"
+        )
+    entries = header.get("targets")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{where}: 'targets' must be a non-empty list, got {entries!r}")
+    targets = [_parse_target(entry, where) for entry in entries]
+    names = [t.name for t in targets]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{where}: adapters {duplicates} appear more than once")
+    return targets
+
+
+def _check_existing(adapter: DeltaHost, target: _Target, at: str) -> None:
+    found: dict[str, Any] = {
+        "kind": adapter.kind,
+        "weight shape": tuple(adapter.weight.shape),
+        "ranks": adapter.ranks,
+        "scale": adapter.scale,
+    }
+    wanted: dict[str, Any] = {
+        "kind": target.kind,
+        "weight shape": target.weight_shape,
+        "ranks": target.ranks,
+        "scale": target.scale,
+    }
+    if isinstance(adapter, TuckerAdapter):
+        found["layer"], wanted["layer"] = type(adapter.base_layer).__name__, target.layer
+    for field, value in wanted.items():
+        if found[field] != value:
+            raise ValueError(
+                f"{at}: the model's adapter has {field} {found[field]} but the file's has {value}; "
+                "load into a model without adapters, or build them with the file's options"
+            )
+    if _is_principal(adapter) != (target.principal_ranks is not None):
+        raise ValueError(
+            f"{at}: the model's adapter has init={adapter.init!r} but the file's has init={target.init!r}; "
+            "a 'principal' adapter changes the base weight, so both must be 'principal' or neither"
+        )
+    if adapter.merged:
+        raise ValueError(
+            f"{at}: the model's adapter is merged; call ndlowrank.nn.unmerge_adapters(model) before "
+            "loading (and merge again after)"
+        )
+
+
+def _fresh_layer(model: nn.Module, target: _Target, at: str) -> nn.Module:
+    """The plain layer at ``target.name`` that a new adapter will wrap."""
+    if not target.name:
+        raise ValueError(f"{at}: an adapter at the model's root can only be loaded into an existing adapter")
+    try:
+        module = model.get_submodule(target.name)
+    except AttributeError:
+        raise ValueError(f"{at}: the model has no module of that name") from None
+    if type(module).__name__ != target.layer:
+        raise ValueError(
+            f"{at}: the model's module is a {type(module).__name__}, the file's a {target.layer}"
+        )
+    try:
+        kind = _adapter_class(module).kind
+    except TypeError as exc:
+        raise ValueError(f"{at}: {exc}") from None
+    if kind != target.kind:
+        raise ValueError(f"{at}: the model's module takes a {kind!r} adapter, the file's is {target.kind!r}")
+    weight = getattr(module, "weight", None)
+    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+    if shape != target.weight_shape:
+        raise ValueError(
+            f"{at}: the model's weight has shape {shape} but the file's adapter is for {target.weight_shape}"
+        )
+    return module
+
+
+def _fresh_parameter(model: nn.Module, target: _Target, at: str) -> nn.Parameter:
+    """The plain parameter at ``target.name`` that a new parameter adapter will change."""
+    try:
+        parameter = model.get_parameter(target.name)
+    except AttributeError:
+        raise ValueError(f"{at}: the model has no (unparametrized) parameter of that name") from None
+    if tuple(parameter.shape) != target.weight_shape:
+        raise ValueError(
+            f"{at}: the model's parameter has shape {tuple(parameter.shape)} but the file's adapter "
+            f"is for {target.weight_shape}"
+        )
+    return parameter
+
+
+def _plan(
+    model: nn.Module, targets: list[_Target], tensors: Mapping[str, torch.Tensor], *, strict: bool, where: str
+) -> list[tuple[_Target, DeltaHost | nn.Module | nn.Parameter]]:
+    """Check the file against the model: ``(target, existing adapter or what to adapt)`` per adapter."""
+    adapters = dict(iter_adapters(model))
+    layers = [name for name, adapter in adapters.items() if isinstance(adapter, TuckerAdapter)]
+    layers += [t.name for t in targets if t.kind in _LAYER_KINDS]
+    plan: list[tuple[_Target, DeltaHost | nn.Module | nn.Parameter]] = []
+    for target in targets:
+        at = f"{where}, adapter {target.name!r}"
+        if target.name in adapters:
+            _check_existing(adapters[target.name], target, at)
+            plan.append((target, adapters[target.name]))
+            continue
+        owner = next((n for n in layers if n != target.name and target.name.startswith(_prefix(n))), None)
+        if owner is not None:
+            raise ValueError(f"{at}: the name is inside the layer {owner!r}, which has or gets an adapter")
+        if _is_internal(target.name):
+            raise ValueError(f"{at}: the name is inside an adapter or a parametrization of the model")
+        if target.kind == ParameterAdapter.kind:
+            plan.append((target, _fresh_parameter(model, target, at)))
+        else:
+            plan.append((target, _fresh_layer(model, target, at)))
+    if strict:
+        names = {t.name for t in targets}
+        extra = [name for name in adapters if name not in names]
+        if extra:
+            raise ValueError(
+                f"{where}: the model has adapters {extra} that the file does not hold "
+                "(pass strict=False to load the file's adapters only)"
+            )
+
+    expected: dict[str, tuple[int, ...]] = {}
+    for target in targets:
+        expected.update(target.expected_shapes())
+    missing = [key for key in expected if key not in tensors]
+    if missing:
+        raise ValueError(f"{where}: tensors {missing} are missing")
+    wrong = [
+        f"{key} has shape {tuple(tensors[key].shape)}, expected {shape}"
+        for key, shape in expected.items()
+        if tuple(tensors[key].shape) != shape
+    ]
+    if wrong:
+        raise ValueError(f"{where}: {'; '.join(wrong)}")
+    not_float = [
+        f"{key} ({tensors[key].dtype})" for key in expected if not tensors[key].dtype.is_floating_point
+    ]
+    if not_float:
+        raise ValueError(f"{where}: tensors {not_float} are not floating point")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected and strict:
+        raise ValueError(f"{where}: unexpected tensors {unexpected} (pass strict=False to ignore them)")
+    return plan
+
+
+# -- changing the model, keeping what undoes each change -----------------------------------
+
+
+def _copy_trained(adapter: DeltaHost, target: _Target, tensors: Mapping[str, torch.Tensor]) -> None:
+    prefix = _prefix(target.name)
+    adapter.delta.core.copy_(tensors[f"{prefix}core"])
+    for n, factor in enumerate(adapter.delta.factors):
+        factor.copy_(tensors[f"{prefix}factors.{n}"])
+
+
+def _file_start(
+    target: _Target, tensors: Mapping[str, torch.Tensor], like: torch.Tensor
+) -> list[torch.Tensor]:
+    """The file's principal start ``[core, *factors]`` in ``like``'s dtype and device, row-major."""
+    prefix = _prefix(target.name)
+    names = _principal_names(len(target.weight_shape))
+    return [tensors[prefix + name].to(dtype=like.dtype, device=like.device).contiguous() for name in names]
+
+
+def _restore_tensors(tensors: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    for tensor, value in zip(tensors, saved, strict=True):
+        tensor.copy_(value)
+
+
+def _restore_buffers(adapter: DeltaHost, buffers: dict[str, torch.Tensor]) -> None:
+    for name, buffer in buffers.items():
+        adapter.register_buffer(name, buffer)
+
+
+def _load_existing(
+    adapter: DeltaHost, target: _Target, tensors: Mapping[str, torch.Tensor], undo: Undo
+) -> None:
+    """Copy the file's tensors into the adapter's own parameters (their identity is kept)."""
+    parameters = [adapter.delta.core, *adapter.delta.factors]
+    undo.append(partial(_restore_tensors, parameters, [p.detach().clone() for p in parameters]))
+    if target.principal_ranks is not None:
+        names = _principal_names(adapter.weight.ndim)
+        old = {name: getattr(adapter, name) for name in names}
+        new = _file_start(target, tensors, like=old["principal_core"])
+        if not all(o.shape == n.shape and torch.equal(o, n) for o, n in zip(old.values(), new, strict=True)):
+            # the model's adapter started elsewhere: move its base weight to the file's start
+            weight = adapter.weight
+            undo.append(partial(_restore_tensors, [weight], [weight.detach().clone()]))
+            undo.append(partial(_restore_buffers, adapter, old))
+            weight.add_(adapter._principal_start())
+            _restore_buffers(adapter, {name: value.clone() for name, value in zip(names, new, strict=True)})
+            weight.sub_(adapter._principal_start())
+    _copy_trained(adapter, target, tensors)
+
+
+def _build(
+    model: nn.Module,
+    target: _Target,
+    base: nn.Module | nn.Parameter,
+    tensors: Mapping[str, torch.Tensor],
+    undo: Undo,
+) -> None:
+    """Put a new adapter on ``base`` (a layer or a parameter of ``model``) as the file describes it."""
+    weight: torch.Tensor = base if isinstance(base, nn.Parameter) else base.weight  # type: ignore[assignment]
+    options: dict[str, Any] = {
+        "scale": target.scale,
+        "dtype": target.dtype,
+        "seed": 0,  # the values are overwritten; a fixed seed leaves torch's global RNG alone
+    }
+    principal = target.principal_ranks is not None
+    ranks = list(target.principal_ranks if target.principal_ranks is not None else target.ranks)
+    init = "zero_core" if principal else target.init
+    adapter: DeltaHost
+    if isinstance(base, nn.Parameter):
+        adapter = ParameterAdapter(base, ranks, init=init, **options)
+    else:
+        adapter = TuckerAdapter(base, ranks, init=init, dropout=target.dropout, path=target.path, **options)
+        adapter.train(base.training)
+    if principal:
+        undo.append(partial(_restore_tensors, [weight], [weight.detach().clone()]))
+        core, *factors = _file_start(target, tensors, like=adapter.delta.core)
+        adapter._set_principal(core, factors)
+        if target.principal_ranks != target.ranks:  # truncated after the principal init
+            adapter.delta = TuckerDelta(
+                target.weight_shape,
+                target.ranks,
+                scale=target.scale,
+                dtype=target.dtype,
+                device=weight.device,
+                seed=0,
+            )
+    _copy_trained(adapter, target, tensors)
+    if isinstance(base, nn.Parameter):
+        owner_name, _, attribute = target.name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        undo.append(partial(remove_parameter_adapter, owner, attribute))
+        adapter.train(owner.training)
+        attach_parameter_adapter(owner, attribute, adapter)  # type: ignore[arg-type]
+    else:
+        _set_submodule(model, target.name, adapter)
+        undo.append(partial(_set_submodule, model, target.name, base))
+
+
+def _restore_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for parameter, flag in flags:
+        parameter.requires_grad_(flag)
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> nn.Module:
+    """Load adapters saved by :func:`save_adapters` into ``model`` (in place) and return it.
+
+    The whole file is checked against the model before anything changes. Then, per adapter
+    in the file:
+
+    - if ``model`` already has an adapter of that name, the file's tensors are copied into
+      its parameters (the same ``nn.Parameter`` objects, so an optimizer holding them keeps
+      working); its kind, layer type, weight shape, ranks and scale must match the file's,
+      and it must be ``"principal"`` exactly when the file's adapter is. Its ``dropout``,
+      ``path`` and dtype are kept;
+    - otherwise the layer (or parameter) of that name gets a new adapter built from the
+      file's config, a ``"principal"`` one from the file's saved start (the base weight
+      becomes ``W - ΔW₀`` as when it was made); at the end
+      :func:`~ndlowrank.nn.mark_only_adapters_trainable` is applied to ``model``.
+
+    Loaded into the same base model, the result computes exactly what the saved model did.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The base model the adapters were trained on, with or without adapters.
+    path : str or os.PathLike
+        A file written by :func:`save_adapters`.
+    strict : bool, default True
+        With ``True``, tensors in the file that no adapter uses, and adapters of the model
+        that the file does not hold, are errors; with ``False`` they are ignored (the
+        model's other adapters are left as they are). Missing tensors are always an error.
+
+    Returns
+    -------
+    nn.Module
+        ``model``.
+
+    Raises
+    ------
+    FileNotFoundError, IsADirectoryError
+        If ``path`` names no file.
+    ValueError
+        If the file is not a readable safetensors file written by :func:`save_adapters`
+        (truncated, garbage, other metadata), has an unsupported format version, or does
+        not fit the model: a target that does not exist or has another type or weight
+        shape, an existing adapter with other ranks, kind, scale or init, a merged adapter,
+        a missing tensor, a tensor of the wrong shape or a non-floating dtype, or (with
+        ``strict``) unexpected tensors or adapters. The model is unchanged then, and also
+        if building or copying fails later: every change is undone before re-raising.
+
+    Notes
+    -----
+    - Tensors are cast to the dtype of the parameter they go into: into existing adapters
+      that is the adapters' dtype (a float64 file loads into float32 adapters, rounded);
+      new adapters get the file's dtype, so they hold the saved values exactly.
+    - A merged adapter is refused rather than unmerged and merged again around the copy
+      (which would change the base weight by rounding): unmerge first.
+    - If an existing ``"principal"`` adapter started from another ``ΔW₀`` than the file's
+      (an ST-HOSVD computed elsewhere may differ in signs), its base weight is moved to the
+      file's start, ``W - ΔW₀(model) + ΔW₀(file)``, exact up to rounding.
+    - To undo a failure exactly, the load keeps a copy of each base weight it changes (those
+      of ``"principal"`` adapters) until it has finished.
+
+    Examples
+    --------
+    See :func:`save_adapters`.
+    """
+    target_path = _fspath(path)
+    where = f"adapter file {target_path!r}"
+    metadata, tensors = _read_file(target_path, where)
+    targets = _parse_header(metadata[METADATA_KEY], where)
+    plan = _plan(model, targets, tensors, strict=strict, where=where)
+
+    undo: Undo = []
+    try:
+        with torch.no_grad():
+            built = False
+            for target, found in plan:
+                if isinstance(found, DeltaHost):
+                    _load_existing(found, target, tensors, undo)
+                else:
+                    _build(model, target, found, tensors, undo)
+                    built = True
+            if built:
+                undo.append(partial(_restore_flags, [(p, p.requires_grad) for p in model.parameters()]))
+                mark_only_adapters_trainable(model)
+    except BaseException:
+        with torch.no_grad():
+            for step in reversed(undo):
+                step()
+        raise
+    return model
