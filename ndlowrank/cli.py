@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from array_api_compat import array_namespace
 from tqdm.auto import tqdm
 
 from . import __version__
 from ._files import FileError, read_metadata, read_tensors, write_tensors
-from .decompose import METHODS, tucker
+from ._subspace import mode_spectrum
+from .decompose import METHODS, sthosvd, tucker
+from .ranks import budget_ranks
 from .tenalg import tucker_to_tensor
 
 __all__ = ["main"]
@@ -125,6 +128,90 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- extract ---------------------------------------------------------------------------------
+def _paired_differences(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """``TUNED − BASE`` for every floating tensor with >= 2 modes and >= --min-size elements that changed."""
+    base, tuned = read_tensors(args.base), read_tensors(args.tuned)
+    only = sorted(set(base) ^ set(tuned))
+    if only:
+        shown = ", ".join(only[:5]) + (" ..." if len(only) > 5 else "")
+        raise UsageError(
+            f"{args.base} and {args.tuned} hold different tensors ({len(only)} unmatched: {shown})"
+        )
+    differences = {}
+    for name in base:
+        if base[name].shape != tuned[name].shape:
+            raise UsageError(
+                f"tensor {name!r} has shape {base[name].shape} in BASE but {tuned[name].shape} in TUNED"
+            )
+        x = tuned[name]
+        if not np.issubdtype(x.dtype, np.floating) or x.ndim < 2 or x.size < args.min_size:
+            continue
+        difference = tuned[name].astype(np.float32) - base[name].astype(np.float32)
+        if np.any(difference):
+            differences[name] = difference
+    if not differences:
+        raise UsageError(
+            f"no tensor with >= 2 modes and >= {args.min_size} elements differs between BASE and TUNED"
+        )
+    return differences
+
+
+def _extraction_ranks(differences: dict[str, np.ndarray], args: argparse.Namespace) -> dict[str, Any]:
+    """Ranks per tensor: from --ranks, from --budget (spread by energy), or None (--tol decides)."""
+    if args.budget is not None:
+        names = list(differences)
+        shapes = [differences[n].shape for n in names]
+        minimum = sum(1 + sum(shape) for shape in shapes)
+        if args.budget < minimum:
+            raise UsageError(
+                f"--budget {args.budget} is below {minimum}, the size of every adapter at ranks 1"
+            )
+        spectra = [[mode_spectrum(differences[n], m, xp=array_namespace(differences[n])) for m in range(len(s))]
+                   for n, s in zip(names, shapes, strict=True)]  # fmt: skip
+        return dict(zip(names, budget_ranks(spectra, shapes, args.budget), strict=True))
+    return {name: _ranks_option(args.ranks, x.ndim, name) for name, x in differences.items()}
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """Compress the difference of a fine-tuned checkpoint and its base into Tucker adapters."""
+    differences = _paired_differences(args)
+    ranks = _extraction_ranks(differences, args)
+    out: dict[str, np.ndarray] = {}
+    targets, rows = [], []
+    for name in tqdm(list(differences), desc="extract", unit="tensor", file=sys.stderr, disable=args.quiet):
+        x = differences[name]
+        chosen = ranks[name]
+        if isinstance(chosen, int):
+            chosen = tuple(min(chosen, size) for size in x.shape)
+        try:
+            t = sthosvd(x, chosen) if chosen is not None else sthosvd(x, tol=args.tol)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"tensor {name!r}: {exc}") from None
+        error = float(np.linalg.norm(x - t.to_dense()) / np.linalg.norm(x))
+        out[f"{name}.core"] = np.asarray(t.core, dtype=np.float32)
+        for n, factor in enumerate(t.factors):
+            out[f"{name}.factors.{n}"] = np.asarray(factor, dtype=np.float32)
+        targets.append({"name": name, "kind": "parameter", "weight_shape": list(x.shape), "ranks": list(t.ranks),
+                        "init": "zero_core", "scale": 1.0, "dtype": "float32"})  # fmt: skip
+        rows.append((name, str(x.shape), str(t.ranks), f"{x.size:,}", f"{t.n_params:,}", f"{error:.3e}"))
+    header = {
+        "format": "tucker-adapters",
+        "format_version": 1,
+        "ndlowrank_version": __version__,
+        "targets": targets,
+    }
+    write_tensors(args.output, out, {FACTORS_KEY: json.dumps(header), "format": "pt"})
+    print(_table(rows, ("parameter", "shape", "ranks", "dense delta", "adapter", "rel. error")))
+    total = sum(v.size for v in out.values())
+    dense = sum(x.size for x in differences.values())
+    print(
+        f"\n{len(targets)} parameter adapters, {total:,} numbers (the dense deltas hold {dense:,}); wrote {args.output}"
+    )
+    print("load them with ndlowrank.nn.load_adapters(model, path) on the base model")
+    return 0
+
+
 # -- reconstruct and info --------------------------------------------------------------------
 def _factors_header(path: str) -> dict[str, Any]:
     metadata = read_metadata(path)
@@ -225,6 +312,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     dec.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     dec.set_defaults(run=cmd_decompose)
+
+    ext = sub.add_parser(
+        "extract", help="compress TUNED - BASE into Tucker adapters that load_adapters loads"
+    )
+    ext.add_argument("base", help="the base checkpoint")
+    ext.add_argument("tuned", help="the fine-tuned checkpoint (same tensors and shapes)")
+    ext.add_argument("-o", "--output", required=True, help="the adapter file to write (.safetensors)")
+    rule = ext.add_mutually_exclusive_group()
+    rule.add_argument("--tol", type=float, default=0.1, help="relative error bound per delta (default 0.1)")
+    rule.add_argument("--ranks", type=int, nargs="+", help="one rank for every mode, or one per mode")
+    rule.add_argument("--budget", type=int, help="total adapter parameters, spread over the deltas by energy")
+    ext.add_argument(
+        "--min-size", type=int, default=1024, help="skip tensors with fewer elements (default 1024)"
+    )
+    ext.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ext.set_defaults(run=cmd_extract)
 
     rec = sub.add_parser("reconstruct", help="turn a factors file back into dense tensors")
     rec.add_argument("input", help="a factors file written by 'ndlowrank decompose'")
