@@ -280,6 +280,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Pre-train a small conv net and adapt it with Tucker adapters (needs PyTorch)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UsageError("the demo needs PyTorch: pip install torch") from None
+    from ._demo import run_demo  # imported on use: it needs torch
+
+    output = Path(args.output)
+    if output.suffix.lower() != ".safetensors":
+        raise UsageError(f"-o {output}: the adapter file must end in .safetensors")
+    run_demo(output, quiet=args.quiet)
+    return 0
+
+
 def cmd_tour(args: argparse.Namespace) -> int:
     """Print the quick tour."""
     from ._tour import main as tour  # imported on use: it builds example data
@@ -335,6 +350,15 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, help="dense tensors to write (.safetensors, .npz or .pt)"
     )
     rec.set_defaults(run=cmd_reconstruct)
+
+    demo = sub.add_parser(
+        "demo", help="pre-train a small conv net on the CPU and adapt it with Tucker adapters"
+    )
+    demo.add_argument(
+        "-o", "--output", default="ndlowrank-demo-adapters.safetensors", help="where to save the adapters"
+    )
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(run=cmd_demo)
 
     tour = sub.add_parser("tour", help="a quick tour: decompose a conv-like kernel with every method")
     tour.set_defaults(run=cmd_tour)
