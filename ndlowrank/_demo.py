@@ -157,9 +157,7 @@ def run_demo(output: str | Path, *, quiet: bool = False) -> list[tuple[str, int,
     adapted[-1].requires_grad_(True)
     _train(adapted, train_b, epochs=8, lr=1e-2, desc="task B: Tucker adapters + head", quiet=quiet)
     trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
-    rows.append(
-        ("task B: Tucker adapters (rank 8) + new head", trainable, _accuracy(adapted, test_b))
-    )
+    rows.append(("task B: Tucker adapters (rank 8) + new head", trainable, _accuracy(adapted, test_b)))
 
     nlnn.save_adapters(adapted, output)
     width = max(len(name) for name, _, _ in rows)

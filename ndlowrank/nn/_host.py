@@ -61,7 +61,7 @@ class DeltaHost(nn.Module):
                 shape, ranks, scale=scale, dtype=param_dtype, device=weight.device, seed=0
             )
             core, factors = sthosvd(weight.detach().to(param_dtype), ranks)
-            self._set_principal(core, list(factors))
+            self._set_principal(core, self._principal_factors(list(factors)))
         else:
             self.delta = TuckerDelta(
                 shape, ranks, init=init, scale=scale, dtype=param_dtype, device=weight.device, seed=seed
@@ -145,6 +145,15 @@ class DeltaHost(nn.Module):
         factors = [getattr(self, f"principal_factor_{n}") for n in range(self.weight.ndim)]
         start = TuckerDelta.from_tucker(TuckerTensor(self.principal_core, factors)).delta()
         return start.to(self.weight.dtype)
+
+    def _principal_factors(self, factors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Adjust the principal start's factors before use (a hook for layer-specific rules)."""
+        return factors
+
+    def check_mergeable(self) -> None:
+        """Raise ``ValueError`` if merging would put NaN or Inf into the weight (nothing changes)."""
+        if not self.merged and not torch.isfinite(self.weight + self.delta_weight()).all():
+            raise ValueError("merging would put NaN or Inf into the base weight")
 
     @torch.no_grad()
     def restore_weight(self) -> None:

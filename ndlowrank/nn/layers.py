@@ -226,9 +226,12 @@ class ConvAdapter(TuckerAdapter):
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
         layer = self.base_layer
-        return FusedTuckerConv.apply(
-            self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, self.spatial_core(), self.geometry
+        unbatched = x.ndim == self.weight.ndim - 1
+        batch = x.unsqueeze(0) if unbatched else x
+        out = FusedTuckerConv.apply(
+            self.geometry.prepare(batch), layer.weight, layer.bias, a0, a1, self.spatial_core(), self.geometry
         )
+        return out.squeeze(0) if unbatched else out
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
@@ -267,8 +270,9 @@ class EmbeddingAdapter(TuckerAdapter):
     """Tucker adapter of an ``nn.Embedding``: ``ΔW = scale · A0 G A1ᵀ`` of shape ``(num, dim)``.
 
     ``padding_idx`` is honoured: the padding row of ``ΔW`` starts at zero and gets no
-    gradient. With ``max_norm`` the renormalisation applies to ``W + ΔW``, which only the
-    materialize path can do, so ``auto`` picks it.
+    gradient. With ``max_norm`` the renormalisation applies to ``W + ΔW``, and with
+    ``scale_grad_by_freq`` the gradient of every row of ``W + ΔW`` is scaled; only the
+    materialize path can do either, so ``auto`` picks it.
     """
 
     kind = "embedding"
@@ -284,13 +288,22 @@ class EmbeddingAdapter(TuckerAdapter):
         return {"padding_idx": layer.padding_idx, "scale_grad_by_freq": layer.scale_grad_by_freq}
 
     def chosen_path(self, x: torch.Tensor) -> str:
-        if self.base_layer.max_norm is not None:
+        layer = self.base_layer
+        if layer.max_norm is not None or layer.scale_grad_by_freq:
+            # both act on whole rows of W + ΔW, which only the materialize path has
             if self.path == "factorized":
-                raise ValueError(
-                    "an embedding with max_norm renormalises W + ΔW: use path='materialize' or 'auto'"
-                )
+                option = "max_norm" if layer.max_norm is not None else "scale_grad_by_freq"
+                raise ValueError(f"an embedding with {option} needs path='materialize' or 'auto'")
             return "materialize"
         return super().chosen_path(x)
+
+    def _principal_factors(self, factors: list[torch.Tensor]) -> list[torch.Tensor]:
+        # the padding row of ΔW stays zero (and gets no gradient), so the start must not touch it
+        padding_idx = self.base_layer.padding_idx
+        if padding_idx is not None:
+            factors[0] = factors[0].clone()
+            factors[0][padding_idx] = 0.0
+        return factors
 
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.base_layer

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._validation import validate_ranks
 from ._host import DeltaHost
 from .delta import TuckerDelta, layer_seed
 from .layers import TuckerAdapter, _adapter_class
@@ -215,6 +216,14 @@ def add_adapters(
             _adapter_class(model.get_submodule(name))
         except TypeError as exc:
             raise TypeError(f"module {name!r}: {exc}") from None
+    weights: list[torch.Tensor] = [model.get_submodule(n).weight for n in names]  # type: ignore[misc]
+    weights += [model.get_parameter(n) for n in parameter_names]
+    for name, weight in zip([*names, *parameter_names], weights, strict=True):
+        try:  # every rank is checked before any principal init changes a weight
+            validate_ranks(_ranks_for(name, ranks, rank_pattern), tuple(weight.shape), clip=True)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{name!r}: {exc}") from None
+    snapshots = [w.detach().clone() for w in weights] if init == "principal" else []
     options: dict[str, Any] = {"init": init, "scale": scale, "dtype": dtype}
     built: list[tuple[str, DeltaHost]] = []
     try:
@@ -236,8 +245,9 @@ def add_adapters(
             )
             built.append((name, adapter))
     except (ValueError, TypeError) as exc:
-        for _, done in built:  # undo the principal init's change of the base weights
-            done.restore_weight()
+        with torch.no_grad():  # undo the principal init's change of the base weights, bit for bit
+            for weight, snapshot in zip(weights, snapshots, strict=False):
+                weight.copy_(snapshot)
         raise type(exc)(f"{name!r}: {exc}") from None
     for name, adapter in built:
         if isinstance(adapter, TuckerAdapter):
@@ -253,9 +263,16 @@ def add_adapters(
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Merge every adapter's ``ΔW`` into its weight; forward then runs at the base model's speed.
 
-    Merging twice does not add twice. Returns ``model``.
+    Merging twice does not add twice. All or nothing: if any merged weight would hold NaN
+    or Inf, a ``ValueError`` names the adapter and no weight changes. Returns ``model``.
     """
-    for _, adapter in iter_adapters(model):
+    adapters = list(iter_adapters(model))
+    for name, adapter in adapters:  # all or nothing: check every layer before merging any
+        try:
+            adapter.check_mergeable()
+        except ValueError as exc:
+            raise ValueError(f"{name!r}: {exc}; no adapter was merged") from None
+    for _, adapter in adapters:
         adapter.merge()
     return model
 
