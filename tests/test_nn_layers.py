@@ -431,14 +431,15 @@ def test_conv_path_costs_are_the_documented_formulas():
     layer = nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=2)
     adapter = nlnn.TuckerAdapter(layer, (4, 3, 3, 3), seed=0)
     # out=12, in/groups=4, kernel=9, r0=4, r1=3, groups=2; input (2, 8, 10, 9)
-    batch, in_pixels, out_pixels = 2, 10 * 9, (10 // 2) * (9 // 2)
+    # the output is ((10 + 2 - 3) // 2 + 1) × ((9 + 2 - 3) // 2 + 1) = 5 × 5
+    batch, in_pixels, out_pixels = 2, 10 * 9, 5 * 5
     build = 12 * 4 * 9 * 4 + 4 * 4 * 9 * 3
     branch = batch * (in_pixels * 4 * 2 * 3 + out_pixels * 2 * 4 * 3 * 9 + out_pixels * 12 * 4)
-    assert (build, branch) == (2160, 14880)
-    assert adapter.path_costs((2, 8, 10, 9), training=False) == (2160.0, 14880.0)
-    assert adapter.path_costs((2, 8, 10, 9), training=True) == (3 * 2160.0 + 2 * 14880.0, 3 * 14880.0)
+    assert (build, branch) == (2160, 17520)
+    assert adapter.path_costs((2, 8, 10, 9), training=False) == (2160.0, 17520.0)
+    assert adapter.path_costs((2, 8, 10, 9), training=True) == (3 * 2160.0 + 2 * 17520.0, 3 * 17520.0)
     # an unbatched input counts as a batch of one
-    assert adapter.path_costs((8, 10, 9), training=False) == (2160.0, 14880.0 / 2)
+    assert adapter.path_costs((8, 10, 9), training=False) == (2160.0, 17520.0 / 2)
 
 
 def test_embedding_path_costs_are_the_documented_formulas():

@@ -17,12 +17,13 @@ fused (the ``materialize`` path)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ConvGeometry", "FusedTuckerConv", "conv_delta", "factorized_branch"]
+__all__ = ["ConvGeometry", "FusedTuckerConv", "conv_delta", "factorized_branch", "project_in", "project_out"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -37,6 +38,7 @@ class ConvGeometry:
 
     def __init__(self, conv: Any) -> None:
         self.dims = len(conv.kernel_size)
+        self.kernel = list(conv.kernel_size)
         self.stride = list(conv.stride)
         self.dilation = list(conv.dilation)
         self.groups = int(conv.groups)
@@ -50,6 +52,16 @@ class ConvGeometry:
         else:
             self.padding = reversed_twice[::2][::-1]
 
+    def output_size(self, spatial: Sequence[int]) -> list[int]:
+        """Spatial size of the convolution's output for an input of spatial size ``spatial``."""
+        sizes = []
+        for d, size in enumerate(spatial):
+            if self.pre_pad is not None:  # F.pad lists the last dimension first
+                size += self.pre_pad[2 * (self.dims - 1 - d)] + self.pre_pad[2 * (self.dims - 1 - d) + 1]
+            span = self.dilation[d] * (self.kernel[d] - 1) + 1
+            sizes.append(max((size + 2 * self.padding[d] - span) // self.stride[d] + 1, 0))
+        return sizes
+
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the pre-padding, if any."""
         return x if self.pre_pad is None else F.pad(x, self.pre_pad, mode=self.pad_mode)
@@ -59,9 +71,21 @@ class ConvGeometry:
         return _CONV[self.dims](x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def _pointwise(matrix: torch.Tensor, dims: int) -> torch.Tensor:
-    """A ``(out, in)`` matrix as a 1×…×1 conv kernel."""
-    return matrix.reshape(*matrix.shape, *([1] * dims))
+def project_in(x: torch.Tensor, a1: torch.Tensor, groups: int) -> torch.Tensor:
+    """The 1×…×1 in-projection by ``A1ᵀ`` per group, as one broadcast matmul: ``(B, g·r1, *S)``."""
+    batch, channels = x.shape[:2]
+    grouped = x.reshape(batch, groups, channels // groups, -1)
+    # an expanded (not a 2-D) left operand keeps matmul from transposing x into a copy
+    z = torch.matmul(a1.T.expand(batch, groups, *a1.T.shape), grouped)
+    return z.reshape(batch, groups * a1.shape[1], *x.shape[2:])
+
+
+def project_out(u: torch.Tensor, a0: torch.Tensor, groups: int) -> torch.Tensor:
+    """The 1×…×1 out-projection by ``A0``, grouped like the base: ``(B, out, *S)``."""
+    batch = u.shape[0]
+    out, rank = a0.shape
+    y = torch.matmul(a0.reshape(groups, out // groups, rank), u.reshape(batch, groups, rank, -1))
+    return y.reshape(batch, out, *u.shape[2:])
 
 
 def _tiled(kernel: torch.Tensor, groups: int) -> torch.Tensor:
@@ -79,11 +103,15 @@ def conv_delta(a0: torch.Tensor, a1: torch.Tensor, spatial_core: torch.Tensor) -
 def factorized_branch(
     x: torch.Tensor, geometry: ConvGeometry, a0: torch.Tensor, a1: torch.Tensor, spatial_core: torch.Tensor
 ) -> torch.Tensor:
-    """``conv(x, ΔW)`` as three small convolutions (``x`` not yet prepared)."""
-    g, dims = geometry.groups, geometry.dims
-    z = _CONV[dims](x, _tiled(_pointwise(a1.T, dims), g), groups=g)
-    z = geometry.conv(geometry.prepare(z), _tiled(spatial_core, g))
-    return _CONV[dims](z, _pointwise(a0, dims), groups=g)
+    """``conv(x, ΔW)`` as in-projection, spatial-core convolution and out-projection (``x`` batched, not prepared).
+
+    The 1×…×1 projections are matrix products, which run several times faster than
+    1×1 convolutions with few channels.
+    """
+    g = geometry.groups
+    z = project_in(x, a1, g)
+    u = geometry.conv(geometry.prepare(z), _tiled(spatial_core, g))
+    return project_out(u, a0, g)
 
 
 class FusedTuckerConv(torch.autograd.Function):
@@ -115,6 +143,7 @@ class FusedTuckerConv(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         x, weight, a0, a1, spatial_core = ctx.saved_tensors
+        grad_out = grad_out.contiguous()  # once, instead of in every op below (it may be an expanded view)
         geo: ConvGeometry = ctx.geometry
         need_x, need_w, need_b, need_a0, need_a1, need_core, _ = ctx.needs_input_grad
         g, dims = geo.groups, geo.dims
@@ -130,10 +159,10 @@ class FusedTuckerConv(torch.autograd.Function):
         if need_a0 or need_a1 or need_core:
             batch, out = grad_out.shape[:2]
             r0, r1 = spatial_core.shape[:2]
-            z = _CONV[dims](x, _tiled(_pointwise(a1.T, dims), g), groups=g)  # (B, g·r1, *S_in)
+            z = project_in(x, a1, g)  # (B, g·r1, *S_in)
             grouped_grad = grad_out.reshape(batch, g, out // g, -1)  # (B, g, out/g, S_out)
-            q = torch.einsum("bgos,goa->bgas", grouped_grad, a0.reshape(g, out // g, r0))
-            q = q.reshape(batch, g * r0, *grad_out.shape[2:])
+            q = torch.matmul(a0.reshape(g, out // g, r0).transpose(-1, -2), grouped_grad)
+            q = q.reshape(batch, g * r0, *grad_out.shape[2:])  # the gradient reaching the core's output
             core_tiled = _tiled(spatial_core, g)
             grad_z, grad_core_tiled, _ = torch.ops.aten.convolution_backward(
                 q, z, core_tiled, None, geo.stride, geo.padding, geo.dilation, False, [0] * dims, g,
@@ -143,8 +172,9 @@ class FusedTuckerConv(torch.autograd.Function):
                 grad_core = grad_core_tiled.reshape(g, r0, *spatial_core.shape[1:]).sum(0)
             if need_a1:
                 grouped_x = x.reshape(batch, g, x.shape[1] // g, -1)
-                grad_a1 = torch.einsum("bgcs,bgrs->cr", grouped_x, grad_z.reshape(batch, g, r1, -1))
+                products = torch.matmul(grouped_x, grad_z.reshape(batch, g, r1, -1).transpose(-1, -2))
+                grad_a1 = products.sum(dim=(0, 1))
             if need_a0:
                 u = geo.conv(z, core_tiled).reshape(batch, g, r0, -1)
-                grad_a0 = torch.einsum("bgos,bgas->goa", grouped_grad, u).reshape(out, r0)
+                grad_a0 = torch.matmul(grouped_grad, u.transpose(-1, -2)).sum(0).reshape(out, r0)
         return grad_x, grad_w, grad_b, grad_a0, grad_a1, grad_core, None

@@ -226,18 +226,19 @@ class ConvAdapter(TuckerAdapter):
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
         layer = self.base_layer
-        unbatched = x.ndim == self.weight.ndim - 1
-        batch = x.unsqueeze(0) if unbatched else x
-        out = FusedTuckerConv.apply(
-            self.geometry.prepare(batch), layer.weight, layer.bias, a0, a1, self.spatial_core(), self.geometry
+        return FusedTuckerConv.apply(
+            self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, self.spatial_core(), self.geometry
         )
-        return out.squeeze(0) if unbatched else out
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
-        return self.base_layer(x) + factorized_branch(
-            self.dropout(x), self.geometry, a0, a1, self.spatial_core()
-        )
+        branch = factorized_branch(self.dropout(x), self.geometry, a0, a1, self.spatial_core())
+        return self.base_layer(x).add_(branch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == self.weight.ndim - 1:  # an unbatched input, as nn.ConvNd accepts
+            return super().forward(x.unsqueeze(0)).squeeze(0)
+        return super().forward(x)
 
     def delta_weight(self) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
@@ -250,10 +251,7 @@ class ConvAdapter(TuckerAdapter):
         groups = self.geometry.groups
         batch = input_shape[0] if len(input_shape) == self.weight.ndim else 1
         in_pixels = math.prod(input_shape[-(self.weight.ndim - 2) :])
-        out_pixels = math.prod(
-            s // st
-            for s, st in zip(input_shape[-(self.weight.ndim - 2) :], self.geometry.stride, strict=True)
-        )
+        out_pixels = math.prod(self.geometry.output_size(input_shape[-(self.weight.ndim - 2) :]))
         build = out * in_per_group * kernel * r0 + r0 * in_per_group * kernel * r1
         branch = batch * (
             in_pixels * in_per_group * groups * r1
