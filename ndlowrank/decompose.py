@@ -316,7 +316,9 @@ def hooi(
     norm2 = prepared.squared_norm()
 
     def relative_error(core: Any) -> float:
-        return math.sqrt(max(norm2 - float(xp.linalg.vector_norm(core)) ** 2, 0.0) / norm2)
+        # the core is small: its norm in float64 keeps the sweeps' progress above rounding noise
+        captured = float(xp.linalg.vector_norm(xp.astype(core, xp.float64))) ** 2
+        return math.sqrt(max(norm2 - captured, 0.0) / norm2)
 
     best_error, best = relative_error(core), (core, list(factors))
     error = best_error
