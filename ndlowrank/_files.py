@@ -21,6 +21,12 @@ class FileError(ValueError):
     """A file cannot be read or written as asked; the message names the file and the fix."""
 
 
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    """A parser's exception as one short line (some span several lines)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _torch(purpose: str) -> Any:
     try:
         import torch
@@ -79,7 +85,7 @@ def read_tensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     except FileError:
         raise
     except Exception as exc:  # every parser has its own exception types
-        raise FileError(f"{path}: cannot be read as {suffix} ({type(exc).__name__}: {exc})") from exc
+        raise FileError(f"{path}: cannot be read as {suffix} ({_one_line(exc)})") from exc
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -101,7 +107,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         with safe_open(str(path), framework="np") as handle:
             return dict(handle.metadata() or {})
     except Exception as exc:
-        raise FileError(f"{path}: cannot be read as .safetensors ({type(exc).__name__}: {exc})") from exc
+        raise FileError(f"{path}: cannot be read as .safetensors ({_one_line(exc)})") from exc
 
 
 @contextlib.contextmanager

@@ -148,6 +148,8 @@ def _paired_differences(args: argparse.Namespace) -> dict[str, np.ndarray]:
         if not np.issubdtype(x.dtype, np.floating) or x.ndim < 2 or x.size < args.min_size:
             continue
         difference = tuned[name].astype(np.float32) - base[name].astype(np.float32)
+        if not np.isfinite(difference).all():
+            raise UsageError(f"tensor {name!r}: BASE or TUNED holds NaN or Inf")
         if np.any(difference):
             differences[name] = difference
     if not differences:
@@ -288,10 +290,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError("the demo needs PyTorch: pip install torch") from None
     from ._demo import run_demo  # imported on use: it needs torch
 
-    output = Path(args.output)
-    if output.suffix.lower() != ".safetensors":
-        raise UsageError(f"-o {output}: the adapter file must end in .safetensors")
-    run_demo(output, quiet=args.quiet)
+    run_demo(Path(args.output), quiet=args.quiet)
     return 0
 
 
@@ -373,12 +372,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 on success, 2 on bad input)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if (
-        getattr(args, "output", None) is not None
-        and Path(args.output).suffix.lower() != ".safetensors"
-        and args.command == "decompose"
-    ):
-        parser.exit(2, f"ndlowrank: error: -o {args.output}: the factors file must end in .safetensors\n")
+    output = getattr(args, "output", None)
+    if output is not None:
+        if args.command != "reconstruct" and Path(output).suffix.lower() != ".safetensors":
+            parser.exit(2, f"ndlowrank: error: -o {output}: the output file must end in .safetensors\n")
+        if Path(output).is_dir():
+            parser.exit(2, f"ndlowrank: error: -o {output} is a directory; give a file name\n")
+        if not Path(output).resolve().parent.is_dir():
+            parser.exit(
+                2, f"ndlowrank: error: -o {output}: the directory {Path(output).parent} does not exist\n"
+            )
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

@@ -34,6 +34,8 @@ def budget_ranks(
     """
     ranks = [[1] * len(shape) for shape in shapes]
     used = sum(1 + sum(shape) for shape in shapes)
+    # energy below this is rounding noise, not worth a parameter
+    floor = 1e-12 * max((float(m[0]) for tensor in spectra for m in tensor if len(m)), default=0.0)
     while True:
         best, best_score, best_cost = None, 0.0, 0
         for t, (tensor_spectra, shape) in enumerate(zip(spectra, shapes, strict=True)):
@@ -42,7 +44,7 @@ def budget_ranks(
                     continue
                 cost = size + math.prod(r for k, r in enumerate(ranks[t]) if k != n)
                 gain = float(tensor_spectra[n][ranks[t][n]])
-                if used + cost <= budget and gain > 0 and gain / cost > best_score:
+                if used + cost <= budget and gain > floor and gain / cost > best_score:
                     best, best_score, best_cost = (t, n), gain / cost, cost
         if best is None:
             return [tuple(r) for r in ranks]

@@ -211,6 +211,13 @@ def add_adapters(
         )
     names = [] if target_modules is None else _targets(model, target_modules)
     parameter_names = [] if not target_parameters else _target_parameters(model, target_parameters)
+    for name in parameter_names:
+        owner_name = name.rpartition(".")[0]
+        if owner_name in names:
+            raise ValueError(
+                f"parameter {name!r} belongs to the target module {owner_name!r}; adapt the module or the "
+                "parameter, not both"
+            )
     for name in names:
         try:
             _adapter_class(model.get_submodule(name))

@@ -71,7 +71,10 @@ class ParameterAdapter(DeltaHost):
 
 def attach_parameter_adapter(module: nn.Module, name: str, adapter: ParameterAdapter) -> None:
     """Register ``adapter`` as the parametrization of ``module.<name>``."""
-    adapter.parameter_order = list(module._parameters)  # to put the parameter back in its place
+    # the module's order before its first parametrization, to put every parameter back in place
+    if "_parameter_order" not in module.__dict__:
+        module.__dict__["_parameter_order"] = list(module._parameters)
+    adapter.parameter_order = module.__dict__["_parameter_order"]
     adapter.train(module.training)
     parametrize.register_parametrization(module, name, adapter)
     parametrizations: Any = module.parametrizations
@@ -107,6 +110,8 @@ def remove_parameter_adapter(module: nn.Module, name: str) -> None:
     reordered.update(parameters)
     parameters.clear()
     parameters.update(reordered)
+    if not parametrize.is_parametrized(module):
+        module.__dict__.pop("_parameter_order", None)
 
 
 def _own_parametrized_class(module: nn.Module) -> None:

@@ -186,5 +186,7 @@ def _truncate_one(
         factors = [q @ u for q, u in zip(qs, t.factors, strict=True)]
         change = float(torch.linalg.vector_norm(small - t.to_dense())) / norm
     dtype = delta.core.dtype
+    trainable = delta.core.requires_grad
     delta._adopt(core.to(dtype), [f.to(dtype) for f in factors], delta.scale)
+    delta.requires_grad_(trainable)  # new parameters: keep a frozen delta frozen
     return TruncationReport(name, old_ranks, delta.ranks, change)
