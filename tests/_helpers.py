@@ -45,3 +45,19 @@ def assert_close(actual, desired, *, backend: Backend | None = None, rtol=1e-6, 
     actual_np, desired_np = to_numpy(actual), to_numpy(desired)
     assert actual_np.shape == desired_np.shape, (actual_np.shape, desired_np.shape)
     np.testing.assert_allclose(actual_np, desired_np, rtol=rtol, atol=atol)
+
+
+LETTERS = "abcdefg"
+
+
+def normal(seed: int, *shape: int) -> np.ndarray:
+    """Standard normal float64 numbers of ``shape`` from ``seed`` (the tests' data source)."""
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def einsum_tucker(core: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
+    """Independent reference for ``core ×_0 factors[0] ... ×_{N-1} factors[N-1]`` in one einsum."""
+    idx = LETTERS[: core.ndim]
+    out = "".join(chr(ord("n") + k) for k in range(core.ndim))
+    operands = ",".join(f"{o}{i}" for o, i in zip(out, idx, strict=True))
+    return np.einsum(f"{idx},{operands}->{out}", core, *factors)

@@ -49,6 +49,20 @@ def _backend_params() -> list:
     return params
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests use small tensors: one intra-op thread is fastest and immune to an oversubscribed CPU."""
+    if not _HAS_TORCH:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", params=_backend_params())
 def backend(request) -> Backend:
     """Each installed backend in turn (session-scoped, so hypothesis can use it)."""

@@ -30,6 +30,8 @@ from ndlowrank._files import FileError, atomic_path
 from ndlowrank.cli import main
 from ndlowrank.decompose import METHODS
 
+from _helpers import LETTERS
+
 torch = pytest.importorskip("torch")
 
 from safetensors.torch import save_file as save_torch  # noqa: E402
@@ -37,17 +39,7 @@ from torch import nn  # noqa: E402
 
 from ndlowrank import nn as nlnn  # noqa: E402
 
-LETTERS = "abcdefg"
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest, and immune to oversubscribed CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -12,22 +12,10 @@ from hypothesis import strategies as st
 import ndlowrank as nl
 from ndlowrank._backend import to_numpy
 
-from _helpers import assert_close
+from _helpers import assert_close, einsum_tucker
+from _helpers import normal as _normal
 
-LETTERS = "abcdefg"
 INIT_NAMES = sorted(nl.INITS)
-
-
-def _normal(seed: int, *shape: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape)
-
-
-def einsum_tucker(core: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
-    """Independent reference for ``core ×_0 factors[0] ... ×_{N-1} factors[N-1]`` in one einsum."""
-    idx = LETTERS[: core.ndim]
-    out = "".join(chr(ord("n") + k) for k in range(core.ndim))
-    operands = ",".join(f"{o}{i}" for o, i in zip(out, idx, strict=True))
-    return np.einsum(f"{idx},{operands}->{out}", core, *factors)
 
 
 @st.composite

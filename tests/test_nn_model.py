@@ -18,15 +18,6 @@ CONVS = ["stem", "block.conv1", "block.conv2"]
 TARGETS = [*CONVS, "head"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to oversubscribed CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Net(nn.Module):
     """A small conv net: a stem, a depthwise-separable block, a linear head and a LayerNorm."""
 

@@ -26,15 +26,6 @@ F64 = torch.float64
 INITS = ["zero_core", "zero_factor", "orthogonal", "principal"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to oversubscribed CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- the models ---------------------------------------------------------------------------------
 
 

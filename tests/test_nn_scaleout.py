@@ -22,15 +22,6 @@ STEPS = 3
 LR = 0.2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to oversubscribed CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model() -> nn.Module:
     """A small adapted conv model, the same numbers in every process."""
     torch.manual_seed(0)

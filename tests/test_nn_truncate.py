@@ -23,15 +23,6 @@ F32 = torch.float32
 OLD_RANKS = {"conv": (6, 5, 3, 3), "lin": (6, 6), "mix.w": (3, 6, 5)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest, and immune to oversubscribed CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Mix(nn.Module):
     def __init__(self) -> None:
         super().__init__()

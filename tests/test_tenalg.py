@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 import ndlowrank as nl
 from ndlowrank.tenalg import _product_order
 
-from _helpers import assert_close
+from _helpers import LETTERS, assert_close, einsum_tucker
+from _helpers import normal as _normal
 
-LETTERS = "abcdefg"
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 BOTH = r"(?s)(?=.*numpy)(?=.*torch)"  # the message names both backends, in any order
 
@@ -28,23 +28,11 @@ sizes = st.integers(1, 7)
 seeds = st.integers(0, 2**32 - 1)
 
 
-def _normal(seed: int, *shape: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape)
-
-
 def einsum_mode_product(x: np.ndarray, matrix: np.ndarray, mode: int) -> np.ndarray:
     """Independent reference for ``x ×_mode matrix`` with ``matrix`` of shape ``(J, I_mode)``."""
     idx = LETTERS[: x.ndim]
     out = idx.replace(idx[mode], "z")
     return np.einsum(f"{idx},z{idx[mode]}->{out}", x, matrix)
-
-
-def einsum_tucker(core: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
-    """Independent reference for ``core ×_0 factors[0] ... ×_{N-1} factors[N-1]`` in one einsum."""
-    idx = LETTERS[: core.ndim]
-    out = "".join(chr(ord("n") + k) for k in range(core.ndim))
-    operands = ",".join(f"{o}{i}" for o, i in zip(out, idx, strict=True))
-    return np.einsum(f"{idx},{operands}->{out}", core, *factors)
 
 
 @st.composite
