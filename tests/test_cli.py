@@ -30,7 +30,7 @@ from ndlowrank._files import FileError, atomic_path
 from ndlowrank.cli import main
 from ndlowrank.decompose import METHODS
 
-from _helpers import LETTERS
+from _helpers import einsum_tucker as reference_tucker
 
 torch = pytest.importorskip("torch")
 
@@ -46,13 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def einsum_tucker(core: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
-    """Independent reference for ``core ×_0 factors[0] ... ×_{N-1} factors[N-1]`` in one einsum."""
-    idx = LETTERS[: core.ndim]
-    out = "".join(chr(ord("n") + k) for k in range(core.ndim))
-    operands = ",".join(f"{o}{i}" for o, i in zip(out, idx, strict=True))
-    return np.einsum(
-        f"{idx},{operands}->{out}", core.astype(np.float64), *(f.astype(np.float64) for f in factors)
-    )
+    """The shared einsum reference, in float64 (the files hold float32 factors)."""
+    return reference_tucker(core.astype(np.float64), [f.astype(np.float64) for f in factors])
 
 
 def lowrank(shape, ranks, seed: int, noise: float = 1e-3, scale: float = 1.0) -> np.ndarray:
