@@ -151,6 +151,8 @@ def hosvd(x: Any, ranks: int | Sequence[int], *, solver: str = "auto") -> Tucker
     prepared = PreparedTensor(x)
     ranks = validate_ranks(ranks, prepared.y.shape)
     solver = _check_solver(solver)
+    if solver == "randomized":
+        raise ValueError('hosvd does not take solver="randomized"; use sthosvd(..., solver="randomized")')
     if prepared.is_zero:
         return _zero_result(prepared, ranks)
     xp, y = prepared.xp, prepared.y
@@ -334,7 +336,7 @@ def hooi(
                 callback(iteration, error)
             if error < best_error:
                 best_error, best = error, (core, list(factors))
-            if previous - error < tol * previous:
+            if previous - error <= tol * previous:  # also stops at an exact (zero-error) fit
                 break
     return prepared.finish(*best)
 
@@ -396,8 +398,8 @@ def tucker(
     if method == "sthosvd":
         return sthosvd(x, ranks, tol=tol, **options)
     if method == "randomized":
-        if ranks is None:
-            raise ValueError('method="randomized" needs ranks=; it cannot choose ranks from tol=')
+        if ranks is None or tol is not None:
+            raise ValueError('method="randomized" needs ranks= and no tol=; it cannot choose ranks from tol=')
         return sthosvd(x, ranks, solver="randomized", **options)
     if tol is not None and ranks is not None:
         raise ValueError("give exactly one of ranks= (fixed ranks) or tol= (a relative error bound)")

@@ -15,15 +15,42 @@ from .decompose import PreparedTensor, check_tol, sthosvd
 __all__ = ["budget_ranks", "select_ranks", "validate_ranks"]
 
 
+def _tucker_size(shape: Sequence[int], ranks: Sequence[int]) -> int:
+    return math.prod(ranks) + sum(i * r for i, r in zip(shape, ranks, strict=True))
+
+
+def _grown(
+    ranks: list[int], mode: int, caps: Sequence[int], spectra: Sequence[np.ndarray]
+) -> list[int] | None:
+    """``ranks`` with ``ranks[mode] + 1``, plus the other modes it needs to be worth anything.
+
+    A rank above the product of the other ranks adds parameters that capture nothing (the
+    unfolding has no more singular values), so the other mode with the most energy left
+    grows with it until ``r_n <= prod_{k != n} r_k``. ``None`` if that is impossible.
+    """
+    grown = list(ranks)
+    grown[mode] += 1
+    while grown[mode] > math.prod(r for k, r in enumerate(grown) if k != mode):
+        options = [k for k in range(len(grown)) if k != mode and grown[k] < caps[k]]
+        if not options:
+            return None
+        other = max(options, key=lambda k: float(spectra[k][grown[k]]))
+        grown[other] += 1
+    return grown
+
+
 def budget_ranks(
     spectra: Sequence[Sequence[np.ndarray]], shapes: Sequence[tuple[int, ...]], budget: int
 ) -> list[tuple[int, ...]]:
     """Ranks for several Tucker tensors sharing one parameter budget.
 
-    Greedy: starting from all ranks 1, repeatedly grow the (tensor, mode) rank that gains
-    the most energy (the next squared singular value) per added parameter, while the total
-    ``sum(prod(r) + sum(I_n r_n))`` fits ``budget``. A mode's spectrum may be shorter than
-    its size; its length caps the rank (used to shrink trained adapters, never grow them).
+    Greedy: starting from all ranks 1, repeatedly take the step that gains the most energy
+    (the next squared singular values) per added parameter while the total
+    ``sum(prod(r) + sum(I_n r_n))`` fits ``budget``. A step grows one rank by one, together
+    with the other ranks it needs to stay useful (no rank above the product of the others).
+    A mode's spectrum may be shorter than its size; its length caps the rank (used to shrink
+    trained adapters, never grow them). Greedy is not optimal: a larger budget can, in rare
+    cases, end at ranks with a slightly larger error.
 
     Parameters
     ----------
@@ -34,21 +61,32 @@ def budget_ranks(
     """
     ranks = [[1] * len(shape) for shape in shapes]
     used = sum(1 + sum(shape) for shape in shapes)
+    caps = [
+        [min(size, len(m)) for size, m in zip(shape, tensor, strict=True)]
+        for shape, tensor in zip(shapes, spectra, strict=True)
+    ]
     # energy below this is rounding noise, not worth a parameter
     floor = 1e-12 * max((float(m[0]) for tensor in spectra for m in tensor if len(m)), default=0.0)
     while True:
         best, best_score, best_cost = None, 0.0, 0
         for t, (tensor_spectra, shape) in enumerate(zip(spectra, shapes, strict=True)):
-            for n, size in enumerate(shape):
-                if ranks[t][n] >= min(size, len(tensor_spectra[n])):
+            for n in range(len(shape)):
+                if ranks[t][n] >= caps[t][n]:
                     continue
-                cost = size + math.prod(r for k, r in enumerate(ranks[t]) if k != n)
-                gain = float(tensor_spectra[n][ranks[t][n]])
+                grown = _grown(ranks[t], n, caps[t], tensor_spectra)
+                if grown is None:
+                    continue
+                cost = _tucker_size(shape, grown) - _tucker_size(shape, ranks[t])
+                gain = sum(
+                    float(tensor_spectra[k][r])
+                    for k in range(len(shape))
+                    for r in range(ranks[t][k], grown[k])
+                )
                 if used + cost <= budget and gain > floor and gain / cost > best_score:
-                    best, best_score, best_cost = (t, n), gain / cost, cost
+                    best, best_score, best_cost = (t, grown), gain / cost, cost
         if best is None:
             return [tuple(r) for r in ranks]
-        ranks[best[0]][best[1]] += 1
+        ranks[best[0]] = best[1]
         used += best_cost
 
 
@@ -110,7 +148,11 @@ def select_ranks(
                 f"budget={budget} is below the smallest Tucker form of shape {shape}: "
                 f"all ranks 1 need {minimum} parameters"
             )
-    elif not (isinstance(energy, (int, float)) and not isinstance(energy, bool) and 0 < energy <= 1):
+    elif (
+        isinstance(energy, bool)
+        or not isinstance(energy, (int, float, np.integer, np.floating))
+        or not 0 < energy <= 1
+    ):
         raise ValueError(f"energy={energy!r} must be a fraction in (0, 1]")
     spectra = [mode_spectrum(prepared.y, n, xp=prepared.xp) for n in range(len(shape))]
     if budget is not None:
