@@ -123,15 +123,24 @@ class TuckerTensor:
         """Frobenius norm, computed without forming the full tensor.
 
         Uses ``‖G ×_n A_n‖² = ⟨G, G ×_n (A_nᵀ A_n)⟩``, which costs ``O(sum I_n r_n² +
-        prod(r) sum r_n)`` instead of ``O(prod I_n)``.
+        prod(r) sum r_n)`` instead of ``O(prod I_n)``; the parts are scaled to at most 1 in
+        magnitude first, so values near 1e30 or 1e-30 neither overflow nor underflow.
 
         Returns
         -------
         0-D array in the core's namespace.
         """
         xp = self._xp
-        grams = [f.T @ f for f in self.factors]
-        weighted = multi_mode_product(self.core, grams)
-        squared = xp.sum(self.core * weighted)
-        norm = xp.sqrt(xp.clip(squared, min=0.0))
+        # divide every part by its largest magnitude first, so that squaring neither
+        # overflows (1e30 in float32) nor underflows (1e-30); the scales multiply back at the end
+        parts = [self.core, *self.factors]
+        peaks = [xp.max(xp.abs(p)) for p in parts]
+        scaled = [
+            p / xp.where(peak > 0, peak, xp.ones_like(peak)) for p, peak in zip(parts, peaks, strict=True)
+        ]
+        core, factors = scaled[0], scaled[1:]
+        weighted = multi_mode_product(core, [f.T @ f for f in factors])
+        norm = xp.sqrt(xp.clip(xp.sum(core * weighted), min=0.0))
+        for peak in peaks:
+            norm = norm * peak
         return abs(self._scale()) * norm

@@ -24,8 +24,11 @@ from _helpers import LETTERS, assert_close, einsum_tucker, normal
 DTYPES = ["float32", "float64"]
 # relative reconstruction error of an exact decomposition, by working dtype
 EXACT = {"float32": 1e-5, "float64": 1e-12}
-# sqrt-energy slack (times ‖x‖) of the independent ST-HOSVD check, by dtype
+# sqrt-energy slack (times ‖x‖) of the independent ST-HOSVD check, by dtype: for the rank
+# rule's ties, and (larger) for the energy a factor leaves out, since float32 factors from
+# the Gram path are accurate to about eps·σ_1²/σ_r only
 ENERGY_SLACK = {"float32": 1e-6, "float64": 1e-9}
+RESIDUAL_SLACK = {"float32": 2e-5, "float64": 1e-9}
 
 seeds = st.integers(0, 2**32 - 1)
 tols = st.one_of(st.sampled_from([1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.5]), st.floats(1e-5, 0.99))
@@ -176,7 +179,7 @@ def check_sequential(x64: np.ndarray, t, order, dtype: str, tol: float | None = 
         y = np_unfold(current, n)
         tails = np.sqrt(tails_of(squared_spectrum(y)))
         residual = np.linalg.norm(y - u @ (u.T @ y))
-        assert residual <= tails[r] + slack, (n, r, residual, tails[r])
+        assert residual <= tails[r] + RESIDUAL_SLACK[dtype] * norm, (n, r, residual, tails[r])
         if tol is not None:
             root_budget = math.sqrt(tol**2 * norm**2 / x64.ndim)
             assert tails[r] <= root_budget * (1 + 1e-6) + slack, (n, r, tails[r], root_budget)
