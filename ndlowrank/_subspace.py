@@ -8,7 +8,7 @@ Three solvers compute the top-``r`` left singular vectors of ``y`` (``I × m``):
     squaring halves the usable precision: singular values below about ``√eps`` of the
     largest are lost in rounding.
 ``"svd"``
-    the thin SVD of ``y``: backward stable at any spectrum, several times slower.
+    the thin SVD of ``y``: backward stable at any spectrum, slower than the Gram path.
 ``"randomized"``
     a randomized range finder (Halko, Martinsson & Tropp 2011) with oversampling and
     power iterations, then an SVD of the small projected matrix: for large modes with

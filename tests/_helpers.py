@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ndlowrank._backend import backend_name, device_of, get_namespace, resolve_backend, to_numpy
@@ -61,3 +63,29 @@ def einsum_tucker(core: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
     out = "".join(chr(ord("n") + k) for k in range(core.ndim))
     operands = ",".join(f"{o}{i}" for o, i in zip(out, idx, strict=True))
     return np.einsum(f"{idx},{operands}->{out}", core, *factors)
+
+
+def valid_multilinear(ranks) -> tuple[int, ...]:
+    """Shrink ranks until each is at most the product of the others (then they are generic ranks)."""
+    ranks = list(ranks)
+    changed = True
+    while changed:
+        changed = False
+        for n, r in enumerate(ranks):
+            limit = math.prod(ranks[:n] + ranks[n + 1 :])
+            if r > limit:
+                ranks[n], changed = limit, True
+    return tuple(ranks)
+
+
+def perturb_adapters(model, seed: int = 2, std: float = 0.3) -> None:
+    """Stands in for training: move every adapter's core and factors away from their init."""
+    import torch  # only the adapter tests use this helper
+
+    from ndlowrank import nn as nlnn
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, adapter in nlnn.iter_adapters(model):
+            for p in adapter.delta.parameters():
+                p.add_(std * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))

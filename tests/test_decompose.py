@@ -19,7 +19,7 @@ from ndlowrank._backend import backend_name, device_of, get_namespace, to_numpy
 from ndlowrank._subspace import SOLVERS
 from ndlowrank.decompose import METHODS
 
-from _helpers import LETTERS, assert_close, einsum_tucker, normal
+from _helpers import LETTERS, assert_close, einsum_tucker, normal, valid_multilinear
 
 DTYPES = ["float32", "float64"]
 # relative reconstruction error of an exact decomposition, by working dtype
@@ -71,19 +71,6 @@ def squared_spectrum(y: np.ndarray) -> np.ndarray:
 def tails_of(spectrum: np.ndarray) -> np.ndarray:
     """``tails[r]`` = energy discarded at rank ``r`` (``sum(spectrum[r:])``), for r = 0..len."""
     return np.append(np.cumsum(spectrum[::-1])[::-1], 0.0)
-
-
-def valid_multilinear(ranks) -> tuple[int, ...]:
-    """Shrink ranks until each is at most the product of the others (then they are generic ranks)."""
-    ranks = list(ranks)
-    changed = True
-    while changed:
-        changed = False
-        for n, r in enumerate(ranks):
-            limit = math.prod(ranks[:n] + ranks[n + 1 :])
-            if r > limit:
-                ranks[n], changed = limit, True
-    return tuple(ranks)
 
 
 def low_rank(seed: int, shape, ranks, noise: float = 0.0) -> np.ndarray:

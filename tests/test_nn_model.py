@@ -13,6 +13,8 @@ from torch import nn  # noqa: E402
 
 from ndlowrank import nn as nlnn  # noqa: E402
 
+from _helpers import perturb_adapters  # noqa: E402
+
 F64 = torch.float64
 CONVS = ["stem", "block.conv1", "block.conv2"]
 TARGETS = [*CONVS, "head"]
@@ -55,14 +57,6 @@ def _adapters(model: nn.Module) -> dict[str, nlnn.TuckerAdapter]:
 
 def _adapter_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".delta." in n}
-
-
-@torch.no_grad()
-def perturb(model: nn.Module, seed: int = 2, std: float = 0.3) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for _, adapter in nlnn.iter_adapters(model):
-        for p in adapter.delta.parameters():
-            p.add_(std * torch.randn(p.shape, generator=gen, dtype=F64).to(p.dtype))
 
 
 def _same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
@@ -272,7 +266,7 @@ def test_sgd_trains_only_the_adapters_and_lowers_the_loss(path):
 def _adapted(init: str = "orthogonal", dtype: torch.dtype = F64) -> tuple[Net, Net]:
     original = make_net(dtype)
     model = nlnn.add_adapters(copy.deepcopy(original), TARGETS, 3, init=init, seed=0)
-    perturb(model)
+    perturb_adapters(model)
     return original, model
 
 
@@ -372,7 +366,7 @@ def test_merge_adapters_with_a_non_finite_delta_changes_no_layer():
 def test_bfloat16_model_trains_with_float32_adapters():
     model = nlnn.add_adapters(make_net(torch.bfloat16), TARGETS, 2, init="orthogonal", seed=0)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".delta." in n)
-    perturb(model)
+    perturb_adapters(model)
     out = model(_input(torch.bfloat16))
     assert out.dtype == torch.bfloat16
     out.float().square().sum().backward()
@@ -411,7 +405,7 @@ def test_adapters_built_on_cuda_match_cpu(path):
     assert all(t.is_cuda for t in gpu.state_dict().values())
     for key, value in cpu.state_dict().items():  # the same seed gives the same numbers on cuda
         torch.testing.assert_close(gpu.state_dict()[key].cpu(), value, rtol=0, atol=0)
-    perturb(cpu)
+    perturb_adapters(cpu)
     gpu.load_state_dict(cpu.state_dict())
     x = _input()
     out_cpu, out_gpu = cpu(x), gpu(x.cuda())

@@ -22,6 +22,8 @@ from torch.nn.utils import parametrize  # noqa: E402
 
 from ndlowrank import nn as nlnn  # noqa: E402
 
+from _helpers import perturb_adapters  # noqa: E402
+
 F64 = torch.float64
 INITS = ["zero_core", "zero_factor", "orthogonal", "principal"]
 
@@ -111,15 +113,6 @@ def _adapt(case: Case, model: nn.Module, init: str = "zero_core", **options) -> 
     )
 
 
-@torch.no_grad()
-def perturb(model: nn.Module, seed: int = 2, std: float = 0.3) -> None:
-    """Stands in for training: move every core and factor away from its init."""
-    gen = torch.Generator().manual_seed(seed)
-    for _, adapter in nlnn.iter_adapters(model):
-        for p in adapter.delta.parameters():
-            p.add_(std * torch.randn(p.shape, generator=gen, dtype=F64).to(p.dtype))
-
-
 def _snapshot(model: nn.Module) -> dict:
     return {
         "state": {key: value.detach().clone() for key, value in model.state_dict().items()},
@@ -200,7 +193,7 @@ def test_merge_unmerge_and_remove_with_merge(case, init):
     original = owner._parameters[case.attribute]
     order, keys = list(owner._parameters), list(model.state_dict())
     _adapt(case, model, init)
-    perturb(model)
+    perturb_adapters(model)
     adapter = dict(nlnn.iter_adapters(model))[case.target]
     assert adapter.weight is original
     with torch.no_grad():
@@ -238,7 +231,7 @@ def test_remove_without_merge_gives_back_the_original(case, init, merged):
     with torch.no_grad():
         reference = model(x)
     _adapt(case, model, init)
-    perturb(model)
+    perturb_adapters(model)
     if merged:
         nlnn.merge_adapters(model)
     nlnn.remove_adapters(model, merge=False)
@@ -262,7 +255,7 @@ def test_remove_without_merge_gives_back_the_original(case, init, merged):
 def test_save_load_round_trip_into_a_fresh_model(case, init, tmp_path):
     base, x = case.model(), case.input()
     model = _adapt(case, copy.deepcopy(base), init)
-    perturb(model)
+    perturb_adapters(model)
     path = tmp_path / "adapters.safetensors"
     nlnn.save_adapters(model, path)
     fresh = nlnn.load_adapters(copy.deepcopy(base), path)
@@ -316,7 +309,7 @@ def test_removing_adapters_from_a_deepcopy_leaves_the_original_working(case):
     with torch.no_grad():
         reference = model(x)
     _adapt(case, model)
-    perturb(model)
+    perturb_adapters(model)
     with torch.no_grad():
         y = model(x)
     clone = copy.deepcopy(model)
@@ -463,7 +456,7 @@ def test_two_parameters_of_one_module(merge):
         reference = model(x)
     nlnn.add_adapters(model, None, 2, target_parameters=["moe.gate", "moe.w_up"], init="principal", seed=0)
     assert [n for n, _ in nlnn.iter_adapters(model)] == ["moe.gate", "moe.w_up"]
-    perturb(model)
+    perturb_adapters(model)
     with torch.no_grad():
         y = model(x)
     nlnn.remove_adapters(model, merge=merge)

@@ -17,7 +17,7 @@ import ndlowrank as nl
 from ndlowrank._backend import to_numpy
 from ndlowrank.ranks import budget_ranks
 
-from _helpers import normal
+from _helpers import normal, valid_multilinear
 
 DTYPES = ["float32", "float64"]
 # energy slack (times the total energy) for a tie in the energy rule, by dtype
@@ -42,19 +42,6 @@ def squared_spectrum(y: np.ndarray) -> np.ndarray:
 
 def n_params(shape, ranks) -> int:
     return math.prod(ranks) + sum(i * r for i, r in zip(shape, ranks, strict=True))
-
-
-def valid_multilinear(ranks) -> tuple[int, ...]:
-    """Shrink ranks until each is at most the product of the others."""
-    ranks = list(ranks)
-    changed = True
-    while changed:
-        changed = False
-        for n, r in enumerate(ranks):
-            limit = math.prod(ranks[:n] + ranks[n + 1 :])
-            if r > limit:
-                ranks[n], changed = limit, True
-    return tuple(ranks)
 
 
 def low_rank(seed: int, shape, ranks, *, orthonormal: bool = True) -> np.ndarray:
