@@ -9,7 +9,7 @@ no optimizer. Contenders, all on copies of the same seeded base layer:
 - the frozen base layer itself (the floor);
 - PEFT LoRA r=16 (``get_peft_model`` on a one-layer wrapper, ``lora_alpha=16``);
 - LyCORIS LoCon r=16 (with ``use_tucker=True`` on convolutions), in its default weight-rebuild
-  mode and with ``bypass_mode=True`` (CPU suite only);
+  mode and with ``bypass_mode=True`` (on the convolutions only in the GPU suite);
 - ndlowrank ``add_adapters`` with ranks (16, 16, 3, 3) / (16, 16), ``path="auto"``, plus
   ``path="factorized"`` and ``path="materialize"`` for transparency.
 
@@ -98,6 +98,7 @@ def gpu_cases() -> list[Case]:
                 (64, 256, 56, 56),
                 (16, 16, 3, 3),
                 dtype=dtype,
+                lycoris=True,
                 vs_frozen=1.5,
                 vs_peft=0.75,
                 memory_vs_peft=1.0,

@@ -1,7 +1,8 @@
 """Tucker decompositions: ndlowrank vs TensorLy, side by side in one process.
 
-Run ``python benchmarks/bench_decompose.py`` (``--quick`` for fewer repeats). For every
-case (float32, a random low-rank tensor plus 10% noise) it times, interleaved:
+Run ``python benchmarks/bench_decompose.py`` (``--quick`` for fewer repeats; ``--device cuda``
+for the GPU suite). For every case (float32, a random low-rank tensor plus 10% noise) it times,
+interleaved:
 
 - ``nl.sthosvd`` against TensorLy's HOSVD (``tucker(x, rank, n_iter_max=0, init="svd")``);
 - ``nl.hooi`` against TensorLy's HOOI (``tucker(x, rank)``, its defaults);
@@ -9,6 +10,11 @@ case (float32, a random low-rank tensor plus 10% noise) it times, interleaved:
 
 and measures ``nl.sthosvd``'s peak extra memory with tracemalloc. The table goes to the
 ``bench_decompose`` section of ``benchmarks/RESULTS.md``.
+
+The GPU suite (``--device cuda``) times ``nl.sthosvd`` and ``nl.hooi`` on torch CUDA tensors and on
+cupy arrays (when cupy is installed) against TensorLy's HOSVD and HOOI with its PyTorch backend
+on the same CUDA tensor, synchronising the device after every call, and measures the peak extra
+CUDA memory of ``nl.sthosvd``; it goes to the ``bench_decompose_gpu`` section.
 """
 
 from __future__ import annotations
@@ -138,13 +144,140 @@ def _report(rows, repeats: int) -> str:
     speedups = [r[2]["tl.hosvd"] / r[2]["nl.sthosvd"] for r in rows]
     hooi_speedups = [r[2]["tl.hooi"] / r[2]["nl.hooi"] for r in rows]
     floors = [r[2]["nl.sthosvd"] / r[2]["plain"] for r in rows]
-    geo = lambda values: math.exp(sum(math.log(v) for v in values) / len(values))  # noqa: E731
     lines += [
         "",
-        f"Geometric means: sthosvd {geo(speedups):.1f}x TensorLy's HOSVD (target ≥ 10x), "
-        f"hooi {geo(hooi_speedups):.1f}x TensorLy's HOOI (target ≥ 3x), "
-        f"{geo(floors):.2f}x the plain floor (target ≤ 1.5x); "
+        f"Geometric means: sthosvd {_geomean(speedups):.1f}x TensorLy's HOSVD (target ≥ 10x), "
+        f"hooi {_geomean(hooi_speedups):.1f}x TensorLy's HOOI (target ≥ 3x), "
+        f"{_geomean(floors):.2f}x the plain floor (target ≤ 1.5x); "
         f"peak extra memory at most {max(r[4] for r in rows):.2f}x the input (target ≤ 3x).",
+    ]
+    return "\n".join(lines)
+
+
+GPU_CASES = [
+    ((512, 512, 3, 3), (64, 64, 3, 3)),
+    ((256, 256, 256), (32, 32, 32)),
+    ((400, 400, 400), (40, 40, 40)),
+    ((96, 96, 96, 96), (12, 12, 12, 12)),
+]
+
+
+GPU_ERROR_RTOL = 1e-4
+
+
+def _geomean(values) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _synced(fn, sync):
+    """``fn`` followed by a device synchronisation, so wall time covers the GPU work."""
+
+    def call():
+        result = fn()
+        sync()
+        return result
+
+    return call
+
+
+def _gpu_contenders(xt, xc, ranks, tl_tucker):
+    """The GPU contenders on the torch CUDA tensor ``xt`` and, when given, the cupy array ``xc``."""
+    calls = {
+        "nl.sthosvd": lambda: nl.sthosvd(xt, ranks),
+        "nl.hooi": lambda: nl.hooi(xt, ranks),
+        "tl.hosvd": lambda: tl_tucker(xt, rank=list(ranks), n_iter_max=0, init="svd"),
+        "tl.hooi": lambda: tl_tucker(xt, rank=list(ranks)),
+    }
+    if xc is not None:
+        calls["nl.sthosvd cupy"] = lambda: nl.sthosvd(xc, ranks)
+        calls["nl.hooi cupy"] = lambda: nl.hooi(xc, ranks)
+    return calls
+
+
+def run_gpu(repeats: int, cases) -> str:
+    """Time the decompositions on torch CUDA tensors (and cupy arrays) against TensorLy's PyTorch backend."""
+    import tensorly as tl
+    import torch
+    from tensorly.decomposition import tucker as tl_tucker
+
+    try:
+        import cupy
+    except ImportError:
+        cupy = None
+
+    def sync() -> None:
+        torch.cuda.synchronize()
+        if cupy is not None:
+            cupy.cuda.Device().synchronize()
+
+    tl.set_backend("pytorch")
+    rows = []
+    for shape, ranks in cases:
+        host = low_rank_plus_noise(shape, ranks)
+        xt = torch.from_numpy(host).cuda()
+        xc = cupy.asarray(host) if cupy is not None else None
+        calls = _gpu_contenders(xt, xc, ranks, tl_tucker)
+        times = interleaved_medians({k: _synced(f, sync) for k, f in calls.items()}, repeats)
+        errors = {
+            "nl.sthosvd": relative_error(host, calls["nl.sthosvd"]().to_dense().cpu().numpy()),
+            "nl.hooi": relative_error(host, calls["nl.hooi"]().to_dense().cpu().numpy()),
+            "tl.hosvd": relative_error(host, tl.tucker_to_tensor(calls["tl.hosvd"]()).cpu().numpy()),
+            "tl.hooi": relative_error(host, tl.tucker_to_tensor(calls["tl.hooi"]()).cpu().numpy()),
+        }
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        _synced(calls["nl.sthosvd"], sync)()
+        memory = (torch.cuda.max_memory_allocated() - start) / xt.nbytes
+        rows.append((shape, ranks, times, errors, memory))
+        print(
+            f"{shape}: sthosvd {times['tl.hosvd'] / times['nl.sthosvd']:.1f}x TensorLy HOSVD, "
+            f"hooi {times['tl.hooi'] / times['nl.hooi']:.1f}x TensorLy HOOI (torch CUDA), memory {memory:.2f}x input",
+            flush=True,
+        )
+    return _report_gpu(rows, repeats, cupy is not None)
+
+
+def _report_gpu(rows, repeats: int, with_cupy: bool) -> str:
+    import torch
+
+    lines = [
+        "## Tucker decompositions vs TensorLy (GPU, float32)",
+        "",
+        f"Written by `python benchmarks/bench_decompose.py --device cuda` on {today()}. "
+        f"GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); host: {machine()}. "
+        f"Libraries: {versions('ndlowrank', 'torch', 'cupy-cuda13x', 'cupy-cuda12x', 'tensorly')}.",
+        f"Medians of {repeats} interleaved runs, each followed by a device synchronisation; the same kind of data as the "
+        "CPU table. TensorLy runs with its PyTorch backend on the same CUDA tensor. Speed-ups are TensorLy's "
+        "time over ndlowrank's (higher is better); 'error ≤' compares to TensorLy within "
+        f"{GPU_ERROR_RTOL:g} relative (float32 sums run in another order on the GPU). Peak memory: `torch.cuda.max_memory_allocated()` during "
+        "`nl.sthosvd` on the torch tensor, over the input's size.",
+        "",
+        "| shape | ranks | sthosvd vs TL HOSVD | error ≤ | hooi vs TL HOOI | error ≤ |"
+        + (" cupy sthosvd vs TL HOSVD | cupy hooi vs TL HOOI |" if with_cupy else "")
+        + " peak extra memory / input |",
+        "|---|---|---|---|---|---|" + ("---|---|" if with_cupy else "") + "---|",
+    ]
+    for shape, ranks, times, errors, memory in rows:
+        cells = [
+            f"{times['tl.hosvd'] / times['nl.sthosvd']:.1f}x",
+            f"{_mark(errors['nl.sthosvd'] <= errors['tl.hosvd'] * (1 + GPU_ERROR_RTOL))} "
+            f"({errors['nl.sthosvd']:.5f} vs {errors['tl.hosvd']:.5f})",
+            f"{times['tl.hooi'] / times['nl.hooi']:.1f}x",
+            f"{_mark(errors['nl.hooi'] <= errors['tl.hooi'] * (1 + GPU_ERROR_RTOL))} "
+            f"({errors['nl.hooi']:.5f} vs {errors['tl.hooi']:.5f})",
+        ]
+        if with_cupy:
+            cells += [
+                f"{times['tl.hosvd'] / times['nl.sthosvd cupy']:.1f}x",
+                f"{times['tl.hooi'] / times['nl.hooi cupy']:.1f}x",
+            ]
+        lines.append(f"| {shape} | {ranks} | " + " | ".join(cells) + f" | {memory:.2f} |")
+    lines += [
+        "",
+        f"Geometric means (torch CUDA): sthosvd {_geomean([r[2]['tl.hosvd'] / r[2]['nl.sthosvd'] for r in rows]):.1f}x "
+        f"TensorLy's HOSVD, hooi {_geomean([r[2]['tl.hooi'] / r[2]['nl.hooi'] for r in rows]):.1f}x TensorLy's HOOI; "
+        f"peak extra memory at most {max(r[4] for r in rows):.2f}x the input.",
     ]
     return "\n".join(lines)
 
@@ -153,9 +286,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per contender")
+    parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda' for the GPU suite")
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
-    write_section("bench_decompose", run(repeats, CASES))
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available here")
+        write_section("bench_decompose_gpu", run_gpu(repeats, GPU_CASES))
+    elif args.device == "cpu":
+        write_section("bench_decompose", run(repeats, CASES))
+    else:
+        parser.error(f"--device must be 'cpu' or 'cuda', got {args.device!r}")
     print("wrote benchmarks/RESULTS.md")
 
 

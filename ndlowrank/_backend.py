@@ -254,6 +254,11 @@ def eigh(xp: ModuleType, matrix: Any, *, top: int | None = None) -> tuple[Any, A
     numpy uses scipy's ``eigh(subset_by_index=...)`` (LAPACK ``syevr``), which computes
     only those eigenvectors; every other backend uses its ``linalg.eigh`` (torch's and
     cupy's native solvers behind array-api-compat) and slices.
+
+    A float32 matrix on a torch CUDA device is solved in float64 and rounded back: torch's
+    float32 ``eigh`` there is several times slower than its float64 one for mid-sized
+    matrices (512×512 on an H200: 15.9 ms against 4.7 ms, and 4.7 ms for cupy's float32),
+    and never faster than it by more than a kernel launch or two.
     """
     size = matrix.shape[0]
     if top is not None and top < size and array_api_compat.is_numpy_namespace(xp):
@@ -262,7 +267,19 @@ def eigh(xp: ModuleType, matrix: Any, *, top: int | None = None) -> tuple[Any, A
         return scipy.linalg.eigh(
             matrix, subset_by_index=(size - top, size - 1), driver="evr", check_finite=False
         )
-    values, vectors = xp.linalg.eigh(matrix)
+    if _is_torch_cuda_float32(xp, matrix):
+        values, vectors = xp.linalg.eigh(xp.astype(matrix, xp.float64))
+        values, vectors = xp.astype(values, matrix.dtype), xp.astype(vectors, matrix.dtype)
+    else:
+        values, vectors = xp.linalg.eigh(matrix)
     if top is not None:
         values, vectors = values[size - top :], vectors[:, size - top :]
     return values, vectors
+
+
+def _is_torch_cuda_float32(xp: ModuleType, matrix: Any) -> bool:
+    return (
+        array_api_compat.is_torch_namespace(xp)
+        and matrix.dtype == xp.float32
+        and getattr(device_of(matrix), "type", None) == "cuda"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -16,10 +17,16 @@ class Backend:
         name, _, device = spec.partition(":")
         self.name = name
         self.xp = resolve_backend(name)
+        self.device: Any = None
         if name == "array_api_strict" and device:
             self.device = self.xp.Device(device)
-        else:
-            self.device = device or None
+        elif name == "torch" and device:
+            # arrays report the indexed device ("cuda:0"), so the expected one must name its index too
+            import torch
+
+            self.device = torch.device(device)
+            if self.device.type == "cuda" and self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
 
     def asarray(self, array, dtype: str | None = None):
         """Move a numpy array (or nested list) to this backend and device."""

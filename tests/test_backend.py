@@ -245,3 +245,25 @@ def test_from_numpy_places_and_casts(backend, dtype):
     out = from_numpy(values, xp, device=backend.device, dtype=None if dtype is None else getattr(xp, dtype))
     expected = values if dtype is None else values.astype(dtype)
     assert_close(out, expected, backend=backend, dtype=getattr(xp, dtype or "float64"), rtol=0)
+
+
+@given(size=st.integers(1, 12), top=st.integers(1, 12), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_eigh_matches_numpy_in_float64(backend, dtype, size, top, seed):
+    """``eigh`` (scipy's subset on numpy, float64 for float32 on torch CUDA) against numpy's float64 one."""
+    top = min(top, size)
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((size, size)))
+    gram = (q * np.arange(1.0, size + 1)) @ q.T  # eigenvalues 1, 2, ..., size: gaps of 1
+    expected_values, expected_vectors = np.linalg.eigh(gram)
+    xp = backend.xp
+    values, vectors = _backend.eigh(xp, backend.asarray(gram, dtype=dtype), top=top)
+    rtol = 1e-4 if dtype == "float32" else 1e-10
+    assert_close(values, expected_values[size - top :], backend=backend, dtype=getattr(xp, dtype), rtol=rtol)
+    assert vectors.dtype == getattr(xp, dtype) and vectors.shape == (size, top)
+    # eigenvectors are unique up to sign: compare the projectors onto each one
+    got = to_numpy(vectors).astype(np.float64)
+    want = expected_vectors[:, size - top :]
+    np.testing.assert_allclose(
+        np.abs(np.sum(got * want, axis=0)), 1.0, atol=1e-3 if dtype == "float32" else 1e-8
+    )
