@@ -40,6 +40,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import interleaved_medians, machine, today, versions, write_section
+from benchmarks._plots import figure, save
 from ndlowrank import nn as nlnn
 
 MiB = 2**20
@@ -434,6 +435,42 @@ def _case_tables(result: CaseResult) -> list[str]:
     return lines
 
 
+SHORT_LABELS = {
+    "frozen": "frozen layer",
+    "peft": "PEFT LoRA r16",
+    "lycoris": "LyCORIS (rebuild)",
+    "lycoris-bypass": "LyCORIS (bypass)",
+    "nl-auto": "ndlowrank auto",
+    "nl-materialize": "ndlowrank materialize",
+    "nl-factorized": "ndlowrank factorized",
+}
+
+
+def plot_results(results: list[CaseResult], name: str, title: str) -> str:
+    """Two panels: step time and peak step memory of every contender, relative to PEFT LoRA's."""
+    fig, (time_ax, memory_ax) = figure(ncols=2, width=5.5, height=1.4 + 1.1 * len(results))
+    keys = [k for k in SHORT_LABELS if any(k in r.times for r in results)]
+    height = 0.8 / len(keys)
+    for ax, metric in ((time_ax, "times"), (memory_ax, "peaks")):
+        for k, key in enumerate(keys):
+            cases = [i for i, r in enumerate(results) if key in getattr(r, metric)]
+            ratios = [getattr(results[i], metric)[key] / getattr(results[i], metric)["peft"] for i in cases]
+            positions = [i + (k - (len(keys) - 1) / 2) * height for i in cases]
+            bars = ax.barh(positions, ratios, height=height, label=SHORT_LABELS[key])
+            ax.bar_label(bars, labels=[f"{v:.2f}" for v in ratios], padding=2, fontsize=7)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(
+            range(len(results)), [r.case.title.replace(", input", "\ninput") for r in results], fontsize=7
+        )
+        ax.invert_yaxis()
+    time_ax.set_xlabel("training-step time / PEFT LoRA's")
+    memory_ax.set_xlabel("peak extra memory of a step / PEFT LoRA's")
+    memory_ax.set_yticks(range(len(results)), [""] * len(results))
+    memory_ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"{title} (lower is better)")
+    return save(fig, name, title)
+
+
 def report(
     results: list[CaseResult], device: Device, repeats: int, heading: str, command: str, load: str
 ) -> str:
@@ -477,6 +514,8 @@ def report(
     ]
     for result in results:
         lines += ["", *_case_tables(result)]
+    name = "bench_adapters_gpu" if device.cuda else "bench_adapters"
+    lines += ["", plot_results(results, name, heading.removeprefix("## "))]
     return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ from benchmarks._common import (
     versions,
     write_section,
 )
+from benchmarks._plots import figure, save
 
 CASES = [
     ((256, 256, 3, 3), (32, 32, 3, 3)),
@@ -150,8 +151,37 @@ def _report(rows, repeats: int) -> str:
         f"hooi {_geomean(hooi_speedups):.1f}x TensorLy's HOOI (target ≥ 3x), "
         f"{_geomean(floors):.2f}x the plain floor (target ≤ 1.5x); "
         f"peak extra memory at most {max(r[4] for r in rows):.2f}x the input (target ≤ 3x).",
+        "",
+        plot_speedups(
+            rows,
+            {
+                "nl.sthosvd vs TensorLy HOSVD": ("tl.hosvd", "nl.sthosvd"),
+                "nl.hooi vs TensorLy HOOI": ("tl.hooi", "nl.hooi"),
+            },
+            "bench_decompose",
+            "Tucker decompositions, CPU float32: speed-up over TensorLy",
+        ),
     ]
     return "\n".join(lines)
+
+
+def plot_speedups(rows, series: dict[str, tuple[str, str]], name: str, title: str) -> str:
+    """Grouped bars of speed-up per case; ``series`` maps a label to (peer key, ndlowrank key)."""
+    fig, ax = figure(width=7.0, height=1.8 + 0.4 * len(rows) * len(series))
+    height = 0.8 / len(series)
+    for k, (label, (peer, ours)) in enumerate(series.items()):
+        speedups = [times[peer] / times[ours] for _, _, times, _, _ in rows]
+        positions = [i + (k - (len(series) - 1) / 2) * height for i in range(len(rows))]
+        bars = ax.barh(positions, speedups, height=height, label=label)
+        ax.bar_label(bars, labels=[f"{v:.1f}×" for v in speedups], padding=2, fontsize=8)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)), [f"{shape}\nranks {ranks}" for shape, ranks, *_ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over TensorLy (its time / ndlowrank's; log scale, > 1 is faster)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    return save(fig, name, title)
 
 
 GPU_CASES = [
@@ -238,6 +268,17 @@ def run_gpu(repeats: int, cases) -> str:
     return _report_gpu(rows, repeats, cupy is not None)
 
 
+def _gpu_series(with_cupy: bool) -> dict[str, tuple[str, str]]:
+    series = {
+        "nl.sthosvd (torch) vs TL HOSVD": ("tl.hosvd", "nl.sthosvd"),
+        "nl.hooi (torch) vs TL HOOI": ("tl.hooi", "nl.hooi"),
+    }
+    if with_cupy:
+        series["nl.sthosvd (cupy) vs TL HOSVD"] = ("tl.hosvd", "nl.sthosvd cupy")
+        series["nl.hooi (cupy) vs TL HOOI"] = ("tl.hooi", "nl.hooi cupy")
+    return series
+
+
 def _report_gpu(rows, repeats: int, with_cupy: bool) -> str:
     import torch
 
@@ -278,6 +319,13 @@ def _report_gpu(rows, repeats: int, with_cupy: bool) -> str:
         f"Geometric means (torch CUDA): sthosvd {_geomean([r[2]['tl.hosvd'] / r[2]['nl.sthosvd'] for r in rows]):.1f}x "
         f"TensorLy's HOSVD, hooi {_geomean([r[2]['tl.hooi'] / r[2]['nl.hooi'] for r in rows]):.1f}x TensorLy's HOOI; "
         f"peak extra memory at most {max(r[4] for r in rows):.2f}x the input.",
+        "",
+        plot_speedups(
+            rows,
+            _gpu_series(with_cupy),
+            "bench_decompose_gpu",
+            "Tucker decompositions, GPU float32: speed-up over TensorLy",
+        ),
     ]
     return "\n".join(lines)
 
