@@ -3,7 +3,8 @@
 #   1. every test marked `gpu` (the cupy and torch-CUDA backends, CUDA adapters);
 #   2. bench_decompose.py --device cuda (ndlowrank on torch CUDA and cupy vs TensorLy's PyTorch backend);
 #   3. bench_adapters.py --device cuda (adapter step time and peak memory vs PEFT LoRA and LyCORIS).
-# The benchmarks write their `*_gpu` sections of benchmarks/RESULTS.md; logs go to OUTDIR.
+# The benchmarks write their `*_gpu` sections of benchmarks/RESULTS.md and plots/*_gpu.png; logs and
+# copies of those go to OUTDIR.
 #
 # Usage, from anywhere, with the `test` and `bench` extras installed:
 #   bash benchmarks/gpu.sh [OUTDIR]        # OUTDIR defaults to $OUT, else benchmarks/gpu-logs
@@ -35,10 +36,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/N
 parallel=()
 if "$python" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
 step tests 200 "$python" -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}"
-step bench_decompose_gpu 120 "$python" benchmarks/bench_decompose.py --device cuda --quick
-step bench_adapters_gpu 150 "$python" benchmarks/bench_adapters.py --device cuda --quick
+step bench_decompose_gpu 150 "$python" benchmarks/bench_decompose.py --device cuda
+step bench_adapters_gpu 150 "$python" benchmarks/bench_adapters.py --device cuda
 
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
+cp benchmarks/plots/*_gpu.png "$out/" 2>/dev/null
 if [ ${#failed[@]} -gt 0 ]; then
     echo "gpu.sh: failed: ${failed[*]}" >&2
     exit 1
