@@ -1,0 +1,5 @@
+"""``python -m benchmarks.quality [--quick]``."""
+
+from benchmarks.quality.run import main
+
+main()

@@ -1,0 +1,161 @@
+"""The quality study (``benchmarks/quality``): budgets, inits, counts and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+pytest.importorskip("peft")
+
+from torch import nn  # noqa: E402
+
+from benchmarks.quality import conv, report, study, transformer  # noqa: E402
+from benchmarks.quality import methods as M  # noqa: E402
+from benchmarks.quality.data import fewshot_split  # noqa: E402
+from benchmarks.quality.training import count_trainable  # noqa: E402
+
+CASES = {
+    "conv": (conv.ConvNet, conv.TARGETS),
+    "transformer": (transformer.DigitTransformer, transformer.TARGETS),
+}
+
+
+def _model(case: str) -> tuple[nn.Module, tuple[str, ...], list[tuple[int, ...]]]:
+    make, targets = CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    return model, targets, [tuple(model.get_parameter(f"{t}.weight").shape) for t in targets]
+
+
+def _methods(case: str, shapes, ranks=(1, 4, 16)) -> list[M.Method]:
+    spatial = (1, 2, 3) if case == "conv" else (None,)
+    lycoris = case == "conv" and M.lycoris_available()
+    return M.methods(shapes, ranks, ("zero_core", "orthogonal", "principal"), spatial, lycoris=lycoris)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_counts_are_the_real_trainable_parameters_and_budgets_match(case):
+    model, targets, shapes = _model(case)
+    head = model.head.weight.numel() + model.head.bias.numel()
+    for method in _methods(case, shapes):
+        adapted = study.prepare(model, method, targets, seed=0)
+        trainable = count_trainable(adapted)
+        assert trainable == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+        assert all(p.requires_grad for p in adapted.get_submodule(_head_path(adapted)).parameters())
+        if method.family == M.HEAD_ONLY:
+            assert trainable == head
+        elif method.family == M.FULL:
+            assert trainable == sum(p.numel() for p in model.parameters())
+        else:
+            assert method.budget is not None
+            budget = sum(M.lora_count(shape, method.budget) for shape in shapes)
+            if method.family == M.LORA:
+                assert trainable - head == budget
+            elif method.family.startswith("ndlowrank"):
+                ranks = _ranks(method)
+                assert trainable - head == sum(M.tucker_count(s, ranks) for s in shapes)
+                assert abs(trainable - head - budget) <= M.BUDGET_TOLERANCE * budget
+            else:
+                rank = int(method.label.rsplit("=", 1)[1])
+                assert trainable - head == sum(M.locon_tucker_count(s, rank) for s in shapes)
+
+
+def _head_path(model: nn.Module) -> str:
+    return next(name for name, _ in model.named_modules() if name.endswith("head"))
+
+
+def _ranks(method: M.Method) -> tuple[int, ...]:
+    text = method.label.split("(", 1)[1].split(")", 1)[0]
+    return tuple(int(part) for part in text.split(","))
+
+
+def test_matched_ranks_are_balanced_and_fit_every_target():
+    shapes = [(64, 32, 3, 3), (64, 64, 3, 3)]
+    for r in (1, 2, 4, 8, 16):
+        budget = sum(M.lora_count(s, r) for s in shapes)
+        for spatial in (1, 2, 3):
+            ranks = M.match_tucker_ranks(shapes, budget, spatial)
+            assert ranks[2:] == (spatial, spatial)
+            assert ranks[0] <= 64 and ranks[1] <= 32
+            total = sum(M.tucker_count(s, ranks) for s in shapes)
+            assert abs(total - budget) <= M.BUDGET_TOLERANCE * budget
+    # a linear's (r, r) Tucker delta holds LoRA r plus an r×r core: inside the tolerance
+    linears = [(128, 64), (64, 128)]
+    assert M.match_tucker_ranks(linears, sum(M.lora_count(s, 4) for s in linears)) == (4, 4)
+    with pytest.raises(ValueError, match="spatial rank"):
+        M.match_tucker_ranks(shapes, 1000)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_adapter_starts_with_the_models_output_unchanged(case):
+    model, targets, shapes = _model(case)
+    x = fewshot_split(0, 2, 0).train.x
+    methods = _methods(case, shapes, ranks=(2,))
+    base = study.prepare(model, methods[0], targets, seed=3).eval()  # head only: the same new head
+    with torch.no_grad():
+        expected = base(x)
+        for method in methods[1:]:
+            adapted = study.prepare(model, method, targets, seed=3).eval()
+            torch.testing.assert_close(adapted(x), expected, atol=1e-5, rtol=1e-5, msg=method.label)
+
+
+def test_transformer_adapters_are_seen_in_eval_mode_without_gradients():
+    """The fused inference kernel of nn.TransformerEncoderLayer would skip wrapped linears."""
+    model, targets, shapes = _model("transformer")
+    method = next(m for m in _methods("transformer", shapes, ranks=(2,)) if m.family == M.LORA)
+    adapted = study.prepare(model, method, targets, seed=0)
+    base = study.prepare(model, _methods("transformer", shapes, ranks=(2,))[0], targets, seed=0)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    x = fewshot_split(0, 2, 0).train.x
+    adapted.eval(), base.eval()
+    with torch.no_grad():
+        assert not torch.allclose(adapted(x), base(x), atol=1e-3)
+
+
+def test_split_is_disjoint_seeded_and_complete():
+    a, b = fewshot_split(1, 3, 4), fewshot_split(1, 3, 4)
+    assert torch.equal(a.train.x, b.train.x)
+    assert len(a.train) == 15 and len(a.val) == 20
+    assert torch.bincount(a.train.y).tolist() == [3] * 5
+    total = len(a.train) + len(a.val) + len(a.test)
+    assert total == 1797 - 901  # every image of digits 5-9, each in one split
+    rows = {tuple(x.flatten().tolist()) for x in a.train.x} & {tuple(x.flatten().tolist()) for x in a.test.x}
+    assert len(rows) <= 1  # a duplicate image in the data set may appear on both sides, nothing more
+
+
+def test_tiny_run_end_to_end(tmp_path, monkeypatch):
+    from benchmarks import _plots
+
+    monkeypatch.setattr(_plots, "PLOTS", tmp_path)
+    model, targets, shapes = _model("conv")
+    methods = [
+        m
+        for m in _methods("conv", shapes, ranks=(1,))
+        if m.family in (M.HEAD_ONLY, M.FULL, M.LORA) or m.label.endswith("(3, 4, 3, 3) zero_core")
+    ]
+    assert len(methods) == 4
+    settings = study.Settings(seeds=(0,), lrs=(1e-2,), epochs=1, pretrain_epochs=1)
+    result = study.run_case("conv", model, targets, methods, settings)
+    assert 0.2 < result.pretrain_accuracy <= 1.0
+    assert [o.method for o in result.outcomes] == methods
+    for outcome in result.outcomes:
+        assert outcome.lr == 1e-2 and len(outcome.test) == 1 and outcome.std == 0.0
+        assert 0.0 <= outcome.mean <= 1.0
+    assert "| LoRA r=1 | PEFT LoRA | r=1 |" in report.table(result)
+    line = report.plot(result, [report.Panel("p", (M.LORA,))], "quality_test", "alt")
+    assert line == "![alt](plots/quality_test.png)" and (tmp_path / "quality_test.png").stat().st_size > 0
+    assert any("LoRA" in sentence for sentence in report.findings(result))
+
+    conv.save_pretrained(model, tmp_path / "net.safetensors")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "net.safetensors"))
+    assert saved.keys() == model.state_dict().keys()
+    kernels = [t for t in saved.values() if t.ndim == 4]
+    assert len(kernels) == 3 and all(t.shape[0] >= 32 for t in kernels)
+    assert torch.equal(saved["head.weight"], model.head.weight.detach())
+    assert not list(tmp_path.glob("*.tmp"))
