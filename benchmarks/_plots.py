@@ -48,6 +48,9 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float:
     """Least-squares slope of ``log y`` against ``log x``: the exponent ``p`` in ``y ∝ x**p``."""
     if len(xs) != len(ys) or len(xs) < 2:
         raise ValueError(f"need at least two (x, y) pairs of equal length, got {len(xs)} and {len(ys)}")
+    bad = [(x, y) for x, y in zip(xs, ys, strict=True) if not (0 < x < math.inf and 0 < y < math.inf)]
+    if bad:
+        raise ValueError(f"a log-log slope needs positive finite values; got (x, y) = {bad[0]}")
     lx = [math.log(x) for x in xs]
     ly = [math.log(y) for y in ys]
     mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
