@@ -148,7 +148,7 @@ def test_tiny_run_end_to_end(tmp_path, monkeypatch):
     assert "| LoRA r=1 | PEFT LoRA | r=1 |" in report.table(result)
     line = report.plot(result, [report.Panel("p", (M.LORA,))], "quality_test", "alt")
     assert line == "![alt](plots/quality_test.png)" and (tmp_path / "quality_test.png").stat().st_size > 0
-    assert any("LoRA" in sentence for sentence in report.findings(result))
+    assert any("LoRA" in sentence for sentence in report.findings(result, settings.lrs))
 
     conv.save_pretrained(model, tmp_path / "net.safetensors")
     from safetensors.torch import load_file

@@ -96,8 +96,8 @@ def _paired(a: Outcome, b: Outcome) -> tuple[float, int]:
     return statistics.fmean(diffs), sum(d > 0 for d in diffs)
 
 
-def findings(result: CaseResult) -> list[str]:
-    """Sentences that describe what the numbers of one case show, computed from them."""
+def findings(result: CaseResult, lrs: Sequence[float]) -> list[str]:
+    """Sentences that describe what the numbers of one case show, computed from them (``lrs``: the grid)."""
     by_family: dict[str, list[Outcome]] = {}
     for o in result.outcomes:
         by_family.setdefault(o.method.family, []).append(o)
@@ -107,7 +107,7 @@ def findings(result: CaseResult) -> list[str]:
     sentences = [
         f"Head-only reaches {_pct(head.mean)}% and full fine-tuning {_pct(full.mean)}% "
         f"({full.trainable:,} parameters); the median seed-to-seed std is {_pct(spread)} points, "
-        "so smaller differences between two rows are noise."
+        "so differences well below that are within the noise of the splits."
     ]
     budgets = sorted({o.method.budget for o in result.outcomes if o.method.budget is not None})
     lora_wins = 0
@@ -123,8 +123,9 @@ def findings(result: CaseResult) -> list[str]:
         sentences.append(
             f"At LoRA r={r}'s budget the best mean is {best.method.label} ({_pct(best.mean)}%); LoRA has "
             f"{_pct(lora.mean)}% and a higher mean than {beaten} of the {len(tucker)} ndlowrank variants. "
-            f"The ndlowrank variant with the best validation accuracy, {picked.method.label}, is "
-            f"{100 * diff:+.1f} points from LoRA on average over the same {seeds} splits and ahead on {wins} of them."
+            f"The ndlowrank variant with the best validation accuracy, {picked.method.label}, differs from "
+            f"LoRA by {100 * diff:+.1f} points (mean of the paired differences over the same {seeds} splits) "
+            f"and is ahead on {wins} of them."
         )
     sentences.append(
         f"LoRA beats every ndlowrank variant at {lora_wins} of {len(budgets)} budgets."
@@ -141,4 +142,11 @@ def findings(result: CaseResult) -> list[str]:
             + ", ".join(f"{f} {_pct(m)}%" for m, f in means)
             + f" (best family: {means[0][1]}, worst: {means[-1][1]})."
         )
+    for edge, word in ((min(lrs), "smallest"), (max(lrs), "largest")):
+        chose = [o.method.label for o in result.outcomes if o.lr == edge]
+        if chose:
+            sentences.append(
+                f"{len(chose)} of {len(result.outcomes)} methods chose the {word} learning rate of the grid "
+                f"({edge:g}: {', '.join(chose)}); the grid may not contain their best one."
+            )
     return sentences

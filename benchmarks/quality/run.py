@@ -10,12 +10,13 @@ import torch
 
 from .._common import machine, today, versions, write_section
 from . import conv, transformer
-from .methods import LORA, LYCORIS, Method, lycoris_available, methods, ndlowrank_family
+from .data import fewshot_split
+from .methods import BUDGET_TOLERANCE, LORA, LYCORIS, Method, lycoris_available, methods, ndlowrank_family
 from .report import Panel, findings, plot, table
 from .study import CaseResult, Settings, run_case
 
 INITS = ("zero_core", "orthogonal", "principal")
-LRS = (3e-3, 1e-2, 3e-2)
+LRS = (3e-3, 1e-2, 3e-2, 1e-1)
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,8 @@ class Config:
     inits: tuple[str, ...]  # each init runs at spatial rank 3 (full 3×3) and on the linears
 
 
-FULL = Config(Settings(seeds=(0, 1, 2, 3, 4), lrs=LRS, epochs=40), (1, 4, 16), (1, 2, 3), INITS)
-QUICK = Config(Settings(seeds=(0, 1, 2), lrs=LRS, epochs=25), (1, 8), (1, 3), ("zero_core", "principal"))
+FULL = Config(Settings(seeds=(0, 1, 2, 3, 4), lrs=LRS, epochs=50), (1, 4, 16), (1, 2, 3), INITS)
+QUICK = Config(Settings(seeds=(0, 1, 2), lrs=LRS, epochs=40), (1, 8), (1, 3), ("zero_core", "principal"))
 
 
 def conv_methods(config: Config, shapes: list[tuple[int, ...]], lycoris: bool) -> list[Method]:
@@ -74,6 +75,7 @@ def run_transformer(config: Config) -> tuple[CaseResult, str]:
 
 def _how(config: Config, quick: bool, lycoris: bool, seconds: float) -> str:
     s = config.settings
+    test = len(fewshot_split(s.seeds[0], s.train_per_class, s.val_per_class).test)
     command = "python -m benchmarks.quality" + (" --quick" if quick else "")
     return f"""Written by `{command}` on {today()} in {seconds / 60:.1f} minutes. Machine: {machine()}, one torch thread.
 Libraries: {versions("ndlowrank", "torch", "peft", "lycoris-lora", "scikit-learn")}.
@@ -83,7 +85,7 @@ each network is pre-trained once (seed 0, {s.pretrain_epochs} epochs of AdamW at
 of digits 0–4; its accuracy on the other 20% is given below), then gets a new 5-way head and is adapted
 to digits 5–9 from {s.train_per_class} training images per class. Each seed ({", ".join(map(str, s.seeds))})
 draws its own {s.train_per_class} training and {s.val_per_class} validation images per class (the rest,
-about 746 images, is the test set) and seeds the head and adapter inits; every method sees the same splits.
+{test} images, is the test set) and seeds the head and adapter inits; every method sees the same splits.
 Every method trains with AdamW (weight decay 0.01), batch {s.batch_size}, {s.epochs} epochs, constant lr;
 each method's lr is the one of {", ".join(f"{lr:g}" for lr in s.lrs)} with the best mean validation accuracy
 over the seeds, and the table gives the test accuracy at that lr (mean ± sample std over the seeds).
@@ -91,14 +93,14 @@ The head is always trainable and is counted in the trainable parameters.
 
 Budgets: PEFT LoRA (`lora_alpha = r`, scale 1, its default init) at r = {", ".join(map(str, config.lora_ranks))};
 at each one, ndlowrank's channel ranks `(r_out, r_in)` (the same on every target) are the most balanced pair
-whose adapter count is within 10% of LoRA's{", and LyCORIS LoCon (`use_tucker=True`, alpha = rank) takes the rank whose count is closest" if lycoris else "; LyCORIS did not import, so it is left out"}.
+whose adapter count is within {BUDGET_TOLERANCE:.0%} of LoRA's{", and LyCORIS LoCon (`use_tucker=True`, alpha = rank) takes the rank whose count is closest" if lycoris else "; LyCORIS did not import, so it is left out"}.
 ndlowrank adapters use `add_adapters(..., init=..., seed=seed)` with scale 1."""
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the study and write the ``quality`` section of ``benchmarks/RESULTS.md`` and its plots."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 seeds, 2 budgets, 25 epochs, fewer variants")
+    parser.add_argument("--quick", action="store_true", help="3 seeds, 2 budgets, 40 epochs, fewer variants")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
     torch.set_num_threads(1)
@@ -138,9 +140,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "### What we see",
         "",
-        "Conv net: " + " ".join(findings(conv_result)),
+        "Conv net: " + " ".join(findings(conv_result, config.settings.lrs)),
         "",
-        "Transformer: " + " ".join(findings(tf_result)),
+        "Transformer: " + " ".join(findings(tf_result, config.settings.lrs)),
     ]
     write_section("quality", "\n".join(body))
     print(f"wrote the quality section of benchmarks/RESULTS.md in {seconds:.0f} s", flush=True)
