@@ -55,7 +55,7 @@ BENCHMARKS = [
     Benchmark(
         "scaling",
         ("benchmarks/bench_scaling.py",),
-        ("tensorly", "matplotlib"),
+        ("tensorly", "matplotlib", "threadpoolctl"),
         "how time grows with tensor size and rank (log-log slopes)",
     ),
     Benchmark(
@@ -67,7 +67,7 @@ BENCHMARKS = [
     Benchmark(
         "kernels",
         ("benchmarks/bench_kernels.py",),
-        ("torch", "matplotlib", "safetensors"),
+        ("matplotlib", "safetensors", "threadpoolctl"),
         "relative error vs parameters on trained conv kernels, Tucker vs flattened SVD",
     ),
     Benchmark(
