@@ -159,3 +159,31 @@ def test_tiny_run_end_to_end(tmp_path, monkeypatch):
     assert len(kernels) == 3 and all(t.shape[0] >= 32 for t in kernels)
     assert torch.equal(saved["head.weight"], model.head.weight.detach())
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def _outcome(family: str, label: str, budget: int | None, test: tuple[float, ...], val: float = 0.5):
+    method = M.Method(family, label, M._head_only, budget=budget)
+    return study.Outcome(method, 100, 1e-2, (val,) * len(test), test)
+
+
+def test_findings_are_computed_from_the_numbers():
+    outcomes = [
+        _outcome(M.HEAD_ONLY, "head only", None, (0.5, 0.6)),
+        _outcome(M.FULL, "full fine-tune", None, (0.9, 0.9)),
+        _outcome(M.LORA, "LoRA r=1", 1, (0.8, 0.9)),
+        _outcome("ndlowrank zero_core", "nd a", 1, (0.7, 0.8), val=0.6),
+        _outcome("ndlowrank principal", "nd b", 1, (0.6, 0.95), val=0.4),
+        _outcome(M.LORA, "LoRA r=4", 4, (0.7, 0.7)),
+        _outcome("ndlowrank zero_core", "nd c", 4, (0.8, 0.75)),
+        _outcome("ndlowrank principal", "nd d", 4, (0.6, 0.6)),
+    ]
+    text = " ".join(report.findings(study.CaseResult("x", 1.0, outcomes, 0.0), [1e-3, 1e-2]))
+    assert "Head-only reaches 55.0% and full fine-tuning 90.0%" in text
+    assert "At LoRA r=1's budget the best mean is LoRA r=1 (85.0%)" in text
+    assert "higher mean than 2 of the 2 ndlowrank variants" in text
+    # nd a has the best validation accuracy: 10 points behind LoRA on both splits
+    assert "nd a, differs from LoRA by -10.0 points" in text and "ahead on 0 of them" in text
+    assert "At LoRA r=4's budget the best mean is nd c (77.5%)" in text
+    assert "LoRA beats every ndlowrank variant at 1 of 2 budgets" in text
+    assert "8 of 8 methods chose the largest learning rate" in text
+    assert "smallest learning rate" not in text
