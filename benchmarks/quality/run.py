@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         f"({conv_result.pretrain_accuracy:.1%} held-out accuracy on digits 0–4 after pre-training). The adapters "
         "go on the 32→64 and 64→64 convolutions; LoRA flattens their kernels to matrices, ndlowrank keeps "
         "them 4-D with ranks `(r_out, r_in, s, s)`. The pre-trained weights are in "
-        "`benchmarks/quality/pretrained_convnet.safetensors`.",
+        "`benchmarks/quality/pretrained_convnet.safetensors`. "
+        f"This case took {conv_result.seconds / 60:.1f} minutes.",
         "",
         table(conv_result),
         "",
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         "of each image as tokens, learned positions, mean pool, linear head "
         f"({tf_result.pretrain_accuracy:.1%} held-out accuracy on digits 0–4). The adapters go on `linear1` and "
         "`linear2` of both layers (attention is left out for every method); ndlowrank's ΔW = A G Bᵀ has ranks "
-        "`(r_out, r_in)`.",
+        "`(r_out, r_in)`. "
+        f"This case took {tf_result.seconds / 60:.1f} minutes.",
         "",
         table(tf_result),
         "",
