@@ -20,7 +20,9 @@ def _without_fastpath() -> Iterator[None]:
     """Turn off the fused inference kernel of ``nn.TransformerEncoderLayer`` while inside.
 
     In eval mode without gradients that kernel reads ``linear1.weight`` and ``linear2.weight``
-    directly, so a wrapped linear (a LoRA or Tucker adapter) would be silently ignored.
+    directly, so a linear wrapped in a module (a LoRA layer) would be silently ignored. ndlowrank
+    does not need this (``add_adapters`` gives these linears parameter adapters, which the kernel
+    sees), but the peers do, and every method runs the same forward.
     """
     enabled = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)

@@ -27,6 +27,24 @@ __all__ = [
 
 Ranks = int | Sequence[int]
 
+READ_BY_ATTRIBUTE: tuple[tuple[type[nn.Module], str], ...] = (
+    # F.multi_head_attention_forward(..., out_proj.weight, out_proj.bias): in training too
+    (nn.MultiheadAttention, "out_proj"),
+    # the inference fast path, torch._transformer_encoder_layer_fwd(..., linear1.weight, ...)
+    (nn.TransformerEncoderLayer, "linear1"),
+    (nn.TransformerEncoderLayer, "linear2"),
+)
+"""``(parent type, child name)``: an ``nn.Linear`` its parent reads as ``.weight``/``.bias`` instead of calling it.
+
+A layer adapter in its place would be bypassed (or break the parent), so :func:`add_adapters`
+gives such a target a :class:`ParameterAdapter` on its ``weight`` instead. torch's
+``nn.TransformerDecoderLayer`` calls its own linears, and ``nn.TransformerEncoder`` reads only
+the children of its layers listed here. Where torch has ``nn.LinearCrossEntropyLoss``, its
+``linear`` (whose weight and bias ``forward`` reshapes) is in the table too.
+"""
+if hasattr(nn, "LinearCrossEntropyLoss"):
+    READ_BY_ATTRIBUTE += ((nn.LinearCrossEntropyLoss, "linear"),)
+
 
 def _parameter_adapters(model: nn.Module) -> Iterator[tuple[str, ParameterAdapter, nn.Module, str]]:
     """``(parameter name, adapter, owning module, attribute)`` for every parameter adapter."""
@@ -114,6 +132,16 @@ def _target_parameters(model: nn.Module, target_parameters: Sequence[str]) -> li
     return chosen
 
 
+def _read_by_parent(model: nn.Module, name: str) -> bool:
+    """Whether the module ``name`` is an ``nn.Linear`` that its parent reads by attribute (:data:`READ_BY_ATTRIBUTE`)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return isinstance(model.get_submodule(name), nn.Linear) and any(
+        isinstance(parent, parent_type) and child == child_name
+        for parent_type, child_name in READ_BY_ATTRIBUTE
+    )
+
+
 def _ranks_for(name: str, ranks: Ranks, rank_pattern: Mapping[str, Ranks] | None) -> Ranks:
     for pattern, pattern_ranks in (rank_pattern or {}).items():
         if _suffix_match(pattern, name):
@@ -160,11 +188,19 @@ def add_adapters(
         dotted suffix (``["conv1", "layer1.0.conv2"]``); a string is a regular expression
         matched against the full module name (``r".*\\.conv\\d"``). Every entry must match at
         least one module. ``None`` when only ``target_parameters`` are adapted.
+        An ``nn.Linear`` that its parent reads by attribute instead of calling it (the
+        ``out_proj`` of ``nn.MultiheadAttention``, ``linear1``/``linear2`` of
+        ``nn.TransformerEncoderLayer``; the table is :data:`READ_BY_ATTRIBUTE`) gets a
+        :class:`ParameterAdapter` on its ``weight`` instead, as if ``"<name>.weight"`` were in
+        ``target_parameters`` (its ranks still come from ``rank_pattern`` by the module name),
+        so every path of the parent, fused kernels included, sees ``W + ΔW``.
     ranks : int or sequence of int
         Ranks of every adapter. An int is clipped to each mode's size (``8`` works on a
         depthwise 1×3×3 kernel); a sequence must fit every targeted weight.
     init, scale, dropout, path, dtype
-        As for :class:`TuckerAdapter` (``dropout`` and ``path`` apply to layers only).
+        As for :class:`TuckerAdapter`. ``dropout`` and ``path`` apply to layer adapters only:
+        ``path`` is ignored by parameter adapters, and ``dropout > 0`` with a target module
+        that gets a parameter adapter is a ``ValueError``.
     rank_pattern : mapping of str to ranks, optional
         Per-target ranks: a key is a regex matched against the module (or parameter) name
         or a dotted suffix of it (as in PEFT); the first matching key wins.
@@ -186,7 +222,8 @@ def add_adapters(
     ------
     ValueError
         A target that matches nothing, a parameter with fewer than 2 modes, a rank that
-        does not fit a weight (naming the target, mode, rank and size), or a bad option.
+        does not fit a weight (naming the target, mode, rank and size), a bad option, or
+        ``dropout > 0`` with a target module that gets a parameter adapter.
         The model is unchanged then.
     TypeError
         A target whose type cannot be adapted (naming the type and the supported ones).
@@ -204,6 +241,10 @@ def add_adapters(
     >>> attention = nlnn.add_adapters(attention, None, ranks=8, target_parameters=["in_proj_weight"], seed=0)
     >>> [name for name, _ in nlnn.iter_adapters(attention)]
     ['in_proj_weight']
+    >>> layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    >>> layer = nlnn.add_adapters(layer, ["linear1", "linear2", "out_proj"], ranks=4, seed=0)
+    >>> [(name, type(adapter).__name__) for name, adapter in nlnn.iter_adapters(layer)]  # read by attribute
+    [('self_attn.out_proj.weight', 'ParameterAdapter'), ('linear1.weight', 'ParameterAdapter'), ('linear2.weight', 'ParameterAdapter')]
     """
     if target_modules is None and not target_parameters:
         raise ValueError(
@@ -218,6 +259,18 @@ def add_adapters(
                 f"parameter {name!r} belongs to the target module {owner_name!r}; adapt the module or the "
                 "parameter, not both"
             )
+    # a Linear that its parent reads by attribute gets a parameter adapter on its weight,
+    # with the ranks (rank_pattern) of its module name
+    routed = {f"{name}.weight": name for name in names if _read_by_parent(model, name)}
+    if routed and dropout > 0:
+        module_name = next(iter(routed.values()))
+        raise ValueError(
+            f"module {module_name!r} is read by its parent through its .weight, so it gets a parameter "
+            f"adapter, which cannot apply dropout={dropout} to the adapter's input; pass dropout=0.0, "
+            "or leave it out of target_modules"
+        )
+    names = [name for name in names if f"{name}.weight" not in routed]
+    parameter_names = [*routed, *parameter_names]
     for name in names:
         try:
             _adapter_class(model.get_submodule(name))
@@ -227,7 +280,9 @@ def add_adapters(
     weights += [model.get_parameter(n) for n in parameter_names]
     for name, weight in zip([*names, *parameter_names], weights, strict=True):
         try:  # every rank is checked before any principal init changes a weight
-            validate_ranks(_ranks_for(name, ranks, rank_pattern), tuple(weight.shape), clip=True)
+            validate_ranks(
+                _ranks_for(routed.get(name, name), ranks, rank_pattern), tuple(weight.shape), clip=True
+            )
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{name!r}: {exc}") from None
     snapshots = [w.detach().clone() for w in weights] if init == "principal" else []
@@ -247,9 +302,8 @@ def add_adapters(
             built.append((name, adapter))
         for name in parameter_names:
             parameter = model.get_parameter(name)
-            adapter = ParameterAdapter(
-                parameter, _ranks_for(name, ranks, rank_pattern), seed=layer_seed(seed, name), **options
-            )
+            parameter_ranks = _ranks_for(routed.get(name, name), ranks, rank_pattern)
+            adapter = ParameterAdapter(parameter, parameter_ranks, seed=layer_seed(seed, name), **options)
             built.append((name, adapter))
     except (ValueError, TypeError) as exc:
         with torch.no_grad():  # undo the principal init's change of the base weights, bit for bit
