@@ -460,6 +460,37 @@ def test_auto_picks_factorized_for_a_linear_layer_in_training_with_few_ranks():
     assert adapter.chosen_path(x) == "factorized"
 
 
+def test_auto_follows_the_input_shape_the_mode_and_a_truncation_call_after_call():
+    """The remembered choice of ``auto`` is always the one the cost rule gives now."""
+    adapter = nlnn.TuckerAdapter(nn.Linear(64, 64), (8, 8), seed=0)
+    model = nn.Sequential(adapter)
+
+    def expected(x: torch.Tensor) -> str:
+        training = torch.is_grad_enabled()
+        materialize, factorized = adapter.path_costs(tuple(x.shape), training=training)
+        return "materialize" if materialize < factorized else "factorized"
+
+    few, many = torch.empty(1, 64), torch.empty(1000, 64)
+    seen = set()
+    for _ in range(2):  # the second round is answered from what the first remembered
+        for x in (few, many, few):
+            for grad in (True, False):
+                with torch.set_grad_enabled(grad):
+                    seen.add(adapter.chosen_path(x))
+                    assert adapter.chosen_path(x) == expected(x)
+    assert seen == {"materialize", "factorized"}
+    edge = torch.empty(33, 64)  # without gradients, ranks 1 materialize here and ranks 8 do not
+    with torch.no_grad():
+        assert adapter.chosen_path(edge) == expected(edge) == "factorized"
+    nlnn.truncate_adapters(model, ranks=1)  # new ranks: new costs
+    with torch.no_grad():
+        assert adapter.ranks == (1, 1)
+        assert adapter.chosen_path(edge) == expected(edge) == "materialize"
+    for size in range(1, 200):  # inputs of ever new shapes do not grow the memory without bound
+        adapter.chosen_path(torch.empty(size, 64))
+    assert len(adapter._auto_paths) <= 64
+
+
 def test_auto_picks_factorized_whenever_dropout_is_on_in_training():
     adapter = nlnn.TuckerAdapter(nn.Conv2d(64, 64, 3, padding=1), (16, 16, 3, 3), dropout=0.1, seed=0)
     x = torch.empty(8, 64, 32, 32)

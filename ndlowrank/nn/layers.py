@@ -24,6 +24,7 @@ from ._host import DeltaHost
 __all__ = ["PATHS", "ConvAdapter", "EmbeddingAdapter", "LinearAdapter", "TuckerAdapter", "supported_layers"]
 
 PATHS = ("auto", "materialize", "factorized")
+_AUTO_PATHS_KEPT = 64  # input shapes whose path="auto" choice an adapter remembers
 
 
 def supported_layers() -> tuple[type[nn.Module], ...]:
@@ -106,6 +107,7 @@ class TuckerAdapter(DeltaHost):
             )
         self.base_layer = base_layer
         self.path, self.dropout_p = path, float(dropout)
+        self._auto_paths: dict[tuple[Any, ...], str] = {}  # path="auto"'s choice per input shape and mode
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._init_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed)
         self._after_init()
@@ -144,8 +146,15 @@ class TuckerAdapter(DeltaHost):
         training = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.delta.parameters())
         )
-        materialize, factorized = self.path_costs(tuple(x.shape), training=training)
-        return "materialize" if materialize < factorized else "factorized"
+        # the choice depends only on these, and estimating it costs tens of microseconds per call
+        key = (tuple(x.shape), training, tuple(self.delta.core.shape))
+        path = self._auto_paths.get(key)
+        if path is None:
+            if len(self._auto_paths) >= _AUTO_PATHS_KEPT:  # inputs of ever new shapes: start over
+                self._auto_paths.clear()
+            materialize, factorized = self.path_costs(key[0], training=training)
+            path = self._auto_paths[key] = "materialize" if materialize < factorized else "factorized"
+        return path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
