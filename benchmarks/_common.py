@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import os
 import platform
+import random
 import re
 import statistics
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +23,51 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 def interleaved_medians(contenders: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Median wall time (seconds) of each contender, run in turn ``repeats`` times after one warm-up.
 
-    Interleaving spreads the machine's background noise evenly over the contenders.
+    Interleaving spreads the machine's background noise evenly over the contenders, and each
+    round runs them in its own (seeded, so repeatable) shuffled order, so no contender always
+    follows the same one, whose leftovers in caches and allocators could favour or slow it.
     """
     for fn in contenders.values():
         fn()
+    names = list(contenders)
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
+    for round_ in range(repeats):
+        random.Random(round_).shuffle(names)
+        for name in names:
+            fn = contenders[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: the BLAS/LAPACK threads every contender gets (default 1)."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="BLAS/LAPACK threads for every contender (default 1; 0 keeps the libraries' own default)",
+    )
+
+
+@contextlib.contextmanager
+def blas_threads(limit: int) -> Iterator[str]:
+    """Limit numpy's and scipy's BLAS/LAPACK threads to ``limit`` (0: leave them) while inside.
+
+    Yields the thread counts in force, e.g. ``"1"``. One thread is the benchmarks' default: on a
+    shared 2-core machine OpenBLAS's two threads ran up to dozens of times slower than one while
+    another process was busy, and numpy and scipy each bring an OpenBLAS whose idle threads spin,
+    so timings at two threads measured the scheduler more than the libraries.
+    """
+    if limit < 0:
+        raise ValueError(f"--threads must be >= 0, got {limit}")
+    import scipy.linalg  # noqa: F401  (loaded first, so that the limit reaches scipy's own BLAS too)
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    with threadpool_limits(limits=limit or None):
+        counts = sorted({info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"})
+        yield "/".join(map(str, counts)) or "unknown"
 
 
 def peak_extra_bytes(fn: Callable[[], Any]) -> int:

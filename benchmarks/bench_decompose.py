@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ndlowrank as nl
 from benchmarks._common import (
+    add_threads_option,
+    blas_threads,
     interleaved_medians,
     machine,
     peak_extra_bytes,
@@ -86,7 +88,7 @@ def _contenders(x, ranks, tl_tucker):
     }
 
 
-def run(repeats: int, cases) -> str:
+def run(repeats: int, cases, threads: str) -> str:
     import tensorly as tl
     from tensorly.decomposition import tucker as tl_tucker
 
@@ -110,19 +112,21 @@ def run(repeats: int, cases) -> str:
             f"{times['nl.sthosvd'] / times['plain']:.2f}x the plain floor, memory {memory:.2f}x input",
             flush=True,
         )
-    return _report(rows, repeats)
+    return _report(rows, repeats, threads)
 
 
 def _mark(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-def _report(rows, repeats: int) -> str:
+def _report(rows, repeats: int, threads: str) -> str:
     lines = [
         "## Tucker decompositions vs TensorLy (CPU, float32)",
         "",
         f"Written by `python benchmarks/bench_decompose.py` on {today()}. Machine: {machine()}. "
         f"Libraries: {versions('ndlowrank', 'numpy', 'scipy', 'tensorly')}.",
+        f"BLAS/LAPACK threads: {threads} for every contender (`--threads` changes it; see `blas_threads` in "
+        "`benchmarks/_common.py` for why one by default). "
         f"Medians of {repeats} interleaved runs; data: a random Tucker tensor of the given ranks "
         "plus 10% Gaussian noise. Speed-ups are TensorLy's time over ndlowrank's (higher is better); "
         "the floor ratio is ndlowrank's time over a plain 15-line Gram-eigh ST-HOSVD in numpy (lower is better). "
@@ -335,7 +339,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per contender")
     parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda' for the GPU suite")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
     repeats = args.repeats or (3 if args.quick else 7)
     if args.device == "cuda":
         import torch
@@ -344,7 +351,9 @@ def main(argv=None) -> None:
             parser.error("--device cuda: CUDA is not available here")
         write_section("bench_decompose_gpu", run_gpu(repeats, GPU_CASES))
     elif args.device == "cpu":
-        write_section("bench_decompose", run(repeats, CASES))
+        with blas_threads(args.threads) as threads:
+            section = run(repeats, CASES, threads)
+        write_section("bench_decompose", section)
     else:
         parser.error(f"--device must be 'cpu' or 'cuda', got {args.device!r}")
     print("wrote benchmarks/RESULTS.md")

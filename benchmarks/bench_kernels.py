@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ndlowrank as nl
-from benchmarks._common import machine, today, versions, write_section
+from benchmarks._common import blas_threads, machine, today, versions, write_section
 from benchmarks.bench_decompose import low_rank_plus_noise, relative_error
 
 PRETRAINED = Path(__file__).resolve().with_name("quality") / "pretrained_convnet.safetensors"
@@ -390,13 +390,8 @@ def main(argv: list[str] | None = None) -> None:
     tols = QUICK_TOLS if args.quick else TOLS
     channel_ranks = QUICK_CHANNEL_RANKS if args.quick else CHANNEL_RANKS
     spatial_ranks = QUICK_SPATIAL_RANKS if args.quick else SPATIAL_RANKS
-    import scipy.linalg  # noqa: F401  (loaded before the thread limit so that the limit reaches its BLAS)
-    from threadpoolctl import threadpool_limits
-
     start = time.perf_counter()
-    # one BLAS thread: the errors do not depend on it, and on a shared 2-core machine OpenBLAS's
-    # two threads can run many times slower than one while another process is busy
-    with threadpool_limits(limits=1):
+    with blas_threads(1):  # the errors do not depend on it; see blas_threads for why one
         for kernel in kernels:
             compress(kernel, tols, rank_grid(kernel.weight.shape, channel_ranks, spatial_ranks))
             print(f"{kernel.name}: {sum(len(f) for f in kernel.fits.values())} fits", flush=True)

@@ -33,7 +33,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ndlowrank as nl
-from benchmarks._common import interleaved_medians, machine, today, versions, write_section
+from benchmarks._common import (
+    add_threads_option,
+    blas_threads,
+    interleaved_medians,
+    machine,
+    today,
+    versions,
+    write_section,
+)
 from benchmarks._plots import figure, loglog_slope, save
 from benchmarks.bench_decompose import low_rank_plus_noise, relative_error
 
@@ -250,7 +258,7 @@ def report(run: Run, size_points: list[Point], rank_points: list[Point], image: 
         "One thread by default because the exponents are properties of the algorithms and this machine is "
         "shared: with two threads and another process busy, LAPACK's SVD (many small BLAS calls, each "
         "waiting for both threads) ran dozens of times slower in a trial run (0.74 s instead of 9 ms for "
-        "one 48 × 2304 float32 SVD), which would have measured the scheduler, not TensorLy. `bench_decompose` measures the libraries' default threading.",
+        "one 48 × 2304 float32 SVD), which would have measured the scheduler, not TensorLy.",
         "",
         "Data: a random Tucker tensor of the requested ranks plus 10% Gaussian noise, float32 numpy. "
         f"Medians of {'/'.join(map(str, repeats))} interleaved run(s) after one warm-up (fewer at the larger "
@@ -361,25 +369,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="fewer sizes and ranks, one repeat (about a minute)"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="BLAS/LAPACK threads for every contender (default 1; 0 keeps the libraries' own default)",
-    )
+    add_threads_option(parser)
     args = parser.parse_args(argv)
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
-    import scipy.linalg  # noqa: F401  (loaded before the thread limit so that the limit reaches its BLAS)
     import tensorly as tl
-    from threadpoolctl import threadpool_info, threadpool_limits
 
     tl.set_backend("numpy")
     plan = QUICK if args.quick else FULL
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    with threadpool_limits(limits=args.threads or None):
-        threads = sorted({info["num_threads"] for info in threadpool_info()})
+    with blas_threads(args.threads) as threads:
         size_points = [
             measure(side, side // RANK_DIVISOR, plan.repeats(side, args.quick), side <= plan.tl_hooi_max_side)
             for side in plan.sizes
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     size_fit = [p for p in size_points if p.side >= FIT_FROM]
     image = plot(size_points, size_fit, rank_points)
     load = f"{load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after it"
-    run = Run(args.quick, args.threads, "/".join(map(str, threads)), load, wall)
+    run = Run(args.quick, args.threads, threads, load, wall)
     write_section("bench_scaling", report(run, size_points, rank_points, image))
     print(f"wrote benchmarks/RESULTS.md and benchmarks/plots/bench_scaling.png ({wall:.0f} s)")
 

@@ -49,7 +49,7 @@ BENCHMARKS = [
     Benchmark(
         "decompose",
         ("benchmarks/bench_decompose.py",),
-        ("tensorly", "matplotlib"),
+        ("tensorly", "matplotlib", "threadpoolctl"),
         "ST-HOSVD and HOOI vs TensorLy: speed, error, memory",
     ),
     Benchmark(

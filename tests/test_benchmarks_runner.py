@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import run as runner
-from benchmarks._common import write_section
+from benchmarks._common import interleaved_medians, write_section
 
 
 def test_a_benchmark_without_its_peers_is_skipped_with_the_install_command(tmp_path):
@@ -68,3 +68,15 @@ def test_write_section_replaces_in_place_and_appends_new(tmp_path):
     assert text.index("first again") < text.index("second")
     assert "first\n" not in text
     assert not results.with_suffix(".md.tmp").exists()
+
+
+def test_interleaved_medians_runs_every_contender_in_changing_orders():
+    calls: list[str] = []
+    contenders = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    medians = interleaved_medians(contenders, repeats=6)
+    assert set(medians) == set("abcd") and all(t >= 0 for t in medians.values())
+    assert calls[:4] == list("abcd")  # the warm-up, in the given order
+    rounds = [tuple(calls[4 + 4 * i : 8 + 4 * i]) for i in range(6)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    followers = {r[r.index("a") + 1] for r in rounds if r[-1] != "a"}
+    assert len(set(rounds)) > 1 and len(followers) > 1  # "a" is not always followed by the same one
