@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import importlib.metadata
+import math
 import os
 import platform
 import random
@@ -13,7 +14,7 @@ import re
 import statistics
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,16 @@ def versions(*packages: str) -> str:
 
 def today() -> str:
     return _dt.date.today().isoformat()
+
+
+def tucker_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Stored numbers of a Tucker form: the core, ``prod(r_n)``, plus the factors, ``Σ I_n·r_n``."""
+    return math.prod(ranks) + sum(size * rank for size, rank in zip(shape, ranks, strict=True))
+
+
+def load_window(before: float) -> str:
+    """The 1-minute load average before a run (``before``) and now, as the sections print it."""
+    return f"{before:.1f} before the run, {os.getloadavg()[0]:.1f} after it"
 
 
 def write_section(name: str, body: str, results: Path = RESULTS) -> None:

@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import interleaved_medians, machine, today, versions, write_section
+from benchmarks._common import interleaved_medians, load_window, machine, today, versions, write_section
 from benchmarks._plots import figure, save
 from ndlowrank import nn as nlnn
 
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
         print(case.title, flush=True)
         results.append(run_case(case, device, repeats))
     command = "python benchmarks/bench_adapters.py" + (" --device cuda" if device.cuda else "")
-    load = f"{load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after it"
+    load = load_window(load_before)
     write_section(section, report(results, device, repeats, heading, command, load))
     print(f"wrote the {section} section of benchmarks/RESULTS.md")
 

@@ -20,7 +20,7 @@ CUDA memory of ``nl.sthosvd``; it goes to the ``bench_decompose_gpu`` section.
 from __future__ import annotations
 
 import argparse
-import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -151,9 +151,9 @@ def _report(rows, repeats: int, threads: str) -> str:
     floors = [r[2]["nl.sthosvd"] / r[2]["plain"] for r in rows]
     lines += [
         "",
-        f"Geometric means: sthosvd {_geomean(speedups):.1f}x TensorLy's HOSVD (target ≥ 10x), "
-        f"hooi {_geomean(hooi_speedups):.1f}x TensorLy's HOOI (target ≥ 3x), "
-        f"{_geomean(floors):.2f}x the plain floor (target ≤ 1.5x); "
+        f"Geometric means: sthosvd {statistics.geometric_mean(speedups):.1f}x TensorLy's HOSVD (target ≥ 10x), "
+        f"hooi {statistics.geometric_mean(hooi_speedups):.1f}x TensorLy's HOOI (target ≥ 3x), "
+        f"{statistics.geometric_mean(floors):.2f}x the plain floor (target ≤ 1.5x); "
         f"peak extra memory at most {max(r[4] for r in rows):.2f}x the input (target ≤ 3x).",
         "",
         plot_speedups(
@@ -197,10 +197,6 @@ GPU_CASES = [
 
 
 GPU_ERROR_RTOL = 1e-4
-
-
-def _geomean(values) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def _synced(fn, sync):
@@ -320,8 +316,8 @@ def _report_gpu(rows, repeats: int, with_cupy: bool) -> str:
         lines.append(f"| {shape} | {ranks} | " + " | ".join(cells) + f" | {memory:.2f} |")
     lines += [
         "",
-        f"Geometric means (torch CUDA): sthosvd {_geomean([r[2]['tl.hosvd'] / r[2]['nl.sthosvd'] for r in rows]):.1f}x "
-        f"TensorLy's HOSVD, hooi {_geomean([r[2]['tl.hooi'] / r[2]['nl.hooi'] for r in rows]):.1f}x TensorLy's HOOI; "
+        f"Geometric means (torch CUDA): sthosvd {statistics.geometric_mean([r[2]['tl.hosvd'] / r[2]['nl.sthosvd'] for r in rows]):.1f}x "
+        f"TensorLy's HOSVD, hooi {statistics.geometric_mean([r[2]['tl.hooi'] / r[2]['nl.hooi'] for r in rows]):.1f}x TensorLy's HOOI; "
         f"peak extra memory at most {max(r[4] for r in rows):.2f}x the input.",
         "",
         plot_speedups(

@@ -84,11 +84,6 @@ class Kernel:
         return int(self.weight.size)
 
 
-def tucker_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
-    """Stored numbers of a Tucker form: the core, ``prod(r_n)``, plus the factors, ``Σ I_n·r_n``."""
-    return math.prod(ranks) + sum(size * rank for size, rank in zip(shape, ranks, strict=True))
-
-
 def flattened_svd_fits(weight: np.ndarray) -> list[Fit]:
     """Every rank of the truncated SVD of ``weight`` reshaped to ``(out, rest)``, in float64.
 

@@ -37,6 +37,7 @@ from benchmarks._common import (
     add_threads_option,
     blas_threads,
     interleaved_medians,
+    load_window,
     machine,
     today,
     versions,
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - start
     size_fit = [p for p in size_points if p.side >= FIT_FROM]
     image = plot(size_points, size_fit, rank_points)
-    load = f"{load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after it"
+    load = load_window(load_before)
     run = Run(args.quick, args.threads, threads, load, wall)
     write_section("bench_scaling", report(run, size_points, rank_points, image))
     print(f"wrote benchmarks/RESULTS.md and benchmarks/plots/bench_scaling.png ({wall:.0f} s)")

@@ -2,7 +2,7 @@
 
 From the repository root, with the ``bench`` extra installed (``pip install -e ".[bench]"``)::
 
-    python -m benchmarks              # the whole suite (about 25 minutes on 2 cores)
+    python -m benchmarks              # the whole suite (about 15 minutes on 2 cores)
     python -m benchmarks --quick      # fewer repeats, seeds and sizes: a few minutes
     python -m benchmarks --only decompose adapters
     python -m benchmarks --list

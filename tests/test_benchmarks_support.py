@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from benchmarks._common import tucker_params
 from benchmarks._plots import loglog_slope
 from benchmarks.bench_kernels import (
     Fit,
@@ -17,7 +18,6 @@ from benchmarks.bench_kernels import (
     flattened_svd_fits,
     pareto,
     rank_grid,
-    tucker_params,
 )
 from benchmarks.bench_scaling import sthosvd_flops
 

@@ -19,6 +19,8 @@ from torch import nn
 
 from ndlowrank import nn as nlnn
 
+from .._common import tucker_params
+
 Shape = tuple[int, ...]
 Adapt = Callable[[nn.Module, Sequence[str], int], nn.Module]
 
@@ -56,11 +58,6 @@ def lora_count(shape: Shape, rank: int) -> int:
     return rank * (shape[0] + math.prod(shape[1:]))
 
 
-def tucker_count(shape: Shape, ranks: Shape) -> int:
-    """Core plus factors of a Tucker delta on a weight of ``shape``."""
-    return math.prod(ranks) + sum(size * rank for size, rank in zip(shape, ranks, strict=True))
-
-
 def locon_tucker_count(shape: Shape, rank: int) -> int:
     """LyCORIS LoCon with ``use_tucker``: down ``(r, in, 1, 1)``, mid ``(r, r, *kernel)``, up ``(out, r, 1, 1)``."""
     return rank * shape[1] + rank * rank * math.prod(shape[2:]) + shape[0] * rank
@@ -81,7 +78,7 @@ def match_tucker_ranks(shapes: Sequence[Shape], budget: int, spatial: int | None
     max_out, max_in = min(s[0] for s in shapes), min(s[1] for s in shapes)
 
     def miss(pair: tuple[int, int]) -> float:
-        return abs(sum(tucker_count(shape, (*pair, *tail)) for shape in shapes) - budget) / budget
+        return abs(sum(tucker_params(shape, (*pair, *tail)) for shape in shapes) - budget) / budget
 
     pairs = [(a, b) for a in range(1, max_out + 1) for b in range(1, max_in + 1)]
     close = [pair for pair in pairs if miss(pair) <= BUDGET_TOLERANCE]
