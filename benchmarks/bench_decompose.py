@@ -1,7 +1,7 @@
 """Tucker decompositions: ndlowrank vs TensorLy, side by side in one process.
 
-Run ``python benchmarks/bench_decompose.py`` (``--quick`` for fewer repeats; ``--device cuda``
-for the GPU suite). For every case (float32, a random low-rank tensor plus 10% noise) it times,
+Run ``python benchmarks/bench_decompose.py`` (``--quick``: the first three CPU cases, 3
+repeats; ``--device cuda`` for the GPU suite). For every case (float32, a random low-rank tensor plus 10% noise) it times,
 interleaved:
 
 - ``nl.sthosvd`` against TensorLy's HOSVD (``tucker(x, rank, n_iter_max=0, init="svd")``);
@@ -332,7 +332,7 @@ def _report_gpu(rows, repeats: int, with_cupy: bool) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
+    parser.add_argument("--quick", action="store_true", help="the first three CPU cases and 3 repeats instead of 7")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per contender")
     parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda' for the GPU suite")
     add_threads_option(parser)
@@ -348,7 +348,7 @@ def main(argv=None) -> None:
         write_section("bench_decompose_gpu", run_gpu(repeats, GPU_CASES))
     elif args.device == "cpu":
         with blas_threads(args.threads) as threads:
-            section = run(repeats, CASES, threads)
+            section = run(repeats, CASES[:3] if args.quick else CASES, threads)
         write_section("bench_decompose", section)
     else:
         parser.error(f"--device must be 'cpu' or 'cuda', got {args.device!r}")
