@@ -332,7 +332,9 @@ def _report_gpu(rows, repeats: int, with_cupy: bool) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the first three CPU cases and 3 repeats instead of 7")
+    parser.add_argument(
+        "--quick", action="store_true", help="the first three CPU cases and 3 repeats instead of 7"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per contender")
     parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda' for the GPU suite")
     add_threads_option(parser)
