@@ -96,3 +96,21 @@ def perturb_adapters(model, seed: int = 2, std: float = 0.3) -> None:
         for _, adapter in nlnn.iter_adapters(model):
             for p in adapter.delta.parameters():
                 p.add_(std * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
+
+
+def import_peer(name: str):
+    """Import a peer library for a test, or skip the test with the reason it cannot be imported.
+
+    ``pytest.importorskip`` skips only on ``ImportError``; a peer can also be installed and
+    broken (PyPI's torchvision beside torch's CPU build raises ``RuntimeError: operator
+    torchvision::nms does not exist``), and that must skip with its reason too, never fail
+    the collection.
+    """
+    import importlib
+
+    import pytest
+
+    try:
+        return importlib.import_module(name)
+    except Exception as error:  # a peer's import can fail in any way; the reason is reported
+        pytest.skip(f"{name} cannot be imported here: {type(error).__name__}: {error}")
