@@ -6,7 +6,15 @@ the array-API core (:func:`ndlowrank.tucker_delta`, :func:`ndlowrank.sthosvd`).
 
 from .delta import TuckerDelta
 from .io import adapter_state_dict, load_adapters, save_adapters
-from .layers import PATHS, ConvAdapter, EmbeddingAdapter, LinearAdapter, TuckerAdapter, supported_layers
+from .layers import (
+    PATHS,
+    ConvAdapter,
+    EmbeddingAdapter,
+    LinearAdapter,
+    TransposedLinearAdapter,
+    TuckerAdapter,
+    supported_layers,
+)
 from .model import (
     add_adapters,
     iter_adapters,
@@ -24,6 +32,7 @@ __all__ = [
     "EmbeddingAdapter",
     "LinearAdapter",
     "ParameterAdapter",
+    "TransposedLinearAdapter",
     "TruncationReport",
     "TuckerAdapter",
     "TuckerDelta",

@@ -44,7 +44,7 @@ from .._files import atomic_path
 from ..init import KNOWN_INITS
 from ._host import DeltaHost
 from .delta import TuckerDelta
-from .layers import _ADAPTERS, PATHS, TuckerAdapter, _adapter_class
+from .layers import _ADAPTERS, _PEER_ADAPTERS, PATHS, TuckerAdapter, _adapter_class
 from .model import _is_internal, _set_submodule, iter_adapters, mark_only_adapters_trainable
 from .parameters import ParameterAdapter, attach_parameter_adapter, remove_parameter_adapter
 
@@ -60,7 +60,7 @@ FORMAT_VERSION = 1
 """Version of the file layout written by :func:`save_adapters`."""
 
 _READABLE_FORMATS = (1,)
-_LAYER_KINDS = tuple(sorted({adapter.kind for adapter in _ADAPTERS.values()}))
+_LAYER_KINDS = tuple(sorted({adapter.kind for adapter in (*_ADAPTERS.values(), *_PEER_ADAPTERS.values())}))
 _KINDS = (*_LAYER_KINDS, ParameterAdapter.kind)
 
 Undo = list[Callable[[], object]]

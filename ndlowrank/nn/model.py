@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -133,13 +135,48 @@ def _target_parameters(model: nn.Module, target_parameters: Sequence[str]) -> li
 
 
 def _read_by_parent(model: nn.Module, name: str) -> bool:
-    """Whether the module ``name`` is an ``nn.Linear`` that its parent reads by attribute (:data:`READ_BY_ATTRIBUTE`)."""
+    """Whether its parent reads the layer ``name``'s weight instead of calling it.
+
+    True for the pairs of :data:`READ_BY_ATTRIBUTE` and for any child whose weight the
+    parent's ``forward`` passes on as ``self.<child>.weight`` (timm's BEiT/EVA attention:
+    ``F.linear(x, self.qkv.weight, ...)``), found in the parent class's source.
+    """
+    if not name:
+        return False
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    return isinstance(model.get_submodule(name), nn.Linear) and any(
+    if any(
         isinstance(parent, parent_type) and child == child_name
         for parent_type, child_name in READ_BY_ATTRIBUTE
-    )
+    ):
+        return isinstance(model.get_submodule(name), nn.Linear)
+    return child in _weights_read_in_forward(type(parent))
+
+
+@functools.cache
+def _weights_read_in_forward(parent_type: type[nn.Module]) -> frozenset[str]:
+    """Children whose weight ``parent_type.forward`` uses as a tensor (``self.<child>.weight`` not followed by ``.`` or ``[``)."""
+    try:
+        source = inspect.getsource(parent_type.forward)
+    except (OSError, TypeError):  # no source (a compiled or built-in class): nothing is known
+        return frozenset()
+    return frozenset(re.findall(r"self\.(\w+)\.weight\b(?!\s*[.\[])", source))
+
+
+def _routed_parameters(model: nn.Module, name: str) -> list[str]:
+    """Parameters that stand for the target module ``name``: its weight if its parent reads it, the projections of attention.
+
+    Empty for a module that gets a layer adapter.
+    """
+    module = model.get_submodule(name)
+    prefix = f"{name}." if name else ""
+    if isinstance(module, nn.MultiheadAttention):
+        projections = ["in_proj_weight"] if module.in_proj_weight is not None else []
+        projections = projections or ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        return [prefix + p for p in projections] + [f"{prefix}out_proj.weight"]
+    if isinstance(getattr(module, "weight", None), torch.Tensor) and _read_by_parent(model, name):
+        return [f"{prefix}weight"]
+    return []
 
 
 def _ranks_for(name: str, ranks: Ranks, rank_pattern: Mapping[str, Ranks] | None) -> Ranks:
@@ -259,18 +296,19 @@ def add_adapters(
                 f"parameter {name!r} belongs to the target module {owner_name!r}; adapt the module or the "
                 "parameter, not both"
             )
-    # a Linear that its parent reads by attribute gets a parameter adapter on its weight,
-    # with the ranks (rank_pattern) of its module name
-    routed = {f"{name}.weight": name for name in names if _read_by_parent(model, name)}
+    # a layer that its parent reads by attribute gets a parameter adapter on its weight, an
+    # attention block parameter adapters on its projections, with the ranks (rank_pattern)
+    # of the module's name
+    routed = {p: name for name in names for p in _routed_parameters(model, name)}
     if routed and dropout > 0:
         module_name = next(iter(routed.values()))
         raise ValueError(
-            f"module {module_name!r} is read by its parent through its .weight, so it gets a parameter "
-            f"adapter, which cannot apply dropout={dropout} to the adapter's input; pass dropout=0.0, "
-            "or leave it out of target_modules"
+            f"module {module_name!r} is read by its parent through its .weight (or is an attention block "
+            f"adapted through its projection weights), so it gets parameter adapters, which cannot apply "
+            f"dropout={dropout} to the adapter's input; pass dropout=0.0, or leave it out of target_modules"
         )
-    names = [name for name in names if f"{name}.weight" not in routed]
-    parameter_names = [*routed, *parameter_names]
+    names = [name for name in names if name not in routed.values() and f"{name}.weight" not in routed]
+    parameter_names = [*routed, *(p for p in parameter_names if p not in routed)]
     for name in names:
         try:
             _adapter_class(model.get_submodule(name))

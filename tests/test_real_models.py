@@ -1,0 +1,173 @@
+"""Adapters on real architectures (tiny configs, random weights): add, train, save, load, merge, remove.
+
+The models come from ``_real_models`` (transformers' GPT-2, LLaMA, BERT and Mixtral, diffusers'
+UNet2DConditionModel); torchvision and timm skip with the reason they cannot be imported.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import _real_models  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ndlowrank import nn as nlnn  # noqa: E402
+
+from _helpers import import_peer  # noqa: E402
+
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def _train_one_step(real: _real_models.RealModel, model: nn.Module) -> None:
+    """One SGD step on the adapters (a loss that every output element feeds)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    real(model).float().square().mean().backward()
+    assert all(p.grad is not None for p in trainable)
+    optimizer.step()
+
+
+@pytest.mark.parametrize("name", list(_real_models.TRANSFORMERS_AND_DIFFUSERS))
+def test_add_train_save_load_merge_remove(name, tmp_path):
+    real = _real_models.TRANSFORMERS_AND_DIFFUSERS[name]()
+    base = real.model
+    with torch.no_grad():
+        expected_base = real(base)
+    model = nlnn.add_adapters(
+        copy.deepcopy(base),
+        real.target_modules,
+        ranks=4,
+        target_parameters=real.target_parameters or None,
+        seed=0,
+    )
+    adapters = dict(nlnn.iter_adapters(model))
+    assert len(adapters) >= len(real.target_modules) + len(real.target_parameters)
+    with torch.no_grad():
+        torch.testing.assert_close(real(model), expected_base, **TOL)  # ΔW = 0 at the start
+
+    _train_one_step(real, model)
+    with torch.no_grad():
+        trained = real(model)
+    assert not torch.allclose(trained, expected_base, **TOL), "one step changed nothing"
+
+    path = tmp_path / "adapters.safetensors"
+    nlnn.save_adapters(model, path)
+    loaded = nlnn.load_adapters(copy.deepcopy(base), path)
+    with torch.no_grad():
+        assert torch.equal(real(loaded), trained)
+        original = nlnn.remove_adapters(copy.deepcopy(loaded), merge=False)
+        assert torch.equal(real(original), expected_base)
+        for key, value in base.state_dict().items():
+            assert torch.equal(original.state_dict()[key], value), key
+
+        nlnn.merge_adapters(loaded)
+        torch.testing.assert_close(real(loaded), trained, **TOL)
+        nlnn.unmerge_adapters(loaded)
+        torch.testing.assert_close(real(loaded), trained, **TOL)
+
+        plain = nlnn.remove_adapters(copy.deepcopy(loaded), merge=True)
+        assert not list(nlnn.iter_adapters(plain))
+        assert plain.state_dict().keys() == base.state_dict().keys()
+        torch.testing.assert_close(real(plain), trained, **TOL)
+
+
+def test_gpt2_conv1d_gets_a_transposed_linear_adapter_with_the_delta_in_the_weight_layout():
+    real = _real_models.gpt2()
+    model = nlnn.add_adapters(copy.deepcopy(real.model), ["c_attn"], ranks=(3, 5), seed=0, dropout=0.1)
+    adapter = model.transformer.h[0].attn.c_attn
+    assert isinstance(adapter, nlnn.TransposedLinearAdapter)
+    assert adapter.delta.shape == tuple(adapter.weight.shape) == (32, 96)  # (in, out), as Conv1D stores it
+    x = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapter.delta.core.normal_(generator=torch.Generator().manual_seed(1))
+        a0, a1 = (f.detach() for f in adapter.delta.factors)
+        reference = x @ (adapter.weight + a0 @ adapter.delta.core @ a1.T) + adapter.base_layer.bias
+        adapter.eval()
+        for path in ("materialize", "factorized"):
+            adapter.path = path
+            torch.testing.assert_close(adapter(x), reference, **TOL)
+
+
+def test_multihead_attention_as_a_target_adapts_its_projection_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True))
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    adapted = nlnn.add_adapters(copy.deepcopy(model), ["0"], ranks=4, seed=0, rank_pattern={"0": 3})
+    assert {name: a.ranks for name, a in nlnn.iter_adapters(adapted)} == {
+        "0.in_proj_weight": (3, 3),
+        "0.out_proj.weight": (3, 3),
+    }
+    separate = nn.Sequential(nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True))
+    adapted_separate = nlnn.add_adapters(separate, ["0"], ranks=4, seed=0)
+    assert [name for name, _ in nlnn.iter_adapters(adapted_separate)] == [
+        "0.q_proj_weight",
+        "0.k_proj_weight",
+        "0.v_proj_weight",
+        "0.out_proj.weight",
+    ]
+    with torch.no_grad():
+        for _, adapter in nlnn.iter_adapters(adapted):
+            adapter.delta.core.normal_(generator=torch.Generator().manual_seed(1))
+        reference = copy.deepcopy(model)
+        for name, adapter in nlnn.iter_adapters(adapted):
+            a0, a1 = (f.detach() for f in adapter.delta.factors)
+            reference.get_parameter(name).add_(a0 @ adapter.delta.core @ a1.T)
+        torch.testing.assert_close(adapted[0](x, x, x)[0], reference[0](x, x, x)[0], **TOL)
+    with pytest.raises(ValueError, match="dropout"):
+        nlnn.add_adapters(copy.deepcopy(model), ["0"], ranks=4, dropout=0.1)
+
+
+class _ReadsQkvWeight(nn.Module):
+    """timm's BEiT/EVA attention in small: the parent calls ``F.linear`` with its child's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(8))
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = torch.cat((self.q_bias, torch.zeros(16)))
+        qkv = nn.functional.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.chunk(3, dim=-1)
+        return self.proj(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v)
+
+
+def test_a_layer_whose_weight_its_parent_reads_gets_a_parameter_adapter_that_trains():
+    torch.manual_seed(0)
+    model = nn.Sequential(_ReadsQkvWeight())
+    adapted = nlnn.add_adapters(copy.deepcopy(model), ["qkv", "proj"], ranks=4, seed=0)
+    kinds = {name: type(a).__name__ for name, a in nlnn.iter_adapters(adapted)}
+    assert kinds == {"0.proj": "LinearAdapter", "0.qkv.weight": "ParameterAdapter"}
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    adapted(x).square().sum().backward()
+    qkv = dict(nlnn.iter_adapters(adapted))["0.qkv.weight"]
+    assert qkv.delta.core.grad is not None and qkv.delta.core.grad.abs().sum() > 0
+    with torch.no_grad():
+        qkv.delta.core.add_(1.0)
+        assert not torch.allclose(adapted(x), model(x))
+
+
+def test_torchvision_resnet_round_trip(tmp_path):
+    models = import_peer("torchvision").models
+    torch.manual_seed(0)
+    base = models.resnet18(num_classes=4).eval()
+    model = nlnn.add_adapters(copy.deepcopy(base), ["conv1", "conv2", "fc"], ranks=4, seed=0)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    nlnn.save_adapters(model, tmp_path / "a.safetensors")
+    loaded = nlnn.load_adapters(copy.deepcopy(base), tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_timm_beit_attention_qkv_is_adapted_through_its_weight():
+    timm = import_peer("timm")
+    torch.manual_seed(0)
+    base = timm.create_model("beit_base_patch16_224", pretrained=False, depth=1, embed_dim=32, num_heads=2,
+                             img_size=32, patch_size=16, num_classes=3).eval()  # fmt: skip
+    model = nlnn.add_adapters(copy.deepcopy(base), ["qkv"], ranks=4, seed=0)
+    assert all(isinstance(a, nlnn.ParameterAdapter) for _, a in nlnn.iter_adapters(model))
