@@ -171,3 +171,54 @@ def test_timm_beit_attention_qkv_is_adapted_through_its_weight():
                              img_size=32, patch_size=16, num_classes=3).eval()  # fmt: skip
     model = nlnn.add_adapters(copy.deepcopy(base), ["qkv"], ranks=4, seed=0)
     assert all(isinstance(a, nlnn.ParameterAdapter) for _, a in nlnn.iter_adapters(model))
+
+
+# -- tied weights (GPT-2's wte and lm_head) -----------------------------------------------------
+
+
+def _wte_and_lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    head = model.lm_head.base_layer if isinstance(model.lm_head, nlnn.TuckerAdapter) else model.lm_head
+    return model.transformer.wte.weight, head.weight
+
+
+@pytest.mark.parametrize("target", ["lm_head", "wte", "parameter"])
+def test_an_adapter_on_a_tied_weight_changes_only_its_own_module(target, tmp_path):
+    real = _real_models.gpt2()
+    base = real.model
+    wte, head = _wte_and_lm_head(base)
+    assert wte is head
+    options = {"target_parameters": ["lm_head.weight"]} if target == "parameter" else {}
+    with pytest.warns(UserWarning, match="tied to"):
+        model = nlnn.add_adapters(
+            copy.deepcopy(base), None if target == "parameter" else [target], ranks=4, seed=0, **options
+        )
+    _train_one_step(real, model)
+    shared = _wte_and_lm_head(model)[0].detach().clone()
+    with torch.no_grad():
+        trained = real(model)
+        with pytest.raises(ValueError, match="tied to"):
+            nlnn.merge_adapters(model)
+        assert not any(adapter.merged for _, adapter in nlnn.iter_adapters(model))
+        assert torch.equal(_wte_and_lm_head(model)[0], shared) and torch.equal(real(model), trained)
+
+        nlnn.save_adapters(model, tmp_path / "tied.safetensors")
+        loaded = nlnn.load_adapters(copy.deepcopy(base), tmp_path / "tied.safetensors")
+        assert torch.equal(real(loaded), trained)
+
+        plain = nlnn.remove_adapters(model, merge=True)
+        wte, head = _wte_and_lm_head(plain)
+        assert wte is not head  # untied: the adapted module has its own merged weight
+        assert torch.equal(shared, (head if target == "wte" else wte).detach())
+        torch.testing.assert_close(real(plain), trained, **TOL)
+
+
+def test_the_principal_init_on_a_tied_weight_is_refused_and_the_model_is_unchanged():
+    real = _real_models.gpt2()
+    state = {k: v.clone() for k, v in real.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'lm_head'.*tied to \['transformer.wte.weight'\].*principal"):
+        nlnn.add_adapters(real.model, ["c_attn", "lm_head"], ranks=4, init="principal")
+    assert not list(nlnn.iter_adapters(real.model))
+    for key, value in real.model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    untied = _real_models.gpt2(tie_word_embeddings=False).model
+    nlnn.add_adapters(untied, ["lm_head"], ranks=4, init="principal")  # no tie, no refusal

@@ -47,6 +47,7 @@ from .delta import TuckerDelta
 from .layers import _ADAPTERS, _PEER_ADAPTERS, PATHS, TuckerAdapter, _adapter_class
 from .model import _is_internal, _set_submodule, iter_adapters, mark_only_adapters_trainable
 from .parameters import ParameterAdapter, attach_parameter_adapter, remove_parameter_adapter
+from .ties import check_untied
 
 __all__ = ["adapter_state_dict", "load_adapters", "save_adapters"]
 
@@ -476,10 +477,18 @@ def _plan(
             raise ValueError(f"{at}: the name is inside the layer {owner!r}, which has or gets an adapter")
         if _is_internal(target.name):
             raise ValueError(f"{at}: the name is inside an adapter or a parametrization of the model")
+        base: nn.Module | nn.Parameter
         if target.kind == ParameterAdapter.kind:
-            plan.append((target, _fresh_parameter(model, target, at)))
+            base = _fresh_parameter(model, target, at)
         else:
-            plan.append((target, _fresh_layer(model, target, at)))
+            base = _fresh_layer(model, target, at)
+        if target.principal_ranks is not None:
+            weight = base if isinstance(base, nn.Parameter) else base.weight
+            try:
+                check_untied(model, [(target.name, weight)], "a 'principal' adapter", "untie them first")
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        plan.append((target, base))
     if strict:
         names = {t.name for t in targets}
         extra = [name for name in adapters if name not in names]

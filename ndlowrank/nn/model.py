@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from ._host import DeltaHost
 from .delta import TuckerDelta, layer_seed
 from .layers import TuckerAdapter, _adapter_class
 from .parameters import ParameterAdapter, attach_parameter_adapter, detach_parameter_adapter
+from .ties import check_untied, tied_users, untie
 
 __all__ = [
     "add_adapters",
@@ -118,7 +120,10 @@ def _target_parameters(model: nn.Module, target_parameters: Sequence[str]) -> li
     """Names of the parameters ``target_parameters`` selects (exact names or dotted suffixes)."""
     if isinstance(target_parameters, str):
         raise TypeError("target_parameters must be a list of parameter names, e.g. ['attn.in_proj_weight']")
-    candidates = [name for name, _ in model.named_parameters() if not _is_internal(name)]
+    # every name of a tied parameter (GPT-2's lm_head.weight is wte.weight) can be a target
+    candidates = [
+        name for name, _ in model.named_parameters(remove_duplicate=False) if not _is_internal(name)
+    ]
     chosen: list[str] = []
     for target in target_parameters:
         matched = [name for name in candidates if name == target or name.endswith("." + target)]
@@ -323,6 +328,14 @@ def add_adapters(
             )
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{name!r}: {exc}") from None
+    targets = list(zip([*names, *parameter_names], weights, strict=True))
+    if init == "principal":
+        check_untied(
+            model,
+            targets,
+            "the principal init (which replaces the weight by its residual)",
+            "use another init, or untie the weights first",
+        )
     snapshots = [w.detach().clone() for w in weights] if init == "principal" else []
     options: dict[str, Any] = {"init": init, "scale": scale, "dtype": dtype}
     built: list[tuple[str, DeltaHost]] = []
@@ -356,6 +369,15 @@ def add_adapters(
             owner = model.get_submodule(owner_name) if owner_name else model
             attach_parameter_adapter(owner, attribute, adapter)  # type: ignore[arg-type]
     mark_only_adapters_trainable(model)
+    for name, weight in targets:
+        users = tied_users(model, weight, name)
+        if users:
+            warnings.warn(
+                f"{name!r}: its weight is tied to {users}; the adapter changes only {name!r}'s use of it, "
+                "merge_adapters refuses to write into the shared weight, and remove_adapters(merge=True) "
+                "gives the module a weight of its own",
+                stacklevel=2,
+            )
     return model
 
 
@@ -363,9 +385,18 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     """Merge every adapter's ``ΔW`` into its weight; forward then runs at the base model's speed.
 
     Merging twice does not add twice. All or nothing: if any merged weight would hold NaN
-    or Inf, a ``ValueError`` names the adapter and no weight changes. Returns ``model``.
+    or Inf, or is tied to another module (whose output merging would change; see
+    :mod:`ndlowrank.nn.ties`), a ``ValueError`` names the adapter and no weight changes.
+    Returns ``model``.
     """
     adapters = list(iter_adapters(model))
+    check_untied(
+        model,
+        [(name, adapter.weight) for name, adapter in adapters if not adapter.merged],
+        "merging into it",
+        "keep the adapter unmerged, or call remove_adapters(model, merge=True), which gives the module a "
+        "merged weight of its own; no adapter was merged",
+    )
     for name, adapter in adapters:  # all or nothing: check every layer before merging any
         try:
             adapter.check_mergeable()
@@ -391,13 +422,18 @@ def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
     model : nn.Module
     merge : bool, default True
         Keep the fine-tuned weights (``W + ΔW``). With ``False`` the original weights come
-        back (undoing a merge and a principal init).
+        back (undoing a merge and a principal init). A weight tied to another module
+        (GPT-2's ``lm_head`` and ``wte``) is untied by merging: the adapted module gets a
+        parameter of its own, the other keeps the original (see :mod:`ndlowrank.nn.ties`).
 
     Returns
     -------
     nn.Module
         ``model`` without adapters; ``requires_grad`` of the base parameters is left as is.
     """
+    if merge:  # a tied weight is copied first, so that merging changes no other module
+        for name, adapter in list(iter_adapters(model)):
+            untie(model, name, adapter)
     for name, module in list(model.named_modules()):
         if isinstance(module, TuckerAdapter):
             base = module.merged_base() if merge else module.restore_base()
