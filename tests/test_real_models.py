@@ -222,3 +222,52 @@ def test_the_principal_init_on_a_tied_weight_is_refused_and_the_model_is_unchang
         assert torch.equal(value, state[key]), key
     untied = _real_models.gpt2(tie_word_embeddings=False).model
     nlnn.add_adapters(untied, ["lm_head"], ranks=4, init="principal")  # no tie, no refusal
+
+
+# -- a merged model's state_dict ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("merged_into", ["fresh", "merged"])
+def test_a_merged_models_state_dict_loads_without_applying_the_delta_twice(merged_into):
+    real = _real_models.llama()
+    base = real.model
+    model = nlnn.add_adapters(
+        copy.deepcopy(base),
+        ["q_proj", "down_proj"],
+        ranks=4,
+        target_parameters=["embed_tokens.weight"],
+        seed=0,
+    )
+    _train_one_step(real, model)
+    with torch.no_grad():
+        trained = real(model)
+        nlnn.merge_adapters(model)
+        state = model.state_dict()
+        fresh = nlnn.add_adapters(
+            copy.deepcopy(base),
+            ["q_proj", "down_proj"],
+            ranks=4,
+            target_parameters=["embed_tokens.weight"],
+            seed=1,
+        )
+        if merged_into == "merged":
+            nlnn.merge_adapters(fresh)
+        fresh.load_state_dict(state)
+        assert all(adapter.merged for _, adapter in nlnn.iter_adapters(fresh))
+        torch.testing.assert_close(real(fresh), trained, **TOL)
+        nlnn.unmerge_adapters(fresh)
+        torch.testing.assert_close(real(fresh), trained, **TOL)
+        # and back: an unmerged state_dict into a merged model
+        nlnn.merge_adapters(model)
+        model.load_state_dict(fresh.state_dict())
+        assert not any(adapter.merged for _, adapter in nlnn.iter_adapters(model))
+        torch.testing.assert_close(real(model), trained, **TOL)
+
+
+def test_a_state_dict_without_the_merged_flag_still_loads_strictly():
+    model = nlnn.add_adapters(nn.Sequential(nn.Linear(4, 3)), ["0"], ranks=2, seed=0)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    assert len(state) == len(model.state_dict()) - 1
+    model.load_state_dict(state)
+    with pytest.raises(ValueError, match="merged flag"):
+        model.load_state_dict({**state, "0._extra_state": torch.tensor(1.0)})
