@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tenalg import multi_mode_product
 from ._conv import ConvGeometry, FusedTuckerConv, conv_delta, factorized_branch
 from ._host import DeltaHost
+from .delta import mode_products
 
 __all__ = [
     "PATHS",
@@ -280,7 +280,7 @@ class ConvAdapter(TuckerAdapter):
         """``scale · G ×_2 K_2 … ×_N K_N`` of shape ``(r0, r1, *kernel)``, in the weight's dtype."""
         core = self.delta.core * self.scale
         spatial = list(self.delta.factors)[2:]
-        folded = multi_mode_product(core, spatial, modes=range(2, core.ndim))
+        folded = mode_products(core, spatial, range(2, core.ndim))
         return self._cast(folded)
 
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
