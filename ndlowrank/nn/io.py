@@ -44,6 +44,7 @@ from .._files import atomic_path
 from ..init import KNOWN_INITS
 from ._host import DeltaHost
 from .delta import TuckerDelta
+from .distributed import copy_full, gathered, is_sharded, rank_writes, unwrap, wait_for_writer
 from .layers import _ADAPTERS, _PEER_ADAPTERS, PATHS, TuckerAdapter, _adapter_class
 from .model import _is_internal, _set_submodule, iter_adapters, mark_only_adapters_trainable
 from .parameters import ParameterAdapter, attach_parameter_adapter, remove_parameter_adapter
@@ -97,7 +98,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         ``"principal"`` adapter also its start, ``f"{name}.principal_core"`` and
         ``f"{name}.principal_factor_{n}"``. The tensors are detached and contiguous, on
         the adapters' device and in their dtype; like ``Module.state_dict`` they may share
-        memory with the parameters.
+        memory with the parameters. Parameters sharded by FSDP2 (``DTensor``) are gathered
+        into full tensors, a collective that every rank must join (see
+        :mod:`ndlowrank.nn.distributed`).
 
     Examples
     --------
@@ -110,9 +113,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, adapter in iter_adapters(model):
         prefix = _prefix(name)
-        state[f"{prefix}core"] = adapter.delta.core.detach().contiguous()
+        state[f"{prefix}core"] = gathered(adapter.delta.core.detach()).contiguous()
         for n, factor in enumerate(adapter.delta.factors):
-            state[f"{prefix}factors.{n}"] = factor.detach().contiguous()
+            state[f"{prefix}factors.{n}"] = gathered(factor.detach()).contiguous()
         if _is_principal(adapter):
             for buffer in _principal_names(adapter.weight.ndim):
                 state[prefix + buffer] = getattr(adapter, buffer).detach().contiguous()
@@ -177,6 +180,11 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
     flushed to disk and renamed onto ``path``. If anything fails, the temporary file is
     removed and a file already at ``path`` is left untouched.
 
+    Under FSDP2 (``fully_shard``, whose parameters are ``DTensor`` shards) every rank must
+    call this: the adapters' tensors are gathered, rank 0 writes the file (the same file one
+    process would write) and every rank returns once it is written. Under DDP each caller
+    writes its own copy; save on one rank (``if dist.get_rank() == 0``) as usual.
+
     Examples
     --------
     >>> import copy, os, tempfile
@@ -195,6 +203,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
     >>> torch.equal(restored(x), model(x))
     True
     """
+    model = unwrap(model)
     adapters = list(iter_adapters(model))
     if not adapters:
         raise ValueError("the model has no adapters to save; add them with ndlowrank.nn.add_adapters")
@@ -213,10 +222,15 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
         "targets": [_adapter_config(name, adapter) for name, adapter in adapters],
     }
     metadata = {METADATA_KEY: json.dumps(header), "format": "pt"}
+    sharded = any(is_sharded(p) for _, adapter in adapters for p in adapter.delta.parameters())
     tensors = {key: t.to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
 
-    with atomic_path(target) as temporary:
-        safetensors.torch.save_file(tensors, str(temporary), metadata=metadata)
+    try:
+        if rank_writes(sharded):
+            with atomic_path(target) as temporary:
+                safetensors.torch.save_file(tensors, str(temporary), metadata=metadata)
+    finally:
+        wait_for_writer(sharded)
 
 
 # -- reading and validating a file -------------------------------------------------------
@@ -527,9 +541,9 @@ def _plan(
 
 def _copy_trained(adapter: DeltaHost, target: _Target, tensors: Mapping[str, torch.Tensor]) -> None:
     prefix = _prefix(target.name)
-    adapter.delta.core.copy_(tensors[f"{prefix}core"])
+    copy_full(adapter.delta.core, tensors[f"{prefix}core"])
     for n, factor in enumerate(adapter.delta.factors):
-        factor.copy_(tensors[f"{prefix}factors.{n}"])
+        copy_full(factor, tensors[f"{prefix}factors.{n}"])
 
 
 def _file_start(
@@ -684,12 +698,18 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str], *, strict: boo
       file's start, ``W - ΔW₀(model) + ΔW₀(file)``, exact up to rounding.
     - To undo a failure exactly, the load keeps a copy of each base weight it changes (those
       of ``"principal"`` adapters) until it has finished.
+    - Into a model sharded by FSDP2 (``DTensor`` parameters) every rank loads the file and
+      copies its own shard of each tensor; add the adapters before ``fully_shard``, so that
+      the file loads into existing adapters.
+    - A model wrapped in ``DistributedDataParallel`` is unwrapped (``model.module``) by
+      :func:`save_adapters` and :func:`load_adapters`, so adapter names carry no ``module.``.
 
     Examples
     --------
     See :func:`save_adapters`.
     """
     target_path = _fspath(path)
+    wrapper, model = model, unwrap(model)
     where = f"adapter file {target_path!r}"
     metadata, tensors = _read_file(target_path, where)
     targets = _parse_header(metadata[METADATA_KEY], where)
@@ -713,4 +733,4 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str], *, strict: boo
             for step in reversed(undo):
                 step()
         raise
-    return model
+    return wrapper
