@@ -497,7 +497,7 @@ def _plan(
         else:
             base = _fresh_layer(model, target, at)
         if target.principal_ranks is not None:
-            weight = base if isinstance(base, nn.Parameter) else base.weight
+            weight: torch.Tensor = base if isinstance(base, nn.Parameter) else base.weight  # type: ignore[assignment]
             try:
                 check_untied(model, [(target.name, weight)], "a 'principal' adapter", "untie them first")
             except ValueError as exc:

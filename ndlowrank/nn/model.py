@@ -6,7 +6,7 @@ import functools
 import inspect
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -155,14 +155,14 @@ def _read_by_parent(model: nn.Module, name: str) -> bool:
         for parent_type, child_name in READ_BY_ATTRIBUTE
     ):
         return isinstance(model.get_submodule(name), nn.Linear)
-    return child in _weights_read_in_forward(type(parent))
+    return child in _weights_read_in_forward(type(parent).forward)
 
 
 @functools.cache
-def _weights_read_in_forward(parent_type: type[nn.Module]) -> frozenset[str]:
-    """Children whose weight ``parent_type.forward`` uses as a tensor (``self.<child>.weight`` not followed by ``.`` or ``[``)."""
+def _weights_read_in_forward(forward: Callable[..., Any]) -> frozenset[str]:
+    """Children whose weight a parent's ``forward`` uses as a tensor (``self.<child>.weight`` not followed by ``.`` or ``[``)."""
     try:
-        source = inspect.getsource(parent_type.forward)
+        source = inspect.getsource(forward)
     except (OSError, TypeError):  # no source (a compiled or built-in class): nothing is known
         return frozenset()
     return frozenset(re.findall(r"self\.(\w+)\.weight\b(?!\s*[.\[])", source))

@@ -75,4 +75,4 @@ def untie(model: nn.Module, name: str, adapter: DeltaHost) -> None:
         owner.parametrizations[attribute].original = copy  # type: ignore[index,union-attr]
         adapter.__dict__["_weight"] = copy
     else:
-        adapter.base_layer.weight = copy
+        adapter.base_layer.weight = copy  # type: ignore[union-attr]
