@@ -46,6 +46,7 @@ def test_add_train_save_load_merge_remove(name, tmp_path):
     )
     adapters = dict(nlnn.iter_adapters(model))
     assert len(adapters) >= len(real.target_modules) + len(real.target_parameters)
+    assert nlnn.find_bypassed_adapters(model, **real.inputs) == []
     with torch.no_grad():
         torch.testing.assert_close(real(model), expected_base, **TOL)  # ΔW = 0 at the start
 
@@ -150,6 +151,36 @@ def test_a_layer_whose_weight_its_parent_reads_gets_a_parameter_adapter_that_tra
     with torch.no_grad():
         qkv.delta.core.add_(1.0)
         assert not torch.allclose(adapted(x), model(x))
+
+
+class _ReadsQkvWeightInAHelper(_ReadsQkvWeight):
+    """The weight is read in a helper method, which the source check of ``forward`` does not see."""
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.qkv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x).chunk(3, dim=-1)
+        return self.proj(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v)
+
+
+def test_find_bypassed_adapters_reports_an_adapter_whose_weight_is_used_but_that_never_runs():
+    torch.manual_seed(0)
+    model = nn.Sequential(_ReadsQkvWeightInAHelper(), nn.Dropout(0.5))
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    bypassed = nlnn.add_adapters(copy.deepcopy(model), ["qkv", "proj"], ranks=4, seed=0).train()
+    flags = {name: p.requires_grad for name, p in bypassed.named_parameters()}
+    assert nlnn.find_bypassed_adapters(bypassed, x) == ["0.qkv"]
+    assert all(m.training for m in bypassed.modules())
+    assert {name: p.requires_grad for name, p in bypassed.named_parameters()} == flags
+    assert all(p.grad is None for p in bypassed.parameters())
+
+    routed = nlnn.add_adapters(
+        copy.deepcopy(model), ["proj"], ranks=4, target_parameters=["qkv.weight"], seed=0
+    )
+    assert nlnn.find_bypassed_adapters(routed, x) == []
+    reads_in_forward = nlnn.add_adapters(nn.Sequential(_ReadsQkvWeight()), ["qkv", "proj"], ranks=4, seed=0)
+    assert nlnn.find_bypassed_adapters(reads_in_forward, x) == []  # routed by add_adapters
 
 
 def test_torchvision_resnet_round_trip(tmp_path):

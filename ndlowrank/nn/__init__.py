@@ -4,6 +4,7 @@ The only part of ndlowrank that imports torch at module level. Everything here b
 the array-API core (:func:`ndlowrank.tucker_delta`, :func:`ndlowrank.sthosvd`).
 """
 
+from .bypass import find_bypassed_adapters
 from .delta import TuckerDelta
 from .io import adapter_state_dict, load_adapters, save_adapters
 from .layers import (
@@ -38,6 +39,7 @@ __all__ = [
     "TuckerDelta",
     "adapter_state_dict",
     "add_adapters",
+    "find_bypassed_adapters",
     "iter_adapters",
     "load_adapters",
     "mark_only_adapters_trainable",
