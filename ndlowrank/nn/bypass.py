@@ -74,6 +74,8 @@ def find_bypassed_adapters(model: nn.Module, /, *args: Any, **kwargs: Any) -> li
     ['0.proj']
     """
     adapters = [(name, module) for name, module in model.named_modules() if isinstance(module, TuckerAdapter)]
+    if not adapters:
+        return []
     ran: set[str] = set()
     handles = [
         adapter.register_forward_pre_hook(lambda module, inputs, name=name: ran.add(name))
