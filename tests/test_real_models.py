@@ -243,7 +243,7 @@ def test_an_adapter_on_a_tied_weight_changes_only_its_own_module(target, tmp_pat
         torch.testing.assert_close(real(plain), trained, **TOL)
 
 
-def test_the_principal_init_on_a_tied_weight_is_refused_and_the_model_is_unchanged():
+def test_the_principal_init_on_a_tied_weight_is_refused_and_the_model_is_unchanged(tmp_path):
     real = _real_models.gpt2()
     state = {k: v.clone() for k, v in real.model.state_dict().items()}
     with pytest.raises(ValueError, match=r"'lm_head'.*tied to \['transformer.wte.weight'\].*principal"):
@@ -251,8 +251,15 @@ def test_the_principal_init_on_a_tied_weight_is_refused_and_the_model_is_unchang
     assert not list(nlnn.iter_adapters(real.model))
     for key, value in real.model.state_dict().items():
         assert torch.equal(value, state[key]), key
-    untied = _real_models.gpt2(tie_word_embeddings=False).model
-    nlnn.add_adapters(untied, ["lm_head"], ranks=4, init="principal")  # no tie, no refusal
+    untied = _real_models.gpt2(tie_word_embeddings=False)
+    with torch.no_grad():
+        expected = real(untied.model)
+        model = nlnn.add_adapters(untied.model, ["lm_head", "c_attn"], ranks=4, init="principal")  # no tie
+        torch.testing.assert_close(real(model), expected, **TOL)
+    nlnn.save_adapters(model, tmp_path / "principal.safetensors")
+    with pytest.raises(ValueError, match="tied to"):
+        nlnn.load_adapters(real.model, tmp_path / "principal.safetensors")
+    assert not list(nlnn.iter_adapters(real.model))
 
 
 # -- a merged model's state_dict ------------------------------------------------------------------

@@ -179,7 +179,8 @@ def _routed_parameters(model: nn.Module, name: str) -> list[str]:
         projections = ["in_proj_weight"] if module.in_proj_weight is not None else []
         projections = projections or ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
         return [prefix + p for p in projections] + [f"{prefix}out_proj.weight"]
-    if isinstance(getattr(module, "weight", None), torch.Tensor) and _read_by_parent(model, name):
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim >= 2 and _read_by_parent(model, name):
         return [f"{prefix}weight"]
     return []
 
