@@ -309,3 +309,33 @@ def test_a_state_dict_without_the_merged_flag_still_loads_strictly():
     model.load_state_dict(state)
     with pytest.raises(ValueError, match="merged flag"):
         model.load_state_dict({**state, "0._extra_state": torch.tensor(1.0)})
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # PEFT calls a deprecated transformers name
+def test_gpt2_conv1d_adapter_computes_what_peft_lora_computes_with_the_same_update():
+    peft = import_peer("peft")
+    real = _real_models.gpt2()
+    lora = peft.get_peft_model(
+        copy.deepcopy(real.model),
+        peft.LoraConfig(target_modules=["c_attn"], r=4, lora_alpha=4, fan_in_fan_out=True),
+    )
+    ours = nlnn.add_adapters(copy.deepcopy(real.model), ["c_attn"], ranks=4, seed=0)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for block, adapter in zip(lora.base_model.model.transformer.h, ours.transformer.h, strict=True):
+            peft_layer, tucker = block.attn.c_attn, adapter.attn.c_attn
+            a = torch.randn(peft_layer.lora_A["default"].weight.shape, generator=gen)  # (r, in)
+            b = torch.randn(peft_layer.lora_B["default"].weight.shape, generator=gen)  # (out, r)
+            peft_layer.lora_A["default"].weight.copy_(a)
+            peft_layer.lora_B["default"].weight.copy_(b)
+            # PEFT's ΔW is B A of shape (out, in); ours has Conv1D's layout (in, out): Aᵀ I Bᵀ
+            tucker.delta.factors[0].copy_(a.T)
+            tucker.delta.core.copy_(torch.eye(4))
+            tucker.delta.factors[1].copy_(b)
+        expected = real(lora)
+        assert not torch.allclose(expected, real(real.model), **TOL)
+        torch.testing.assert_close(real(ours), expected, **TOL)
+        merged_peft = lora.merge_and_unload()
+        merged_ours = nlnn.remove_adapters(ours, merge=True)
+        for block_peft, block_ours in zip(merged_peft.transformer.h, merged_ours.transformer.h, strict=True):
+            torch.testing.assert_close(block_ours.attn.c_attn.weight, block_peft.attn.c_attn.weight, **TOL)
