@@ -499,7 +499,12 @@ def _plan(
         if target.principal_ranks is not None:
             weight: torch.Tensor = base if isinstance(base, nn.Parameter) else base.weight  # type: ignore[assignment]
             try:
-                check_untied(model, [(target.name, weight)], "a 'principal' adapter", "untie them first")
+                check_untied(
+                    model,
+                    [(target.name, weight, target.kind == ParameterAdapter.kind)],
+                    "a 'principal' adapter",
+                    "untie them first",
+                )
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from None
         plan.append((target, base))

@@ -329,7 +329,8 @@ def add_adapters(
             )
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{name!r}: {exc}") from None
-    targets = list(zip([*names, *parameter_names], weights, strict=True))
+    kinds = [False] * len(names) + [True] * len(parameter_names)  # whether each target is a parameter
+    targets = list(zip([*names, *parameter_names], weights, kinds, strict=True))
     if init == "principal":
         check_untied(
             model,
@@ -370,8 +371,8 @@ def add_adapters(
             owner = model.get_submodule(owner_name) if owner_name else model
             attach_parameter_adapter(owner, attribute, adapter)  # type: ignore[arg-type]
     mark_only_adapters_trainable(model)
-    for name, weight in targets:
-        users = tied_users(model, weight, name)
+    for name, weight, is_parameter in targets:
+        users = tied_users(model, weight, name, parameter=is_parameter)
         if users:
             warnings.warn(
                 f"{name!r}: its weight is tied to {users}; the adapter changes only {name!r}'s use of it, "
@@ -393,7 +394,11 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     adapters = list(iter_adapters(model))
     check_untied(
         model,
-        [(name, adapter.weight) for name, adapter in adapters if not adapter.merged],
+        [
+            (name, adapter.weight, isinstance(adapter, ParameterAdapter))
+            for name, adapter in adapters
+            if not adapter.merged
+        ],
         "merging into it",
         "keep the adapter unmerged, or call remove_adapters(model, merge=True), which gives the module a "
         "merged weight of its own; no adapter was merged",

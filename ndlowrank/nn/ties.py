@@ -8,12 +8,18 @@ parameter, so on a tied weight
 - ``init="principal"`` (which replaces ``W`` by the residual) is refused,
 - :func:`~ndlowrank.nn.merge_adapters` (which adds ``ΔW`` in place) is refused, and
 - :func:`~ndlowrank.nn.remove_adapters` with ``merge=True`` unties: the adapted module gets a
-  parameter of its own holding ``W + ΔW``, and the other users keep ``W``.
+  parameter (a layer adapter: a layer) of its own holding ``W + ΔW``, and the other users
+  keep ``W``.
+
+A module registered at several paths (one layer object reused) is one user for a parameter
+adapter, which parametrizes the object and so changes every path alike: nothing is tied
+then. A layer adapter replaces the layer at one path only, so the other paths are other users.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from copy import deepcopy
 
 import torch
 from torch import nn
@@ -24,37 +30,54 @@ from .parameters import ParameterAdapter
 __all__ = ["check_untied", "tied_users", "untie"]
 
 
-def _belongs(key: str, name: str) -> bool:
-    """Whether the parameter path ``key`` is the target ``name`` itself (a module or a parameter path)."""
-    owner, _, attribute = name.rpartition(".")
-    parametrized = (
-        f"{owner}.parametrizations.{attribute}.original"
-        if owner
-        else f"parametrizations.{attribute}.original"
-    )
-    return key == name or key.startswith(f"{name}.") or key == parametrized
+def _holders(model: nn.Module, name: str, parameter: bool) -> tuple[str | None, list[nn.Module]]:
+    """What counts as the target ``name`` itself: a path prefix (a layer) or the modules holding a parameter.
+
+    A layer adapter replaces the layer at one path only, so uses of the same layer object
+    at other paths are other users. A parameter adapter parametrizes the owning module
+    object, so every path of that object sees ``ΔW``: its uses are the target's own.
+    """
+    if not parameter:
+        return name, []
+    owner_name, _, attribute = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    holders = [owner]
+    parametrizations = getattr(owner, "parametrizations", None)
+    if parametrizations is not None and attribute in parametrizations:
+        holders.append(parametrizations[attribute])
+    return None, holders
 
 
-def tied_users(model: nn.Module, weight: torch.Tensor, name: str) -> list[str]:
+def tied_users(model: nn.Module, weight: torch.Tensor, name: str, *, parameter: bool = False) -> list[str]:
     """The paths under which ``model`` holds ``weight`` besides the target ``name`` (empty if untied).
 
-    ``name`` is a module path (a layer adapter's or a layer's) or a parameter path (a
-    parameter adapter's); the paths inside it (``lm_head.base_layer.weight``) are its own.
+    ``name`` is a module path (a layer, or a layer adapter: the paths inside it are its
+    own) or, with ``parameter``, a parameter path (a parameter or a parameter adapter: the
+    module owning it is its own, at whatever paths it is registered).
     """
-    return [
-        key
-        for key, parameter in model.named_parameters(remove_duplicate=False)
-        if parameter is weight and not _belongs(key, name)
-    ]
+    prefix, holders = _holders(model, name, parameter)
+    users = []
+    for path, module in model.named_modules(remove_duplicate=False):
+        if prefix is not None and (path == prefix or path.startswith(f"{prefix}.")):
+            continue
+        if any(module is holder for holder in holders):
+            continue
+        for attribute, value in module._parameters.items():
+            if value is weight:
+                users.append(f"{path}.{attribute}" if path else attribute)
+    return users
 
 
-def check_untied(model: nn.Module, targets: Iterable[tuple[str, torch.Tensor]], what: str, fix: str) -> None:
+def check_untied(
+    model: nn.Module, targets: Iterable[tuple[str, torch.Tensor, bool]], what: str, fix: str
+) -> None:
     """Raise ``ValueError`` naming the first target whose weight ``model`` shares with another module.
 
-    ``what`` says what would write into the shared weight, ``fix`` what to do instead.
+    ``targets`` are ``(name, weight, parameter)`` as for :func:`tied_users`; ``what`` says
+    what would write into the shared weight, ``fix`` what to do instead.
     """
-    for name, weight in targets:
-        users = tied_users(model, weight, name)
+    for name, weight, parameter in targets:
+        users = tied_users(model, weight, name, parameter=parameter)
         if users:
             raise ValueError(
                 f"{name!r}: its weight is tied to {users} (the same parameter), so {what} would change "
@@ -64,15 +87,19 @@ def check_untied(model: nn.Module, targets: Iterable[tuple[str, torch.Tensor]], 
 
 @torch.no_grad()
 def untie(model: nn.Module, name: str, adapter: DeltaHost) -> None:
-    """Give the adapter ``name`` a copy of its weight if the weight is tied, so that merging it changes no other module."""
+    """Give the adapter ``name`` a copy of its weight (a layer adapter: of its layer) if the weight is tied.
+
+    Merging the adapter then changes no other module.
+    """
     weight = adapter.weight
-    if not tied_users(model, weight, name):
+    parameter = isinstance(adapter, ParameterAdapter)
+    if not tied_users(model, weight, name, parameter=parameter):
         return
-    copy = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-    if isinstance(adapter, ParameterAdapter):
+    if parameter:
+        copy = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
         owner_name, _, attribute = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         owner.parametrizations[attribute].original = copy  # type: ignore[index,union-attr]
         adapter.__dict__["_weight"] = copy
-    else:
-        adapter.base_layer.weight = copy  # type: ignore[union-attr]
+    else:  # a layer of its own: the layer object itself may be registered at other paths too
+        adapter.base_layer = deepcopy(adapter.base_layer)
