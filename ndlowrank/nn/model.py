@@ -18,7 +18,7 @@ from ._host import DeltaHost
 from .delta import TuckerDelta, layer_seed
 from .layers import TuckerAdapter, _adapter_class
 from .parameters import ParameterAdapter, attach_parameter_adapter, detach_parameter_adapter
-from .ties import check_untied, tied_users, untie
+from .ties import check_untied, parameter_uses, tied_users, untie
 
 __all__ = [
     "add_adapters",
@@ -371,8 +371,9 @@ def add_adapters(
             owner = model.get_submodule(owner_name) if owner_name else model
             attach_parameter_adapter(owner, attribute, adapter)  # type: ignore[arg-type]
     mark_only_adapters_trainable(model)
+    uses = parameter_uses(model)
     for name, weight, is_parameter in targets:
-        users = tied_users(model, weight, name, parameter=is_parameter)
+        users = tied_users(model, weight, name, parameter=is_parameter, uses=uses)
         if users:
             warnings.warn(
                 f"{name!r}: its weight is tied to {users}; the adapter changes only {name!r}'s use of it, "
@@ -438,8 +439,9 @@ def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
         ``model`` without adapters; ``requires_grad`` of the base parameters is left as is.
     """
     if merge:  # a tied weight is copied first, so that merging changes no other module
+        uses = parameter_uses(model)  # untying only removes uses: at worst an extra copy
         for name, adapter in list(iter_adapters(model)):
-            untie(model, name, adapter)
+            untie(model, name, adapter, uses=uses)
     for name, module in list(model.named_modules()):
         if isinstance(module, TuckerAdapter):
             base = module.merged_base() if merge else module.restore_base()

@@ -27,7 +27,7 @@ from torch import nn
 from ._host import DeltaHost
 from .parameters import ParameterAdapter
 
-__all__ = ["check_untied", "tied_users", "untie"]
+__all__ = ["check_untied", "parameter_uses", "tied_users", "untie"]
 
 
 def _holders(model: nn.Module, name: str, parameter: bool) -> tuple[str | None, list[nn.Module]]:
@@ -48,23 +48,36 @@ def _holders(model: nn.Module, name: str, parameter: bool) -> tuple[str | None, 
     return None, holders
 
 
-def tied_users(model: nn.Module, weight: torch.Tensor, name: str, *, parameter: bool = False) -> list[str]:
+Uses = dict[int, list[tuple[str, nn.Module, str]]]
+
+
+def parameter_uses(model: nn.Module) -> Uses:
+    """``id(parameter) -> [(module path, module, attribute), ...]``: every place ``model`` holds each parameter."""
+    uses: Uses = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for attribute, value in module._parameters.items():
+            if value is not None:
+                uses.setdefault(id(value), []).append((path, module, attribute))
+    return uses
+
+
+def tied_users(
+    model: nn.Module, weight: torch.Tensor, name: str, *, parameter: bool = False, uses: Uses | None = None
+) -> list[str]:
     """The paths under which ``model`` holds ``weight`` besides the target ``name`` (empty if untied).
 
     ``name`` is a module path (a layer, or a layer adapter: the paths inside it are its
     own) or, with ``parameter``, a parameter path (a parameter or a parameter adapter: the
-    module owning it is its own, at whatever paths it is registered).
+    module owning it is its own, at whatever paths it is registered). ``uses`` is
+    :func:`parameter_uses` of ``model``, to share between many calls.
     """
     prefix, holders = _holders(model, name, parameter)
     users = []
-    for path, module in model.named_modules(remove_duplicate=False):
+    for path, module, attribute in (parameter_uses(model) if uses is None else uses).get(id(weight), []):
         if prefix is not None and (path == prefix or path.startswith(f"{prefix}.")):
             continue
-        if any(module is holder for holder in holders):
-            continue
-        for attribute, value in module._parameters.items():
-            if value is weight:
-                users.append(f"{path}.{attribute}" if path else attribute)
+        if not any(module is holder for holder in holders):
+            users.append(f"{path}.{attribute}" if path else attribute)
     return users
 
 
@@ -76,8 +89,9 @@ def check_untied(
     ``targets`` are ``(name, weight, parameter)`` as for :func:`tied_users`; ``what`` says
     what would write into the shared weight, ``fix`` what to do instead.
     """
+    uses = parameter_uses(model)
     for name, weight, parameter in targets:
-        users = tied_users(model, weight, name, parameter=parameter)
+        users = tied_users(model, weight, name, parameter=parameter, uses=uses)
         if users:
             raise ValueError(
                 f"{name!r}: its weight is tied to {users} (the same parameter), so {what} would change "
@@ -86,14 +100,14 @@ def check_untied(
 
 
 @torch.no_grad()
-def untie(model: nn.Module, name: str, adapter: DeltaHost) -> None:
+def untie(model: nn.Module, name: str, adapter: DeltaHost, *, uses: Uses | None = None) -> None:
     """Give the adapter ``name`` a copy of its weight (a layer adapter: of its layer) if the weight is tied.
 
     Merging the adapter then changes no other module.
     """
     weight = adapter.weight
     parameter = isinstance(adapter, ParameterAdapter)
-    if not tied_users(model, weight, name, parameter=parameter):
+    if not tied_users(model, weight, name, parameter=parameter, uses=uses):
         return
     if parameter:
         copy = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
