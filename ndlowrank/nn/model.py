@@ -233,10 +233,17 @@ def add_adapters(
         least one module. ``None`` when only ``target_parameters`` are adapted.
         An ``nn.Linear`` that its parent reads by attribute instead of calling it (the
         ``out_proj`` of ``nn.MultiheadAttention``, ``linear1``/``linear2`` of
-        ``nn.TransformerEncoderLayer``; the table is :data:`READ_BY_ATTRIBUTE`) gets a
-        :class:`ParameterAdapter` on its ``weight`` instead, as if ``"<name>.weight"`` were in
-        ``target_parameters`` (its ranks still come from ``rank_pattern`` by the module name),
-        so every path of the parent, fused kernels included, sees ``W + ΔW``.
+        ``nn.TransformerEncoderLayer``; the table is :data:`READ_BY_ATTRIBUTE`), and any
+        layer whose weight its parent's ``forward`` passes on as ``self.<child>.weight``
+        (timm's ``F.linear(x, self.qkv.weight, ...)``), gets a :class:`ParameterAdapter` on
+        its ``weight`` instead, as if ``"<name>.weight"`` were in ``target_parameters`` (its
+        ranks still come from ``rank_pattern`` by the module name), so every path of the
+        parent, fused kernels included, sees ``W + ΔW``. An ``nn.MultiheadAttention`` target
+        gets parameter adapters on its projection weights (``in_proj_weight``, or
+        ``q/k/v_proj_weight``, and ``out_proj.weight``). transformers' ``Conv1D`` (GPT-2)
+        gets a :class:`TransposedLinearAdapter`. A weight tied to another module (GPT-2's
+        ``lm_head`` and ``wte``) is adapted for its target only, with a warning; see
+        :mod:`ndlowrank.nn.ties`.
     ranks : int or sequence of int
         Ranks of every adapter. An int is clipped to each mode's size (``8`` works on a
         depthwise 1×3×3 kernel); a sequence must fit every targeted weight.
@@ -266,8 +273,8 @@ def add_adapters(
     ValueError
         A target that matches nothing, a parameter with fewer than 2 modes, a rank that
         does not fit a weight (naming the target, mode, rank and size), a bad option, or
-        ``dropout > 0`` with a target module that gets a parameter adapter.
-        The model is unchanged then.
+        ``dropout > 0`` with a target module that gets a parameter adapter, or
+        ``init="principal"`` on a tied weight. The model is unchanged then.
     TypeError
         A target whose type cannot be adapted (naming the type and the supported ones).
 
