@@ -10,14 +10,41 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
 import _real_models  # noqa: E402
 from torch import nn  # noqa: E402
 
+import ndlowrank as nl  # noqa: E402
 from ndlowrank import nn as nlnn  # noqa: E402
+from ndlowrank.nn.delta import mode_products  # noqa: E402
+
+from _helpers import einsum_tucker  # noqa: E402
+
+
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    data=st.data(),
+)
+def test_mode_products_equal_multi_mode_product_bit_for_bit_and_an_einsum(shape, data):
+    ranks = [data.draw(st.integers(1, size)) for size in shape]
+    modes = data.draw(st.permutations(range(len(shape))))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    core = torch.randn(ranks, generator=gen, dtype=torch.float64)
+    factors = [
+        torch.randn(size, rank, generator=gen, dtype=torch.float64)
+        for size, rank in zip(shape, ranks, strict=True)
+    ]
+    matrices = [factors[m] for m in modes]
+    actual = mode_products(core, matrices, modes)
+    assert torch.equal(actual, nl.multi_mode_product(core, matrices, modes))
+    expected = einsum_tucker(core.numpy(), [f.numpy() for f in factors])
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-12, atol=1e-12)
 
 
 class _EveryKind(nn.Module):
