@@ -3,7 +3,7 @@
 Both processes train on their half of a batch; the file saved under FSDP2 (every rank calls
 ``save_adapters``, rank 0 writes) and under DDP (rank 0 saves the wrapped model) must hold
 what one process trained on the whole batch saves, and loading it into a fresh sharded or
-wrapped model must reproduce the trained outputs.
+wrapped model must reproduce the trained outputs, merged, unmerged and removed too.
 """
 
 from __future__ import annotations
@@ -66,7 +66,16 @@ def _worker(rank: int, port: int, folder: str) -> None:
         fresh = fully_shard(_model(start=3))
         nlnn.load_adapters(fresh, f"{folder}/fsdp.safetensors")
         with torch.no_grad():
-            assert torch.equal(fresh(x), sharded(x))
+            trained = sharded(x)
+            assert torch.equal(fresh(x), trained)
+            # merging writes into the sharded weights (the parameter adapter's too, which
+            # fully_shard replaced by a DTensor in its parametrization)
+            nlnn.merge_adapters(fresh)
+            torch.testing.assert_close(fresh(x), trained, rtol=0, atol=1e-12)
+            nlnn.unmerge_adapters(fresh)
+            torch.testing.assert_close(fresh(x), trained, rtol=0, atol=1e-12)
+            nlnn.remove_adapters(fresh, merge=True)
+            torch.testing.assert_close(fresh(x), trained, rtol=0, atol=1e-12)
 
         replicated = DistributedDataParallel(_model())
         _train(replicated, x[half], y[half])

@@ -114,6 +114,5 @@ def untie(model: nn.Module, name: str, adapter: DeltaHost, *, uses: Uses | None 
         owner_name, _, attribute = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         owner.parametrizations[attribute].original = copy  # type: ignore[index,union-attr]
-        adapter.__dict__["_weight"] = copy
     else:  # a layer of its own: the layer object itself may be registered at other paths too
         adapter.base_layer = deepcopy(adapter.base_layer)
