@@ -102,6 +102,12 @@ def test_multihead_attention_as_a_target_adapts_its_projection_weights():
         "0.in_proj_weight": (3, 3),
         "0.out_proj.weight": (3, 3),
     }
+    pattern = {"0": 3, "out_proj.weight": 2}  # the parameter's own key wins over its module's
+    by_parameter = nlnn.add_adapters(copy.deepcopy(model), ["0"], ranks=4, seed=0, rank_pattern=pattern)
+    assert {name: a.ranks for name, a in nlnn.iter_adapters(by_parameter)} == {
+        "0.in_proj_weight": (3, 3),
+        "0.out_proj.weight": (2, 2),
+    }
     separate = nn.Sequential(nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True))
     adapted_separate = nlnn.add_adapters(separate, ["0"], ranks=4, seed=0)
     assert [name for name, _ in nlnn.iter_adapters(adapted_separate)] == [

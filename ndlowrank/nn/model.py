@@ -236,11 +236,12 @@ def add_adapters(
         ``nn.TransformerEncoderLayer``; the table is :data:`READ_BY_ATTRIBUTE`), and any
         layer whose weight its parent's ``forward`` passes on as ``self.<child>.weight``
         (timm's ``F.linear(x, self.qkv.weight, ...)``), gets a :class:`ParameterAdapter` on
-        its ``weight`` instead, as if ``"<name>.weight"`` were in ``target_parameters`` (its
-        ranks still come from ``rank_pattern`` by the module name), so every path of the
-        parent, fused kernels included, sees ``W + ΔW``. An ``nn.MultiheadAttention`` target
-        gets parameter adapters on its projection weights (``in_proj_weight``, or
-        ``q/k/v_proj_weight``, and ``out_proj.weight``). transformers' ``Conv1D`` (GPT-2)
+        its ``weight`` instead, as if ``"<name>.weight"`` were in ``target_parameters``, so
+        every path of the parent, fused kernels included, sees ``W + ΔW``. An
+        ``nn.MultiheadAttention`` target gets parameter adapters on its projection weights
+        (``in_proj_weight``, or ``q/k/v_proj_weight``, and ``out_proj.weight``). The ranks of
+        such a parameter come from a ``rank_pattern`` key that matches its name, else from
+        one that matches the module's name. transformers' ``Conv1D`` (GPT-2)
         gets a :class:`TransposedLinearAdapter`. A weight tied to another module (GPT-2's
         ``lm_head`` and ``wte``) is adapted for its target only, with a warning; see
         :mod:`ndlowrank.nn.ties`.
@@ -332,7 +333,9 @@ def add_adapters(
     for name, weight in zip([*names, *parameter_names], weights, strict=True):
         try:  # every rank is checked before any principal init changes a weight
             validate_ranks(
-                _ranks_for(routed.get(name, name), ranks, rank_pattern), tuple(weight.shape), clip=True
+                _ranks_for(name, _ranks_for(routed.get(name, name), ranks, rank_pattern), rank_pattern),
+                tuple(weight.shape),
+                clip=True,
             )
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{name!r}: {exc}") from None
@@ -362,7 +365,10 @@ def add_adapters(
             built.append((name, adapter))
         for name in parameter_names:
             parameter = model.get_parameter(name)
-            parameter_ranks = _ranks_for(routed.get(name, name), ranks, rank_pattern)
+            # a rank_pattern key for the parameter itself wins over one for its module
+            parameter_ranks = _ranks_for(
+                name, _ranks_for(routed.get(name, name), ranks, rank_pattern), rank_pattern
+            )
             adapter = ParameterAdapter(parameter, parameter_ranks, seed=layer_seed(seed, name), **options)
             built.append((name, adapter))
     except (ValueError, TypeError) as exc:
