@@ -109,3 +109,13 @@ def test_compiled_gpt2_with_conv1d_adapters_matches_eager():
             actual = real(torch.compile(model, backend="eager"))
     assert not [w for w in caught if "ndlowrank" in str(w.filename) or "array_api" in str(w.message)]
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    # the Conv1D adapter alone compiles to one graph, on both paths
+    adapter = model.transformer.h[0].attn.c_attn
+    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(2))
+    for path in ("materialize", "factorized"):
+        adapter.path = path
+        expected_x = _outputs_and_grads(adapter, x)
+        torch._dynamo.reset()
+        actual_x = _outputs_and_grads(torch.compile(adapter, backend="aot_eager", fullgraph=True), x)
+        for a, e in zip(actual_x, expected_x, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
