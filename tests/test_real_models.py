@@ -7,6 +7,7 @@ UNet2DConditionModel); torchvision and timm skip with the reason they cannot be 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 
@@ -170,7 +171,7 @@ class _ReadsQkvWeightInAHelper(_ReadsQkvWeight):
         return self.proj(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v)
 
 
-def test_find_bypassed_adapters_reports_an_adapter_whose_weight_is_used_but_that_never_runs():
+def test_find_bypassed_adapters_reports_an_adapter_whose_weight_is_used_but_that_never_runs(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(_ReadsQkvWeightInAHelper(), nn.Dropout(0.5))
     x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
@@ -180,6 +181,15 @@ def test_find_bypassed_adapters_reports_an_adapter_whose_weight_is_used_but_that
     assert all(m.training for m in bypassed.modules())
     assert {name: p.requires_grad for name, p in bypassed.named_parameters()} == flags
     assert all(p.grad is None for p in bypassed.parameters())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nlnn.save_adapters(bypassed, tmp_path / "start.safetensors")  # nothing trained yet: no warning
+    optimizer = torch.optim.SGD([p for p in bypassed.parameters() if p.requires_grad], lr=0.1)
+    bypassed(x).square().sum().backward()
+    optimizer.step()
+    with pytest.warns(UserWarning, match=r"adapters \['0.qkv'\] are still at ΔW = 0 while others trained"):
+        nlnn.save_adapters(bypassed, tmp_path / "trained.safetensors")
 
     routed = nlnn.add_adapters(
         copy.deepcopy(model), ["proj"], ranks=4, target_parameters=["qkv.weight"], seed=0

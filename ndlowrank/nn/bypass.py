@@ -5,7 +5,8 @@ directly (timm's BEiT, EVA and SwinV2 attention call ``F.linear(x, self.qkv.weig
 bypasses it: the output does not change and the adapter trains nothing.
 :func:`~ndlowrank.nn.add_adapters` routes such targets to parameter adapters when the
 parent's ``forward`` reads ``self.<child>.weight`` in its source; :func:`find_bypassed_adapters`
-checks any model by running it once.
+checks any model by running it once, and :func:`~ndlowrank.nn.save_adapters` warns about
+adapters that are still at ``ΔW = 0`` while others trained (:func:`untrained_adapters`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._host import DeltaHost
+from .distributed import gathered
 from .layers import TuckerAdapter
 
-__all__ = ["find_bypassed_adapters"]
+__all__ = ["find_bypassed_adapters", "untrained_adapters"]
 
 
 def _tensors(output: Any) -> Iterator[torch.Tensor]:
@@ -104,3 +107,22 @@ def find_bypassed_adapters(model: nn.Module, /, *args: Any, **kwargs: Any) -> li
     return [
         name for (name, _), grad in zip(adapters, grads, strict=True) if grad is not None and name not in ran
     ]
+
+
+def _is_zero(adapter: DeltaHost) -> bool:
+    """Whether ``ΔW`` is exactly zero: its core or one of its factors is all zeros."""
+    tensors = [adapter.delta.core, *adapter.delta.factors]
+    return any(not bool(gathered(t.detach()).any()) for t in tensors)
+
+
+def untrained_adapters(adapters: list[tuple[str, DeltaHost]]) -> list[str]:
+    """Names of the adapters still at ``ΔW = 0`` when others are not (empty when none or all are).
+
+    Every init but ``"principal"`` starts at ``ΔW = 0`` with a zero core or factor, which the
+    first gradient step moves; an adapter that never ran (or whose output nothing used)
+    stays there. ``"principal"`` adapters start elsewhere and are not judged.
+    """
+    judged = [(name, _is_zero(adapter)) for name, adapter in adapters if adapter.init != "principal"]
+    if all(zero for _, zero in judged):
+        return []
+    return [name for name, zero in judged if zero]

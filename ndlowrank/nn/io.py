@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -43,6 +44,7 @@ from .. import __version__
 from .._files import atomic_path
 from ..init import KNOWN_INITS
 from ._host import DeltaHost
+from .bypass import untrained_adapters
 from .delta import TuckerDelta
 from .distributed import copy_full, gathered, is_sharded, rank_writes, unwrap, wait_for_writer
 from .layers import _ADAPTERS, _PEER_ADAPTERS, PATHS, TuckerAdapter, _adapter_class
@@ -174,6 +176,12 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
     IsADirectoryError, FileNotFoundError
         If ``path`` is a directory or its directory does not exist (naming the path).
 
+    Warns
+    -----
+    UserWarning
+        If some adapters are still at ``ΔW = 0`` while others trained (see
+        :func:`~ndlowrank.nn.find_bypassed_adapters`): they may never have run.
+
     Notes
     -----
     The write is atomic: the file is written under a temporary name in the same directory,
@@ -214,6 +222,14 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot save adapters to {target!r}: directory {directory!r} does not exist")
     safetensors = _safetensors()
+    untrained = untrained_adapters(adapters)
+    if untrained:
+        warnings.warn(
+            f"adapters {untrained} are still at ΔW = 0 while others trained: they may never run (a parent "
+            "that reads their layer's weight directly bypasses them; ndlowrank.nn.find_bypassed_adapters "
+            "finds those) or their output is unused",
+            stacklevel=2,
+        )
 
     header = {
         "format": FILE_FORMAT,
