@@ -202,7 +202,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
     >>> base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     >>> model = nlnn.add_adapters(copy.deepcopy(base), ["0", "2"], ranks=2, seed=0)
     >>> with torch.no_grad():  # stands in for training
-    ...     _ = model[0].delta.core.normal_()
+    ...     _ = model[0].delta.core.normal_(), model[2].delta.core.normal_()
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     path = os.path.join(tmp, "adapters.safetensors")
     ...     nlnn.save_adapters(model, path)
