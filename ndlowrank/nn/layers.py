@@ -63,13 +63,14 @@ class TuckerAdapter(DeltaHost):
     """A layer whose weight is changed by ``ΔW = scale · G ×_0 A_0 … ×_{N-1} A_{N-1}`` in the weight's own layout.
 
     ``TuckerAdapter(layer, ...)`` returns a :class:`LinearAdapter`, :class:`ConvAdapter`
-    (``nn.Conv1d/2d/3d``, every geometry including groups and padding modes) or
-    :class:`EmbeddingAdapter`. The delta has the weight's shape: ``(out, in)`` for a linear
-    layer, ``(out, in/groups, *kernel)`` for a convolution, ``(num, dim)`` for an embedding.
+    (``nn.Conv1d/2d/3d``, every geometry including groups and padding modes),
+    :class:`EmbeddingAdapter` or :class:`TransposedLinearAdapter` (transformers' ``Conv1D``).
+    The delta has the weight's shape: ``(out, in)`` for a linear layer, ``(out, in/groups,
+    *kernel)`` for a convolution, ``(num, dim)`` for an embedding, ``(in, out)`` for a ``Conv1D``.
 
     Parameters
     ----------
-    base_layer : nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d or nn.Embedding
+    base_layer : nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding or transformers' Conv1D
         Kept as ``self.base_layer``; it is not frozen here (:func:`add_adapters` does that).
     ranks : int or sequence of int
         An int is clipped to each mode's size (``8`` on a 3×3 kernel gives spatial ranks 3);
