@@ -16,6 +16,7 @@ from .model import (
     unmerge_adapters,
 )
 from .parameters import ParameterAdapter
+from .targets import select_targets
 from .truncate import TruncationReport, truncate_adapters
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "merge_adapters",
     "remove_adapters",
     "save_adapters",
+    "select_targets",
     "supported_layers",
     "truncate_adapters",
     "unmerge_adapters",

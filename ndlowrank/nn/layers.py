@@ -137,6 +137,25 @@ class TuckerAdapter(DeltaHost):
         """The base layer's weight (merged or not)."""
         return self.base_layer.weight
 
+    def __getattr__(self, name: str) -> Any:
+        """Read the base layer's attributes through the adapter (``in_features``, ``bias``, ``kernel_size``, ...).
+
+        Code that inspects a layer (transformers, torchvision, user models) keeps working
+        on the adapted layer. Only reading is forwarded: the adapter's own attributes
+        (``delta``, ``scale``, ``dropout``, ``path``, ...) take precedence, and setting an
+        attribute sets it on the adapter.
+        """
+        try:
+            return super().__getattr__(name)
+        except AttributeError as error:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name.startswith("__"):
+                raise
+            try:
+                return getattr(base, name)
+            except AttributeError:
+                raise error from None
+
     def chosen_path(self, x: torch.Tensor) -> str:
         """The path a call on ``x`` takes."""
         if self.path != "auto":

@@ -15,6 +15,7 @@ from ._host import DeltaHost
 from .delta import TuckerDelta, layer_seed
 from .layers import TuckerAdapter, _adapter_class
 from .parameters import ParameterAdapter, attach_parameter_adapter, detach_parameter_adapter
+from .targets import Targets, _is_internal, select_targets
 
 __all__ = [
     "add_adapters",
@@ -81,37 +82,6 @@ def _suffix_match(pattern: str, name: str) -> bool:
     return re.fullmatch(rf"(.*\.)?({pattern})", name) is not None
 
 
-def _targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
-    """Names of the modules ``target_modules`` selects; every entry must select something."""
-    candidates = [
-        name
-        for name, module in model.named_modules()
-        if name and not isinstance(module, TuckerAdapter) and not _is_internal(name)
-    ]
-    if isinstance(target_modules, str):
-        chosen = [name for name in candidates if re.fullmatch(target_modules, name)]
-        if not chosen:
-            raise ValueError(f"target_modules={target_modules!r} (a regex) matches no module of the model")
-        return chosen
-    if not target_modules:
-        raise ValueError(
-            "target_modules is empty; name the modules to adapt (exact names, suffixes or a regex)"
-        )
-    chosen = []
-    for target in target_modules:
-        matched = [name for name in candidates if name == target or name.endswith("." + target)]
-        if not matched:
-            raise ValueError(f"target module {target!r} matches no module of the model")
-        chosen += [name for name in matched if name not in chosen]
-    return chosen
-
-
-def _is_internal(name: str) -> bool:
-    """A module or parameter that belongs to an adapter or a parametrization, not to the user's model."""
-    parts = name.split(".")
-    return "base_layer" in parts or "parametrizations" in parts
-
-
 def _target_parameters(model: nn.Module, target_parameters: Sequence[str]) -> list[str]:
     """Names of the parameters ``target_parameters`` selects (exact names or dotted suffixes)."""
     if isinstance(target_parameters, str):
@@ -165,9 +135,10 @@ def mark_only_adapters_trainable(model: nn.Module) -> None:
 
 def add_adapters(
     model: nn.Module,
-    target_modules: str | Sequence[str] | None,
+    target_modules: Targets | None,
     ranks: Ranks,
     *,
+    exclude_modules: Targets | None = None,
     init: str = "zero_core",
     scale: float = 1.0,
     dropout: float = 0.0,
@@ -183,11 +154,13 @@ def add_adapters(
     ----------
     model : nn.Module
         Changed in place and returned.
-    target_modules : str, sequence of str or None
-        Layers to wrap in :class:`TuckerAdapter`. A sequence selects modules by exact name or
-        dotted suffix (``["conv1", "layer1.0.conv2"]``); a string is a regular expression
-        matched against the full module name (``r".*\\.conv\\d"``). Every entry must match at
-        least one module. ``None`` when only ``target_parameters`` are adapted.
+    target_modules : str, sequence of str and module types, or None
+        Layers to wrap in :class:`TuckerAdapter`. A sequence selects modules by exact name,
+        dotted suffix (``["conv1", "layer1.0.conv2"]``) or type (``[nn.Conv2d]``); a string
+        is a regular expression matched against the full module name (``r".*\\.conv\\d"``),
+        or ``"all-linear"``: every linear layer except the output head. Every entry must
+        match at least one module (see :func:`select_targets`). ``None`` when only
+        ``target_parameters`` are adapted.
         An ``nn.Linear`` that its parent reads by attribute instead of calling it (the
         ``out_proj`` of ``nn.MultiheadAttention``, ``linear1``/``linear2`` of
         ``nn.TransformerEncoderLayer``; the table is :data:`READ_BY_ATTRIBUTE`) gets a
@@ -197,6 +170,9 @@ def add_adapters(
     ranks : int or sequence of int
         Ranks of every adapter. An int is clipped to each mode's size (``8`` works on a
         depthwise 1×3×3 kernel); a sequence must fit every targeted weight.
+    exclude_modules : str, sequence of str and module types, optional
+        Modules taken out of ``target_modules``' selection, written the same way (a string
+        is a regex); as PEFT's ``exclude_modules``.
     init, scale, dropout, path, dtype
         As for :class:`TuckerAdapter`. ``dropout`` and ``path`` apply to layer adapters only:
         ``path`` is ignored by parameter adapters, and ``dropout > 0`` with a target module
@@ -250,7 +226,13 @@ def add_adapters(
         raise ValueError(
             "name the layers to adapt with target_modules= or the parameters with target_parameters="
         )
-    names = [] if target_modules is None else _targets(model, target_modules)
+    if target_modules is None and exclude_modules is not None:
+        raise ValueError("exclude_modules narrows target_modules; pass target_modules too")
+    names = (
+        []
+        if target_modules is None
+        else select_targets(model, target_modules, exclude_modules=exclude_modules)
+    )
     parameter_names = [] if not target_parameters else _target_parameters(model, target_parameters)
     for name in parameter_names:
         owner_name = name.rpartition(".")[0]
