@@ -7,6 +7,7 @@ the array-API core (:func:`ndlowrank.tucker_delta`, :func:`ndlowrank.sthosvd`).
 from .delta import TuckerDelta
 from .io import adapter_state_dict, load_adapters, save_adapters
 from .layers import PATHS, ConvAdapter, EmbeddingAdapter, LinearAdapter, TuckerAdapter, supported_layers
+from .manage import AdaptersDisabled, disable_adapters, enable_adapters, set_adapter_scale
 from .model import (
     add_adapters,
     iter_adapters,
@@ -21,6 +22,7 @@ from .truncate import TruncationReport, truncate_adapters
 
 __all__ = [
     "PATHS",
+    "AdaptersDisabled",
     "ConvAdapter",
     "EmbeddingAdapter",
     "LinearAdapter",
@@ -30,6 +32,8 @@ __all__ = [
     "TuckerDelta",
     "adapter_state_dict",
     "add_adapters",
+    "disable_adapters",
+    "enable_adapters",
     "iter_adapters",
     "load_adapters",
     "mark_only_adapters_trainable",
@@ -37,6 +41,7 @@ __all__ = [
     "remove_adapters",
     "save_adapters",
     "select_targets",
+    "set_adapter_scale",
     "supported_layers",
     "truncate_adapters",
     "unmerge_adapters",

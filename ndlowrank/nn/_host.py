@@ -10,6 +10,7 @@ which subtracts the start from the weight), merges and unmerges it, gives the we
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -55,7 +56,10 @@ class DeltaHost(nn.Module):
         param_dtype = dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
         self.init = init
         self.merged = False
+        self.disabled = False
         self._original_weight: torch.Tensor | None = None
+        self._enabled_weight: torch.Tensor | None = None  # the weight to put back when enabled again
+        self._merge_on_enable = False
         if init == "principal":
             self.delta = TuckerDelta(
                 shape, ranks, scale=scale, dtype=param_dtype, device=weight.device, seed=0
@@ -73,7 +77,74 @@ class DeltaHost(nn.Module):
 
     @property
     def scale(self) -> float:
+        """Multiplier of the delta; set it with :meth:`set_scale` (exact when merged)."""
         return self.delta.scale
+
+    @torch.no_grad()
+    def set_scale(self, scale: float) -> None:
+        """Change the delta's multiplier; the weight stays right when merged or disabled.
+
+        A merged adapter is unmerged, rescaled and merged again, so the merged weight holds
+        ``W + ΔW`` at the new scale and a later :meth:`unmerge` gives ``W`` back (bit for bit
+        in float16/bfloat16, to rounding otherwise, as for any merge).
+
+        Raises
+        ------
+        ValueError
+            If ``scale`` is not a finite number, or if merging at the new scale would put
+            NaN or Inf into the weight; nothing is changed then.
+        """
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale={scale!r} must be a finite number")
+        old = self.delta.scale
+        if not self.merged:
+            self.delta.scale = float(scale)
+            return
+        self.unmerge()
+        self.delta.scale = float(scale)
+        try:
+            self.merge()
+        except ValueError:
+            self.delta.scale = old
+            self.merge()
+            raise
+
+    @torch.no_grad()
+    def disable(self) -> None:
+        """Run as if the adapter were not there: the layer computes with its original weight.
+
+        "Original" is the weight before the adapter was added: a merged adapter is unmerged
+        (and merged again by :meth:`enable`), and a ``"principal"`` adapter's start is added
+        back to the residual weight (which is kept and put back by :meth:`enable`, so it does
+        not drift). A no-op when already disabled.
+        """
+        if self.disabled:
+            return
+        self._merge_on_enable = self.merged
+        self.unmerge()
+        if hasattr(self, "principal_core"):
+            self._enabled_weight = self.weight.detach().clone()
+            self.weight.add_(self._principal_start())
+        self.disabled = True
+
+    @torch.no_grad()
+    def enable(self) -> None:
+        """Undo :meth:`disable`; a no-op when enabled."""
+        if not self.disabled:
+            return
+        if self._enabled_weight is not None:
+            self.weight.copy_(self._enabled_weight)
+            self._enabled_weight = None
+        self.disabled = False
+        if self._merge_on_enable:
+            self._merge_on_enable = False
+            self.merge()
+
+    def _check_enabled(self, action: str) -> None:
+        if self.disabled:
+            raise ValueError(
+                f"cannot {action} a disabled adapter; enable it first (ndlowrank.nn.enable_adapters)"
+            )
 
     def delta_weight(self) -> torch.Tensor:
         """``ΔW`` in the base weight's dtype and layout (differentiable)."""
@@ -94,6 +165,7 @@ class DeltaHost(nn.Module):
         ValueError
             If the merged weight would hold NaN or Inf; nothing is changed then.
         """
+        self._check_enabled("merge")
         if self.merged:
             return
         merged = self.weight + self.delta_weight()
@@ -107,6 +179,7 @@ class DeltaHost(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge`; a no-op when not merged."""
+        self._check_enabled("unmerge")
         if not self.merged:
             return
         if self._original_weight is not None:
@@ -152,18 +225,21 @@ class DeltaHost(nn.Module):
 
     def check_mergeable(self) -> None:
         """Raise ``ValueError`` if merging would put NaN or Inf into the weight (nothing changes)."""
+        self._check_enabled("merge")
         if not self.merged and not torch.isfinite(self.weight + self.delta_weight()).all():
             raise ValueError("merging would put NaN or Inf into the base weight")
 
     @torch.no_grad()
     def restore_weight(self) -> None:
         """Give the weight back its original value (undoing a merge and the principal init)."""
+        self.enable()
         self.unmerge()
         self.weight.add_(self._principal_start())
 
     @torch.no_grad()
     def merge_for_good(self) -> None:
         """Merge ``ΔW`` into the weight without keeping what :meth:`unmerge` would need."""
+        self.enable()
         if not self.merged:
             merged = self.weight + self.delta_weight()
             if not torch.isfinite(merged).all():

@@ -409,6 +409,10 @@ def _check_existing(adapter: DeltaHost, target: _Target, at: str) -> None:
             f"{at}: the model's adapter has init={adapter.init!r} but the file's has init={target.init!r}; "
             "a 'principal' adapter changes the base weight, so both must be 'principal' or neither"
         )
+    if adapter.disabled:
+        raise ValueError(
+            f"{at}: the model's adapter is disabled; call ndlowrank.nn.enable_adapters(model) first"
+        )
     if adapter.merged:
         raise ValueError(
             f"{at}: the model's adapter is merged; call ndlowrank.nn.unmerge_adapters(model) before "

@@ -176,7 +176,7 @@ class TuckerAdapter(DeltaHost):
         return path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base_layer(x)
         if self.chosen_path(x) == "materialize":
             return self._forward_materialize(x)

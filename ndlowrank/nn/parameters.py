@@ -62,8 +62,8 @@ class ParameterAdapter(DeltaHost):
         return self.__dict__["_weight"]
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        """``original + ΔW`` (just ``original`` once merged)."""
-        return original if self.merged else original + self.delta_weight()
+        """``original + ΔW`` (just ``original`` once merged, or while disabled)."""
+        return original if self.merged or self.disabled else original + self.delta_weight()
 
     def extra_repr(self) -> str:
         return f"ranks={self.ranks}, init={self.init!r}, scale={self.scale}, merged={self.merged}"
