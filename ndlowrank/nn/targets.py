@@ -23,7 +23,7 @@ OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier")
 """Top-level children that ``"all-linear"`` leaves out as the output head (besides ``get_output_embeddings()``)."""
 
 Selector = str | type[nn.Module]
-Targets = str | Sequence[Selector]
+Targets = str | type[nn.Module] | Sequence[Selector]
 
 
 def _is_internal(name: str) -> bool:
@@ -77,10 +77,10 @@ def _check_entries(entries: Sequence[Selector], argument: str) -> None:
 def _select(candidates: dict[str, nn.Module], selection: Targets, argument: str) -> list[str]:
     """Names that ``selection`` selects among ``candidates``; every entry must select something."""
     if isinstance(selection, str):
-        chosen = [name for name in candidates if re.fullmatch(selection, name)]
-        if not chosen:
+        matches = [name for name in candidates if re.fullmatch(selection, name)]
+        if not matches:
             raise ValueError(f"{argument}={selection!r} (a regex) matches no module of the model")
-        return chosen
+        return matches
     if isinstance(selection, type):
         selection = [selection]
     if not isinstance(selection, Sequence):
