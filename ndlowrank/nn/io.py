@@ -46,6 +46,15 @@ from ._host import DeltaHost
 from .delta import TuckerDelta
 from .layers import _ADAPTERS, PATHS, TuckerAdapter, _adapter_class
 from .model import _is_internal, _set_submodule, iter_adapters, mark_only_adapters_trainable
+from .modules_to_save import (
+    ModuleEntry,
+    is_module_entry,
+    load_module,
+    parse_module_entry,
+    plan_modules,
+    trained_entries,
+    trained_state,
+)
 from .parameters import ParameterAdapter, attach_parameter_adapter, remove_parameter_adapter
 
 __all__ = ["adapter_state_dict", "load_adapters", "save_adapters"]
@@ -96,7 +105,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         ``"principal"`` adapter also its start, ``f"{name}.principal_core"`` and
         ``f"{name}.principal_factor_{n}"``. The tensors are detached and contiguous, on
         the adapters' device and in their dtype; like ``Module.state_dict`` they may share
-        memory with the parameters.
+        memory with the parameters. Modules trained in full (``modules_to_save``) add
+        their trained copy's ``state_dict`` as ``f"{name}.{key}"``.
 
     Examples
     --------
@@ -115,6 +125,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if _is_principal(adapter):
             for buffer in _principal_names(adapter.weight.ndim):
                 state[prefix + buffer] = getattr(adapter, buffer).detach().contiguous()
+    state.update(trained_state(model))
     return state
 
 
@@ -209,7 +220,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
         "format": FILE_FORMAT,
         "format_version": FORMAT_VERSION,
         "ndlowrank_version": __version__,
-        "targets": [_adapter_config(name, adapter) for name, adapter in adapters],
+        "targets": [*(_adapter_config(name, adapter) for name, adapter in adapters), *trained_entries(model)],
     }
     metadata = {METADATA_KEY: json.dumps(header), "format": "pt"}
     tensors = {key: t.to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
@@ -350,7 +361,7 @@ def _parse_target(entry: Any, where: str) -> _Target:
     )
 
 
-def _parse_header(text: str, where: str) -> list[_Target]:
+def _parse_header(text: str, where: str) -> tuple[list[_Target], list[ModuleEntry]]:
     try:
         header = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -375,12 +386,13 @@ def _parse_header(text: str, where: str) -> list[_Target]:
     entries = header.get("targets")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{where}: 'targets' must be a non-empty list, got {entries!r}")
-    targets = [_parse_target(entry, where) for entry in entries]
-    names = [t.name for t in targets]
+    targets = [_parse_target(entry, where) for entry in entries if not is_module_entry(entry)]
+    modules = [parse_module_entry(entry, where) for entry in entries if is_module_entry(entry)]
+    names = [*(t.name for t in targets), *(m.name for m in modules)]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"{where}: adapters {duplicates} appear more than once")
-    return targets
+    return targets, modules
 
 
 def _check_existing(adapter: DeltaHost, target: _Target, at: str) -> None:
@@ -462,7 +474,13 @@ def _fresh_parameter(model: nn.Module, target: _Target, at: str) -> nn.Parameter
 
 
 def _plan(
-    model: nn.Module, targets: list[_Target], tensors: Mapping[str, torch.Tensor], *, strict: bool, where: str
+    model: nn.Module,
+    targets: list[_Target],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    strict: bool,
+    where: str,
+    modules: tuple[ModuleEntry, ...] = (),
 ) -> list[tuple[_Target, DeltaHost | nn.Module | nn.Parameter]]:
     """Check the file against the model: ``(target, existing adapter or what to adapt)`` per adapter."""
     adapters = dict(iter_adapters(model))
@@ -511,7 +529,9 @@ def _plan(
     ]
     if not_float:
         raise ValueError(f"{where}: tensors {not_float} are not floating point")
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(
+        set(tensors) - set(expected) - {key for entry in modules for key in entry.tensor_names()}
+    )
     if unexpected and strict:
         raise ValueError(f"{where}: unexpected tensors {unexpected} (pass strict=False to ignore them)")
     return plan
@@ -687,8 +707,10 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str], *, strict: boo
     target_path = _fspath(path)
     where = f"adapter file {target_path!r}"
     metadata, tensors = _read_file(target_path, where)
-    targets = _parse_header(metadata[METADATA_KEY], where)
-    plan = _plan(model, targets, tensors, strict=strict, where=where)
+    targets, modules = _parse_header(metadata[METADATA_KEY], where)
+    plan = _plan(model, targets, tensors, strict=strict, where=where, modules=tuple(modules))
+    adapted = [*(t.name for t in targets), *(name for name, _ in iter_adapters(model))]
+    module_plan = plan_modules(model, modules, adapted, tensors, strict=strict, where=where)
 
     undo: Undo = []
     try:
@@ -700,6 +722,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str], *, strict: boo
                 else:
                     _build(model, target, found, tensors, undo)
                     built = True
+            for entry, module in module_plan:
+                built |= load_module(model, entry, module, tensors, undo, _set_submodule)
             if built:
                 undo.append(partial(_restore_flags, [(p, p.requires_grad) for p in model.parameters()]))
                 mark_only_adapters_trainable(model)

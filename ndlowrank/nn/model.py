@@ -14,8 +14,9 @@ from .._validation import validate_ranks
 from ._host import DeltaHost
 from .delta import TuckerDelta, layer_seed
 from .layers import TuckerAdapter, _adapter_class
+from .modules_to_save import TrainedCopy, iter_trained_copies
 from .parameters import ParameterAdapter, attach_parameter_adapter, detach_parameter_adapter
-from .targets import Targets, _is_internal, select_targets
+from .targets import Targets, _candidates, _is_internal, _select, select_targets
 
 __all__ = [
     "add_adapters",
@@ -126,9 +127,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> None:
-    """Freeze every parameter of ``model`` except the adapters' cores and factors."""
+    """Freeze every parameter of ``model`` except the adapters' cores and factors and the trained copies (``modules_to_save``)."""
     adapter_params = {id(p) for _, adapter in iter_adapters(model) for p in adapter.delta.parameters()}
     adapter_params |= {id(p) for m in model.modules() if isinstance(m, TuckerDelta) for p in m.parameters()}
+    adapter_params |= {
+        id(p) for _, wrapper in iter_trained_copies(model) for p in wrapper.trained_module.parameters()
+    }
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in adapter_params)
 
@@ -147,6 +151,7 @@ def add_adapters(
     dtype: torch.dtype | None = None,
     seed: int | None = None,
     target_parameters: Sequence[str] | None = None,
+    modules_to_save: Targets | None = None,
 ) -> nn.Module:
     """Put Tucker adapters on the target layers (and parameters) of ``model``; train only the adapters.
 
@@ -188,6 +193,12 @@ def add_adapters(
         dotted suffix (``["attn.in_proj_weight"]``): each gets a :class:`ParameterAdapter`
         registered as a ``torch.nn.utils.parametrize`` parametrization, so the module
         sees ``W + ΔW`` wherever it uses the parameter.
+    modules_to_save : str, sequence of str and module types, optional
+        Modules trained in full beside the adapters (a new classification head, norms),
+        selected like ``target_modules``: each is replaced by a
+        :class:`~ndlowrank.nn.TrainedCopy` that keeps the original and runs a trainable copy,
+        which :func:`save_adapters` writes into the adapter file and :func:`load_adapters`
+        restores. A module cannot be both adapted and trained in full.
 
     Returns
     -------
@@ -253,6 +264,8 @@ def add_adapters(
         )
     names = [name for name in names if f"{name}.weight" not in routed]
     parameter_names = [*routed, *parameter_names]
+    saved = [] if modules_to_save is None else _select(_candidates(model), modules_to_save, "modules_to_save")
+    _check_saved(saved, [*names, *parameter_names])
     for name in names:
         try:
             _adapter_class(model.get_submodule(name))
@@ -299,8 +312,22 @@ def add_adapters(
             owner_name, _, attribute = name.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             attach_parameter_adapter(owner, attribute, adapter)  # type: ignore[arg-type]
+    for name in saved:
+        _set_submodule(model, name, TrainedCopy(model.get_submodule(name)))
     mark_only_adapters_trainable(model)
     return model
+
+
+def _check_saved(saved: list[str], adapted: list[str]) -> None:
+    """Modules trained in full may not hold, be or sit inside an adapter, nor each other."""
+    for name in saved:
+        inside = [other for other in [*adapted, *saved] if other != name and other.startswith(f"{name}.")]
+        clash = [other for other in adapted if other == name or name.startswith(f"{other}.")]
+        if inside or clash:
+            raise ValueError(
+                f"modules_to_save selects {name!r}, which overlaps {(inside or clash)[0]!r}; a module is "
+                "either adapted or trained in full, once"
+            )
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
@@ -334,8 +361,9 @@ def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
     ----------
     model : nn.Module
     merge : bool, default True
-        Keep the fine-tuned weights (``W + ΔW``). With ``False`` the original weights come
-        back (undoing a merge and a principal init).
+        Keep the fine-tuned weights (``W + ΔW``, and the trained copies of
+        ``modules_to_save``). With ``False`` the original weights and modules come back
+        (undoing a merge and a principal init).
 
     Returns
     -------
@@ -348,4 +376,6 @@ def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
             _set_submodule(model, name, base)
     for _, _, owner, attribute in list(_parameter_adapters(model)):
         detach_parameter_adapter(owner, attribute, merge=merge)
+    for name, wrapper in list(iter_trained_copies(model)):
+        _set_submodule(model, name, wrapper.trained_module if merge else wrapper.original_module)
     return model

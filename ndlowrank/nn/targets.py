@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .layers import TuckerAdapter, supported_layers
+from .modules_to_save import TrainedCopy
 
 __all__ = ["ALL_LINEAR", "OUTPUT_HEAD_NAMES", "select_targets"]
 
@@ -22,6 +23,9 @@ ALL_LINEAR = "all-linear"
 OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier")
 """Top-level children that ``"all-linear"`` leaves out as the output head (besides ``get_output_embeddings()``)."""
 
+_INTERNAL = ("base_layer", "parametrizations", "original_module", "trained_module")
+"""Child names inside adapters, parametrizations and trained copies (``modules_to_save``)."""
+
 Selector = str | type[nn.Module]
 Targets = str | type[nn.Module] | Sequence[Selector]
 
@@ -29,7 +33,7 @@ Targets = str | type[nn.Module] | Sequence[Selector]
 def _is_internal(name: str) -> bool:
     """A module or parameter that belongs to an adapter or a parametrization, not to the user's model."""
     parts = name.split(".")
-    return "base_layer" in parts or "parametrizations" in parts
+    return any(part in parts for part in _INTERNAL)
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -37,7 +41,7 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     return {
         name: module
         for name, module in model.named_modules()
-        if name and not isinstance(module, TuckerAdapter) and not _is_internal(name)
+        if name and not isinstance(module, (TuckerAdapter, TrainedCopy)) and not _is_internal(name)
     }
 
 
@@ -93,7 +97,7 @@ def _select(candidates: dict[str, nn.Module], selection: Targets, argument: str)
     for entry in selection:
         matched = [name for name, module in candidates.items() if _match(entry, name, module)]
         if not matched:
-            label = "target" if argument == "target_modules" else "excluded"
+            label = {"target_modules": "target", "exclude_modules": "excluded"}.get(argument, argument)
             what = f"module type {entry.__name__}" if isinstance(entry, type) else f"module {entry!r}"
             raise ValueError(f"{label} {what} matches no module of the model")
         chosen += [name for name in matched if name not in chosen]
