@@ -16,6 +16,7 @@ from .model import (
     remove_adapters,
     unmerge_adapters,
 )
+from .modules_to_save import TrainedCopy, iter_trained_copies
 from .parameters import ParameterAdapter
 from .targets import select_targets
 from .truncate import TruncationReport, truncate_adapters
@@ -27,6 +28,7 @@ __all__ = [
     "EmbeddingAdapter",
     "LinearAdapter",
     "ParameterAdapter",
+    "TrainedCopy",
     "TruncationReport",
     "TuckerAdapter",
     "TuckerDelta",
@@ -35,6 +37,7 @@ __all__ = [
     "disable_adapters",
     "enable_adapters",
     "iter_adapters",
+    "iter_trained_copies",
     "load_adapters",
     "mark_only_adapters_trainable",
     "merge_adapters",

@@ -9,20 +9,23 @@ from torch import nn
 
 from ._host import DeltaHost
 from .model import iter_adapters
+from .modules_to_save import TrainedCopy, iter_trained_copies
 
 __all__ = ["AdaptersDisabled", "disable_adapters", "enable_adapters", "set_adapter_scale"]
 
 
-def _switchable(model: nn.Module) -> Iterator[DeltaHost]:
-    """Everything that :func:`disable_adapters` switches off: every adapter of ``model``."""
+def _switchable(model: nn.Module) -> Iterator[DeltaHost | TrainedCopy]:
+    """Everything that :func:`disable_adapters` switches off: the adapters and the trained copies."""
     for _, adapter in iter_adapters(model):
         yield adapter
+    for _, wrapper in iter_trained_copies(model):
+        yield wrapper
 
 
 class AdaptersDisabled:
     """What :func:`disable_adapters` returns: the adapters it switched off, switched on again on exit."""
 
-    def __init__(self, switched: list[DeltaHost]) -> None:
+    def __init__(self, switched: list[DeltaHost | TrainedCopy]) -> None:
         self.switched = switched
 
     def __enter__(self) -> AdaptersDisabled:
@@ -39,7 +42,8 @@ def disable_adapters(model: nn.Module) -> AdaptersDisabled:
     """Switch every adapter of ``model`` off, now; as a context manager, on again at the end of the block.
 
     While disabled, the model computes what it computed before adapters were added: each
-    layer uses its original weight. A merged adapter is unmerged (and merged again when
+    layer uses its original weight, and each module trained in full (``modules_to_save``)
+    its original. A merged adapter is unmerged (and merged again when
     enabled), and a ``"principal"`` adapter's start is added back to the residual base
     weight (the residual is kept and put back exactly when enabled). The adapters'
     parameters and ``requires_grad`` flags are left alone; they get no gradient while off.
