@@ -23,7 +23,10 @@ from ..init import KNOWN_INITS
 from ..tucker import TuckerTensor
 from .delta import TuckerDelta
 
-__all__ = ["DeltaHost"]
+__all__ = ["DEFAULT_ADAPTER", "DeltaHost", "check_adapter_name"]
+
+DEFAULT_ADAPTER = "default"
+"""The name of an adapter added without one (as in PEFT)."""
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -38,6 +41,151 @@ class DeltaHost(nn.Module):
         """The weight the delta changes (merged or not)."""
         raise NotImplementedError
 
+    # -- named adapters ---------------------------------------------------------------
+    # The first adapter's delta is the submodule ``delta`` (so a host with one adapter has the
+    # same parameters and state_dict keys whatever its name); further ones are in the
+    # ModuleDict ``named_deltas``. ``self.delta`` reads the active adapter's delta.
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "delta":
+            state = self.__dict__
+            active = state.get("_active")
+            if active is not None and active != state.get("_first_name"):
+                return state["_modules"]["named_deltas"][active]
+        return super().__getattr__(name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this host holds, the first one first."""
+        named: Any = self._modules.get("named_deltas")
+        return [self.__dict__["_first_name"], *(named.keys() if named is not None else ())]
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter that runs (``None``: none, the layer computes with its weight alone)."""
+        return self.__dict__["_active"]
+
+    def delta_of(self, name: str) -> TuckerDelta:
+        """The delta of the adapter ``name``."""
+        if name == self.__dict__["_first_name"]:
+            return self._modules["delta"]  # type: ignore[return-value]
+        named: Any = self._modules.get("named_deltas")
+        if named is None or name not in named:
+            raise ValueError(f"no adapter named {name!r} here; adapters: {self.adapter_names}")
+        return named[name]
+
+    @property
+    def init(self) -> str:
+        """The init of the active adapter (of the first one when none is active)."""
+        return self._inits[self.active_adapter or self.__dict__["_first_name"]]
+
+    @init.setter
+    def init(self, value: str) -> None:
+        self._inits[self.active_adapter or self.__dict__["_first_name"]] = value
+
+    def _check_switchable(self, action: str) -> None:
+        if hasattr(self, "principal_core"):
+            raise ValueError(
+                f"cannot {action}: a 'principal' adapter changed the base weight, so it is the layer's only adapter"
+            )
+        if self.disabled:
+            raise ValueError(f"cannot {action} while the adapters are disabled; enable them first")
+
+    def add_adapter(
+        self,
+        name: str,
+        ranks: int | Sequence[int],
+        *,
+        init: str = "zero_core",
+        scale: float = 1.0,
+        dtype: torch.dtype | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Add another adapter (a new delta on the same weight), inactive; see :meth:`set_active`.
+
+        Raises
+        ------
+        ValueError
+            A name in use or not valid, ``init="principal"`` or a host with a principal
+            adapter (a principal init changes the base weight, so it must be alone), a
+            disabled host, or ranks that do not fit. Nothing is changed then.
+        """
+        check_adapter_name(name)
+        if name in self.adapter_names:
+            raise ValueError(f"an adapter named {name!r} is already here; adapters: {self.adapter_names}")
+        if init == "principal":
+            raise ValueError(
+                "init='principal' changes the base weight, so it cannot be a layer's second adapter"
+            )
+        self._check_switchable(f"add adapter {name!r}")
+        delta = self._new_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed)
+        if "named_deltas" not in self._modules:
+            self.named_deltas = nn.ModuleDict()
+        self.named_deltas[name] = delta
+        self._inits[name] = init
+        active = self.active_adapter
+        self.__dict__["_active"] = name
+        try:
+            self._after_init()
+        finally:
+            self.__dict__["_active"] = active
+
+    def set_active(self, name: str | None) -> None:
+        """Make ``name`` the adapter that runs (``None``: none); a merged adapter is unmerged first."""
+        if name is not None and name not in self.adapter_names:
+            raise ValueError(f"no adapter named {name!r} here; adapters: {self.adapter_names}")
+        if name == self.active_adapter:
+            return
+        self.unmerge()
+        self.__dict__["_active"] = name
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove the adapter ``name`` (unmerged first if it is merged); not the host's only one."""
+        names = self.adapter_names
+        if name not in names:
+            raise ValueError(f"no adapter named {name!r} here; adapters: {names}")
+        if len(names) == 1:
+            raise ValueError(f"{name!r} is the only adapter here; remove the adapter module instead")
+        if name == self.active_adapter:
+            self.unmerge()
+            self.__dict__["_active"] = None
+        named: Any = self._modules["named_deltas"]
+        if name == self.__dict__["_first_name"]:  # the next one takes the first one's place
+            successor = names[1]
+            self._modules["delta"] = named[successor]
+            self.__dict__["_first_name"] = successor
+            del named[successor]
+        else:
+            del named[name]
+        if not len(named):
+            del self._modules["named_deltas"]
+        del self._inits[name]
+
+    def _after_init(self) -> None:
+        """Layer-specific adjustments of a fresh delta (e.g. an embedding's padding row)."""
+
+    def _new_delta(
+        self,
+        ranks: int | Sequence[int],
+        *,
+        init: str,
+        scale: float,
+        dtype: torch.dtype | None,
+        seed: int | None,
+    ) -> TuckerDelta:
+        """A delta for ``self.weight`` (not the principal init); ints in ``ranks`` are clipped."""
+        if init not in KNOWN_INITS:
+            raise ValueError(f"unknown init={init!r}; known inits: {sorted(KNOWN_INITS)}")
+        weight = self.weight
+        shape = tuple(weight.shape)
+        ranks = validate_ranks(ranks, shape, clip=True)
+        param_dtype = dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        if init == "principal":
+            return TuckerDelta(shape, ranks, scale=scale, dtype=param_dtype, device=weight.device, seed=0)
+        return TuckerDelta(
+            shape, ranks, init=init, scale=scale, dtype=param_dtype, device=weight.device, seed=seed
+        )
+
     def _init_delta(
         self,
         ranks: int | Sequence[int],
@@ -46,30 +194,21 @@ class DeltaHost(nn.Module):
         scale: float,
         dtype: torch.dtype | None,
         seed: int | None,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         """Create ``self.delta`` for ``self.weight``; ints in ``ranks`` are clipped to each mode's size."""
-        if init not in KNOWN_INITS:
-            raise ValueError(f"unknown init={init!r}; known inits: {sorted(KNOWN_INITS)}")
-        weight = self.weight
-        shape = tuple(weight.shape)
-        ranks = validate_ranks(ranks, shape, clip=True)
-        param_dtype = dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
-        self.init = init
+        check_adapter_name(adapter_name)
+        self.__dict__["_first_name"] = self.__dict__["_active"] = adapter_name
+        self._inits = {adapter_name: init}
+        self.delta = self._new_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed)
         self.merged = False
         self.disabled = False
         self._original_weight: torch.Tensor | None = None
         self._enabled_weight: torch.Tensor | None = None  # the weight to put back when enabled again
         self._merge_on_enable = False
         if init == "principal":
-            self.delta = TuckerDelta(
-                shape, ranks, scale=scale, dtype=param_dtype, device=weight.device, seed=0
-            )
-            core, factors = sthosvd(weight.detach().to(param_dtype), ranks)
+            core, factors = sthosvd(self.weight.detach().to(self.delta.core.dtype), self.delta.ranks)
             self._set_principal(core, self._principal_factors(list(factors)))
-        else:
-            self.delta = TuckerDelta(
-                shape, ranks, init=init, scale=scale, dtype=param_dtype, device=weight.device, seed=seed
-            )
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -166,7 +305,7 @@ class DeltaHost(nn.Module):
             If the merged weight would hold NaN or Inf; nothing is changed then.
         """
         self._check_enabled("merge")
-        if self.merged:
+        if self.merged or self.active_adapter is None:
             return
         merged = self.weight + self.delta_weight()
         if not torch.isfinite(merged).all():
@@ -226,7 +365,11 @@ class DeltaHost(nn.Module):
     def check_mergeable(self) -> None:
         """Raise ``ValueError`` if merging would put NaN or Inf into the weight (nothing changes)."""
         self._check_enabled("merge")
-        if not self.merged and not torch.isfinite(self.weight + self.delta_weight()).all():
+        if (
+            self.active_adapter is not None
+            and not self.merged
+            and not torch.isfinite(self.weight + self.delta_weight()).all()
+        ):
             raise ValueError("merging would put NaN or Inf into the base weight")
 
     @torch.no_grad()
@@ -237,16 +380,34 @@ class DeltaHost(nn.Module):
         self.weight.add_(self._principal_start())
 
     @torch.no_grad()
-    def merge_for_good(self) -> None:
-        """Merge ``ΔW`` into the weight without keeping what :meth:`unmerge` would need."""
+    def merge_for_good(self, names: Sequence[str] | None = None) -> None:
+        """Merge ``ΔW`` into the weight without keeping what :meth:`unmerge` would need.
+
+        ``names`` chooses the adapters whose deltas are added (those this host holds);
+        the active adapter by default.
+        """
         self.enable()
-        if not self.merged:
-            merged = self.weight + self.delta_weight()
+        if names is not None or not self.merged:
+            self.unmerge()
+            chosen = [self.active_adapter] if names is None else [n for n in self.adapter_names if n in names]
+            merged = self.weight.detach().clone()
+            for name in chosen:
+                if name is not None:
+                    merged += self._delta_weight_of(name)
             if not torch.isfinite(merged).all():
                 raise ValueError("merging would put NaN or Inf into the base weight; nothing was changed")
             self.weight.copy_(merged)
         self._original_weight = None
         self.merged = True
+
+    def _delta_weight_of(self, name: str) -> torch.Tensor:
+        """``ΔW`` of the adapter ``name``, active or not."""
+        active = self.active_adapter
+        self.__dict__["_active"] = name
+        try:
+            return self.delta_weight()
+        finally:
+            self.__dict__["_active"] = active
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if tensor.dtype == self.weight.dtype else tensor.to(self.weight.dtype)
@@ -261,3 +422,9 @@ class DeltaHost(nn.Module):
             "scale": self.scale,
             "dtype": str(self.delta.core.dtype).removeprefix("torch."),
         }
+
+
+def check_adapter_name(name: Any) -> None:
+    """Raise ``ValueError`` unless ``name`` can name an adapter (a non-empty string without dots)."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter_name={name!r} must be a non-empty string without dots")

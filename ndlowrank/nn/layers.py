@@ -19,7 +19,7 @@ from torch import nn
 
 from ..tenalg import multi_mode_product
 from ._conv import ConvGeometry, FusedTuckerConv, conv_delta, factorized_branch
-from ._host import DeltaHost
+from ._host import DEFAULT_ADAPTER, DeltaHost
 
 __all__ = ["PATHS", "ConvAdapter", "EmbeddingAdapter", "LinearAdapter", "TuckerAdapter", "supported_layers"]
 
@@ -73,6 +73,8 @@ class TuckerAdapter(DeltaHost):
         also for a bfloat16/float16 layer; pass the layer's dtype to match it.
     seed : int, optional
         Seed of the random init; without it, torch's global generator seeds it.
+    adapter_name : str, default "default"
+        Name of the adapter (more can be added with :meth:`add_adapter`).
     """
 
     kind: ClassVar[str] = ""
@@ -94,6 +96,7 @@ class TuckerAdapter(DeltaHost):
         path: str = "auto",
         dtype: torch.dtype | None = None,
         seed: int | None = None,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         super().__init__()
         _adapter_class(base_layer)  # type check for direct subclass use
@@ -109,14 +112,11 @@ class TuckerAdapter(DeltaHost):
         self.path, self.dropout_p = path, float(dropout)
         self._auto_paths: dict[tuple[Any, ...], str] = {}  # path="auto"'s choice per input shape and mode
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._init_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed)
+        self._init_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed, adapter_name=adapter_name)
         self._after_init()
         self.train(base_layer.training)  # an adapter on a model in eval mode starts in eval mode
 
-    # -- what subclasses supply ------------------------------------------------------
-    def _after_init(self) -> None:
-        """Layer-specific adjustments of a fresh delta (e.g. an embedding's padding row)."""
-
+    # -- what subclasses supply (and _after_init) ------------------------------------
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -176,7 +176,7 @@ class TuckerAdapter(DeltaHost):
         return path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.disabled:
+        if self.merged or self.disabled or self.active_adapter is None:
             return self.base_layer(x)
         if self.chosen_path(x) == "materialize":
             return self._forward_materialize(x)
