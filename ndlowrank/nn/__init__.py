@@ -17,6 +17,7 @@ from .model import (
     unmerge_adapters,
 )
 from .modules_to_save import TrainedCopy, iter_trained_copies
+from .named import active_adapters, adapter_names, delete_adapter, set_active_adapter
 from .parameters import ParameterAdapter
 from .targets import select_targets
 from .truncate import TruncationReport, truncate_adapters
@@ -32,8 +33,11 @@ __all__ = [
     "TruncationReport",
     "TuckerAdapter",
     "TuckerDelta",
+    "active_adapters",
+    "adapter_names",
     "adapter_state_dict",
     "add_adapters",
+    "delete_adapter",
     "disable_adapters",
     "enable_adapters",
     "iter_adapters",
@@ -44,6 +48,7 @@ __all__ = [
     "remove_adapters",
     "save_adapters",
     "select_targets",
+    "set_active_adapter",
     "set_adapter_scale",
     "supported_layers",
     "truncate_adapters",

@@ -110,14 +110,7 @@ class DeltaHost(nn.Module):
             adapter (a principal init changes the base weight, so it must be alone), a
             disabled host, or ranks that do not fit. Nothing is changed then.
         """
-        check_adapter_name(name)
-        if name in self.adapter_names:
-            raise ValueError(f"an adapter named {name!r} is already here; adapters: {self.adapter_names}")
-        if init == "principal":
-            raise ValueError(
-                "init='principal' changes the base weight, so it cannot be a layer's second adapter"
-            )
-        self._check_switchable(f"add adapter {name!r}")
+        self.check_can_add(name, init)
         delta = self._new_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed)
         if "named_deltas" not in self._modules:
             self.named_deltas = nn.ModuleDict()
@@ -129,6 +122,17 @@ class DeltaHost(nn.Module):
             self._after_init()
         finally:
             self.__dict__["_active"] = active
+
+    def check_can_add(self, name: str, init: str) -> None:
+        """Raise ``ValueError`` if :meth:`add_adapter` would refuse ``name`` with ``init`` (ranks aside)."""
+        check_adapter_name(name)
+        if name in self.adapter_names:
+            raise ValueError(f"an adapter named {name!r} is already here; adapters: {self.adapter_names}")
+        if init == "principal":
+            raise ValueError(
+                "init='principal' changes the base weight, so it cannot be a layer's second adapter"
+            )
+        self._check_switchable(f"add adapter {name!r}")
 
     def set_active(self, name: str | None) -> None:
         """Make ``name`` the adapter that runs (``None``: none); a merged adapter is unmerged first."""

@@ -42,7 +42,7 @@ from torch import nn
 from .. import __version__
 from .._files import atomic_path
 from ..init import KNOWN_INITS
-from ._host import DeltaHost
+from ._host import DEFAULT_ADAPTER, DeltaHost, check_adapter_name
 from .delta import TuckerDelta
 from .layers import _ADAPTERS, PATHS, TuckerAdapter, _adapter_class
 from .model import _is_internal, _set_submodule, iter_adapters, mark_only_adapters_trainable
@@ -55,6 +55,7 @@ from .modules_to_save import (
     trained_entries,
     trained_state,
 )
+from .named import chosen_adapter
 from .parameters import ParameterAdapter, attach_parameter_adapter, remove_parameter_adapter
 
 __all__ = ["adapter_state_dict", "load_adapters", "save_adapters"]
@@ -87,7 +88,7 @@ def _is_principal(adapter: DeltaHost) -> bool:
     return hasattr(adapter, "principal_core")
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, *, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """The trainable tensors of every adapter in ``model``, keyed by adapter name.
 
     Parameters
@@ -116,8 +117,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     >>> {key: tuple(t.shape) for key, t in nlnn.adapter_state_dict(model).items()}
     {'0.core': (2, 2), '0.factors.0': (4, 2), '0.factors.1': (8, 2)}
     """
+    with chosen_adapter(model, adapter_name) as adapters:
+        return _state(adapters, model)
+
+
+def _state(adapters: list[tuple[str, DeltaHost]], model: nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for name, adapter in iter_adapters(model):
+    for name, adapter in adapters:
         prefix = _prefix(name)
         state[f"{prefix}core"] = adapter.delta.core.detach().contiguous()
         for n, factor in enumerate(adapter.delta.factors):
@@ -157,7 +163,7 @@ def _safetensors() -> Any:
     return safetensors
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
+def save_adapters(model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str | None = None) -> None:
     """Save every adapter of ``model`` (tensors and config) to one safetensors file.
 
     The file holds :func:`adapter_state_dict` and, in its metadata, a JSON config with the
@@ -205,7 +211,11 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
     >>> torch.equal(restored(x), model(x))
     True
     """
-    adapters = list(iter_adapters(model))
+    with chosen_adapter(model, adapter_name) as adapters:
+        _save(model, adapters, path)
+
+
+def _save(model: nn.Module, adapters: list[tuple[str, DeltaHost]], path: str | os.PathLike[str]) -> None:
     if not adapters:
         raise ValueError("the model has no adapters to save; add them with ndlowrank.nn.add_adapters")
     target = _fspath(path)
@@ -223,7 +233,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
         "targets": [*(_adapter_config(name, adapter) for name, adapter in adapters), *trained_entries(model)],
     }
     metadata = {METADATA_KEY: json.dumps(header), "format": "pt"}
-    tensors = {key: t.to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
+    tensors = {key: t.to("cpu").contiguous() for key, t in _state(adapters, model).items()}
 
     with atomic_path(target) as temporary:
         safetensors.torch.save_file(tensors, str(temporary), metadata=metadata)
@@ -481,9 +491,12 @@ def _plan(
     strict: bool,
     where: str,
     modules: tuple[ModuleEntry, ...] = (),
+    adapter_name: str | None = None,
 ) -> list[tuple[_Target, DeltaHost | nn.Module | nn.Parameter]]:
     """Check the file against the model: ``(target, existing adapter or what to adapt)`` per adapter."""
-    adapters = dict(iter_adapters(model))
+    hosts = dict(iter_adapters(model))
+    # the layers that hold the adapter loaded into (every adapted layer when it is not named)
+    adapters = {n: h for n, h in hosts.items() if adapter_name is None or adapter_name in h.adapter_names}
     layers = [name for name, adapter in adapters.items() if isinstance(adapter, TuckerAdapter)]
     layers += [t.name for t in targets if t.kind in _LAYER_KINDS]
     plan: list[tuple[_Target, DeltaHost | nn.Module | nn.Parameter]] = []
@@ -492,6 +505,10 @@ def _plan(
         if target.name in adapters:
             _check_existing(adapters[target.name], target, at)
             plan.append((target, adapters[target.name]))
+            continue
+        if target.name in hosts and adapter_name is not None:  # another named adapter on this layer
+            _check_addable(hosts[target.name], target, adapter_name, at)
+            plan.append((target, hosts[target.name]))
             continue
         owner = next((n for n in layers if n != target.name and target.name.startswith(_prefix(n))), None)
         if owner is not None:
@@ -540,10 +557,10 @@ def _plan(
 # -- changing the model, keeping what undoes each change -----------------------------------
 
 
-def _copy_trained(adapter: DeltaHost, target: _Target, tensors: Mapping[str, torch.Tensor]) -> None:
+def _copy_trained(delta: TuckerDelta, target: _Target, tensors: Mapping[str, torch.Tensor]) -> None:
     prefix = _prefix(target.name)
-    adapter.delta.core.copy_(tensors[f"{prefix}core"])
-    for n, factor in enumerate(adapter.delta.factors):
+    delta.core.copy_(tensors[f"{prefix}core"])
+    for n, factor in enumerate(delta.factors):
         factor.copy_(tensors[f"{prefix}factors.{n}"])
 
 
@@ -584,7 +601,7 @@ def _load_existing(
             weight.add_(adapter._principal_start())
             _restore_buffers(adapter, {name: value.clone() for name, value in zip(names, new, strict=True)})
             weight.sub_(adapter._principal_start())
-    _copy_trained(adapter, target, tensors)
+    _copy_trained(adapter.delta, target, tensors)
 
 
 def _build(
@@ -593,13 +610,15 @@ def _build(
     base: nn.Module | nn.Parameter,
     tensors: Mapping[str, torch.Tensor],
     undo: Undo,
-) -> None:
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> DeltaHost:
     """Put a new adapter on ``base`` (a layer or a parameter of ``model``) as the file describes it."""
     weight: torch.Tensor = base if isinstance(base, nn.Parameter) else base.weight  # type: ignore[assignment]
     options: dict[str, Any] = {
         "scale": target.scale,
         "dtype": target.dtype,
         "seed": 0,  # the values are overwritten; a fixed seed leaves torch's global RNG alone
+        "adapter_name": adapter_name,
     }
     principal = target.principal_ranks is not None
     ranks = list(target.principal_ranks if target.principal_ranks is not None else target.ranks)
@@ -623,7 +642,7 @@ def _build(
                 device=weight.device,
                 seed=0,
             )
-    _copy_trained(adapter, target, tensors)
+    _copy_trained(adapter.delta, target, tensors)
     if isinstance(base, nn.Parameter):
         owner_name, _, attribute = target.name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
@@ -633,6 +652,33 @@ def _build(
     else:
         _set_submodule(model, target.name, adapter)
         undo.append(partial(_set_submodule, model, target.name, base))
+    return adapter
+
+
+def _check_addable(host: DeltaHost, target: _Target, adapter_name: str, at: str) -> None:
+    """A layer with other adapters can take the file's adapter under ``adapter_name``."""
+    found: dict[str, Any] = {"kind": host.kind, "weight shape": tuple(host.weight.shape)}
+    wanted: dict[str, Any] = {"kind": target.kind, "weight shape": target.weight_shape}
+    for field, value in wanted.items():
+        if found[field] != value:
+            raise ValueError(
+                f"{at}: the model's adapter has {field} {found[field]} but the file's has {value}"
+            )
+    try:
+        host.check_can_add(adapter_name, target.init)
+    except ValueError as exc:
+        raise ValueError(f"{at}: {exc}") from None
+
+
+def _add_named(
+    host: DeltaHost, target: _Target, tensors: Mapping[str, torch.Tensor], undo: Undo, adapter_name: str
+) -> None:
+    """Add the file's adapter to a layer that holds other adapters, under ``adapter_name``."""
+    host.add_adapter(
+        adapter_name, list(target.ranks), init=target.init, scale=target.scale, dtype=target.dtype, seed=0
+    )
+    undo.append(partial(host.delete_adapter, adapter_name))
+    _copy_trained(host.delta_of(adapter_name), target, tensors)
 
 
 def _restore_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
@@ -640,7 +686,9 @@ def _restore_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
         parameter.requires_grad_(flag)
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> nn.Module:
+def load_adapters(
+    model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True, adapter_name: str | None = None
+) -> nn.Module:
     """Load adapters saved by :func:`save_adapters` into ``model`` (in place) and return it.
 
     The whole file is checked against the model before anything changes. Then, per adapter
@@ -708,19 +756,46 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str], *, strict: boo
     where = f"adapter file {target_path!r}"
     metadata, tensors = _read_file(target_path, where)
     targets, modules = _parse_header(metadata[METADATA_KEY], where)
-    plan = _plan(model, targets, tensors, strict=strict, where=where, modules=tuple(modules))
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    with chosen_adapter(model, adapter_name, must_exist=False):
+        return _load(model, targets, modules, tensors, strict=strict, where=where, adapter_name=adapter_name)
+
+
+def _load(
+    model: nn.Module,
+    targets: list[_Target],
+    modules: list[ModuleEntry],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    strict: bool,
+    where: str,
+    adapter_name: str | None,
+) -> nn.Module:
+    plan = _plan(
+        model, targets, tensors, strict=strict, where=where, modules=tuple(modules), adapter_name=adapter_name
+    )
     adapted = [*(t.name for t in targets), *(name for name, _ in iter_adapters(model))]
     module_plan = plan_modules(model, modules, adapted, tensors, strict=strict, where=where)
+    had_adapters = next(iter_adapters(model), None) is not None
 
     undo: Undo = []
     try:
         with torch.no_grad():
             built = False
             for target, found in plan:
-                if isinstance(found, DeltaHost):
+                if (
+                    isinstance(found, DeltaHost)
+                    and adapter_name is not None
+                    and adapter_name not in found.adapter_names
+                ):
+                    _add_named(found, target, tensors, undo, adapter_name)
+                elif isinstance(found, DeltaHost):
                     _load_existing(found, target, tensors, undo)
                 else:
-                    _build(model, target, found, tensors, undo)
+                    adapter = _build(model, target, found, tensors, undo, adapter_name or DEFAULT_ADAPTER)
+                    if had_adapters and adapter_name is not None:  # beside others: runs once made active
+                        adapter.set_active(None)
                     built = True
             for entry, module in module_plan:
                 built |= load_module(model, entry, module, tensors, undo, _set_submodule)

@@ -187,9 +187,9 @@ class TuckerAdapter(DeltaHost):
         self.restore_weight()
         return self.base_layer
 
-    def merged_base(self) -> nn.Module:
-        """The base layer with ``ΔW`` merged in for good (the fine-tuned weight)."""
-        self.merge_for_good()
+    def merged_base(self, names: Sequence[str] | None = None) -> nn.Module:
+        """The base layer with ``ΔW`` merged in for good (the fine-tuned weight); ``names``: of these adapters."""
+        self.merge_for_good(names)
         return self.base_layer
 
     def config(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._validation import validate_ranks
-from ._host import DeltaHost
+from ._host import DEFAULT_ADAPTER, DeltaHost, check_adapter_name
 from .delta import TuckerDelta, layer_seed
 from .layers import TuckerAdapter, _adapter_class
 from .modules_to_save import TrainedCopy, iter_trained_copies
@@ -83,18 +83,26 @@ def _suffix_match(pattern: str, name: str) -> bool:
     return re.fullmatch(rf"(.*\.)?({pattern})", name) is not None
 
 
-def _target_parameters(model: nn.Module, target_parameters: Sequence[str]) -> list[str]:
-    """Names of the parameters ``target_parameters`` selects (exact names or dotted suffixes)."""
+def _target_parameters(
+    model: nn.Module, target_parameters: Sequence[str], hosts: Mapping[str, DeltaHost] | None = None
+) -> list[str]:
+    """Names of the parameters ``target_parameters`` selects (exact names or dotted suffixes).
+
+    ``hosts``: parameter adapters that may take another named adapter, candidates too.
+    """
     if isinstance(target_parameters, str):
         raise TypeError("target_parameters must be a list of parameter names, e.g. ['attn.in_proj_weight']")
     candidates = [name for name, _ in model.named_parameters() if not _is_internal(name)]
+    candidates += [name for name, host in (hosts or {}).items() if isinstance(host, ParameterAdapter)]
     chosen: list[str] = []
     for target in target_parameters:
         matched = [name for name in candidates if name == target or name.endswith("." + target)]
         if not matched:
             raise ValueError(f"target parameter {target!r} matches no parameter of the model")
         for name in matched:
-            shape = tuple(model.get_parameter(name).shape)
+            shape = tuple(
+                (hosts[name].weight if hosts and name in hosts else model.get_parameter(name)).shape
+            )
             if len(shape) < 2:
                 raise ValueError(
                     f"parameter {name!r} has shape {shape}: a Tucker delta needs at least 2 modes"
@@ -152,6 +160,7 @@ def add_adapters(
     seed: int | None = None,
     target_parameters: Sequence[str] | None = None,
     modules_to_save: Targets | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> nn.Module:
     """Put Tucker adapters on the target layers (and parameters) of ``model``; train only the adapters.
 
@@ -199,6 +208,11 @@ def add_adapters(
         :class:`~ndlowrank.nn.TrainedCopy` that keeps the original and runs a trainable copy,
         which :func:`save_adapters` writes into the adapter file and :func:`load_adapters`
         restores. A module cannot be both adapted and trained in full.
+    adapter_name : str, default "default"
+        Name of the adapter (several named adapters can share a model, as in PEFT). On a
+        model without adapters it is the active one. On a model with adapters, targets that
+        already hold other adapters get this one beside them, inactive: make it the one that
+        runs with :func:`set_active_adapter` (see :mod:`ndlowrank.nn.named`).
 
     Returns
     -------
@@ -239,12 +253,16 @@ def add_adapters(
         )
     if target_modules is None and exclude_modules is not None:
         raise ValueError("exclude_modules narrows target_modules; pass target_modules too")
+    check_adapter_name(adapter_name)
+    # adapters that may take this named adapter beside theirs
+    hosts = {n: h for n, h in iter_adapters(model) if adapter_name not in h.adapter_names}
+    had_adapters = next(iter_adapters(model), None) is not None
     names = (
         []
         if target_modules is None
-        else select_targets(model, target_modules, exclude_modules=exclude_modules)
+        else select_targets(model, target_modules, exclude_modules=exclude_modules, adapter_name=adapter_name)
     )
-    parameter_names = [] if not target_parameters else _target_parameters(model, target_parameters)
+    parameter_names = [] if not target_parameters else _target_parameters(model, target_parameters, hosts)
     for name in parameter_names:
         owner_name = name.rpartition(".")[0]
         if owner_name in names:
@@ -254,7 +272,7 @@ def add_adapters(
             )
     # a Linear that its parent reads by attribute gets a parameter adapter on its weight,
     # with the ranks (rank_pattern) of its module name
-    routed = {f"{name}.weight": name for name in names if _read_by_parent(model, name)}
+    routed = {f"{name}.weight": name for name in names if name not in hosts and _read_by_parent(model, name)}
     if routed and dropout > 0:
         module_name = next(iter(routed.values()))
         raise ValueError(
@@ -268,11 +286,18 @@ def add_adapters(
     _check_saved(saved, [*names, *parameter_names])
     for name in names:
         try:
-            _adapter_class(model.get_submodule(name))
+            if name not in hosts:
+                _adapter_class(model.get_submodule(name))
         except TypeError as exc:
             raise TypeError(f"module {name!r}: {exc}") from None
     weights: list[torch.Tensor] = [model.get_submodule(n).weight for n in names]  # type: ignore[misc]
-    weights += [model.get_parameter(n) for n in parameter_names]
+    weights += [hosts[n].weight if n in hosts else model.get_parameter(n) for n in parameter_names]
+    for name in [*names, *parameter_names]:
+        if name in hosts:
+            try:
+                hosts[name].check_can_add(adapter_name, init)
+            except ValueError as exc:
+                raise ValueError(f"{name!r}: {exc}") from None
     for name, weight in zip([*names, *parameter_names], weights, strict=True):
         try:  # every rank is checked before any principal init changes a weight
             validate_ranks(
@@ -284,7 +309,7 @@ def add_adapters(
     options: dict[str, Any] = {"init": init, "scale": scale, "dtype": dtype}
     built: list[tuple[str, DeltaHost]] = []
     try:
-        for name in names:
+        for name in [n for n in names if n not in hosts]:
             layer = model.get_submodule(name)
             adapter: DeltaHost = TuckerAdapter(
                 layer,
@@ -292,20 +317,28 @@ def add_adapters(
                 seed=layer_seed(seed, name),
                 dropout=dropout,
                 path=path,
+                adapter_name=adapter_name,
                 **options,
             )
             built.append((name, adapter))
-        for name in parameter_names:
+        for name in [n for n in parameter_names if n not in hosts]:
             parameter = model.get_parameter(name)
             parameter_ranks = _ranks_for(routed.get(name, name), ranks, rank_pattern)
-            adapter = ParameterAdapter(parameter, parameter_ranks, seed=layer_seed(seed, name), **options)
+            adapter = ParameterAdapter(
+                parameter, parameter_ranks, seed=layer_seed(seed, name), adapter_name=adapter_name, **options
+            )
             built.append((name, adapter))
     except (ValueError, TypeError) as exc:
         with torch.no_grad():  # undo the principal init's change of the base weights, bit for bit
             for weight, snapshot in zip(weights, snapshots, strict=False):
                 weight.copy_(snapshot)
         raise type(exc)(f"{name!r}: {exc}") from None
+    for name in [n for n in [*names, *parameter_names] if n in hosts]:
+        ranks_here = _ranks_for(routed.get(name, name), ranks, rank_pattern)
+        hosts[name].add_adapter(adapter_name, ranks_here, seed=layer_seed(seed, name), **options)
     for name, adapter in built:
+        if had_adapters:  # a new adapter beside others does not run until it is made active
+            adapter.set_active(None)
         if isinstance(adapter, TuckerAdapter):
             _set_submodule(model, name, adapter)
         else:
@@ -354,7 +387,9 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
+def remove_adapters(
+    model: nn.Module, merge: bool = True, *, adapter_names: Sequence[str] | None = None
+) -> nn.Module:
     """Take every adapter out: a plain model with the original module types and ``state_dict`` keys.
 
     Parameters
@@ -364,18 +399,31 @@ def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
         Keep the fine-tuned weights (``W + ΔW``, and the trained copies of
         ``modules_to_save``). With ``False`` the original weights and modules come back
         (undoing a merge and a principal init).
+    adapter_names : sequence of str, optional
+        With ``merge``, the named adapters whose deltas are merged, summed where a layer
+        holds several (PEFT's ``merge_and_unload(adapter_names=...)``); the active ones by
+        default. Every name must be an adapter of ``model``.
 
     Returns
     -------
     nn.Module
         ``model`` without adapters; ``requires_grad`` of the base parameters is left as is.
     """
+    if adapter_names is not None:
+        if not merge:
+            raise ValueError("adapter_names chooses the adapters to merge; pass merge=True, or leave it out")
+        known = {name for _, adapter in iter_adapters(model) for name in adapter.adapter_names}
+        unknown = [name for name in adapter_names if name not in known]
+        if unknown:
+            raise ValueError(
+                f"adapter_names {unknown} are not adapters of the model; its adapters: {sorted(known)}"
+            )
     for name, module in list(model.named_modules()):
         if isinstance(module, TuckerAdapter):
-            base = module.merged_base() if merge else module.restore_base()
+            base = module.merged_base(adapter_names) if merge else module.restore_base()
             _set_submodule(model, name, base)
     for _, _, owner, attribute in list(_parameter_adapters(model)):
-        detach_parameter_adapter(owner, attribute, merge=merge)
+        detach_parameter_adapter(owner, attribute, merge=merge, names=adapter_names)
     for name, wrapper in list(iter_trained_copies(model)):
         _set_submodule(model, name, wrapper.trained_module if merge else wrapper.original_module)
     return model

@@ -85,12 +85,14 @@ def attach_parameter_adapter(module: nn.Module, name: str, adapter: ParameterAda
     assert parametrizations[name].original is adapter.weight
 
 
-def detach_parameter_adapter(module: nn.Module, name: str, *, merge: bool) -> None:
-    """Remove the parametrization of ``module.<name>``, leaving ``W + ΔW`` (``merge``) or the original ``W``."""
+def detach_parameter_adapter(
+    module: nn.Module, name: str, *, merge: bool, names: Sequence[str] | None = None
+) -> None:
+    """Remove the parametrization of ``module.<name>``, leaving ``W + ΔW`` (``merge``; of the adapters ``names``) or ``W``."""
     parametrizations: Any = module.parametrizations
     adapter = next(p for p in parametrizations[name] if isinstance(p, ParameterAdapter))
     if merge:
-        adapter.merge_for_good()
+        adapter.merge_for_good(names)
     else:
         adapter.restore_weight()
     remove_parameter_adapter(module, name)

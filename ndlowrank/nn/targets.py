@@ -36,12 +36,22 @@ def _is_internal(name: str) -> bool:
     return any(part in parts for part in _INTERNAL)
 
 
-def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """The user's own modules by name (not the model itself, nor anything inside an adapter)."""
+def _candidates(model: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Module]:
+    """The user's own modules by name (not the model itself, nor anything inside an adapter).
+
+    With ``adapter_name``, layer adapters that do not hold an adapter of that name are
+    candidates too (they can take it beside theirs).
+    """
+
+    def eligible(module: nn.Module) -> bool:
+        if isinstance(module, TuckerAdapter):
+            return adapter_name is not None and adapter_name not in module.adapter_names
+        return not isinstance(module, TrainedCopy)
+
     return {
         name: module
         for name, module in model.named_modules()
-        if name and not isinstance(module, (TuckerAdapter, TrainedCopy)) and not _is_internal(name)
+        if name and eligible(module) and not _is_internal(name)
     }
 
 
@@ -62,10 +72,15 @@ def _output_heads(model: nn.Module, candidates: dict[str, nn.Module]) -> set[str
     return {name for name, module in candidates.items() if any(module is head for head in heads)}
 
 
+def _layer(module: nn.Module) -> nn.Module:
+    """The layer a module is: an adapter's base layer, or the module itself."""
+    return module.base_layer if isinstance(module, TuckerAdapter) else module
+
+
 def _match(selector: Selector, name: str, module: nn.Module) -> bool:
     """A list entry selects a module by type, exact name or dotted suffix of its name."""
     if isinstance(selector, type):
-        return isinstance(module, selector)
+        return isinstance(_layer(module), selector)
     return name == selector or name.endswith("." + selector)
 
 
@@ -105,7 +120,11 @@ def _select(candidates: dict[str, nn.Module], selection: Targets, argument: str)
 
 
 def select_targets(
-    model: nn.Module, target_modules: Targets, *, exclude_modules: Targets | None = None
+    model: nn.Module,
+    target_modules: Targets,
+    *,
+    exclude_modules: Targets | None = None,
+    adapter_name: str | None = None,
 ) -> list[str]:
     """Names of the modules of ``model`` that ``target_modules`` selects and ``exclude_modules`` does not.
 
@@ -125,6 +144,9 @@ def select_targets(
         Modules taken out of the selection, written like ``target_modules`` (a string is a
         regex). Every entry must match a module of the model (a typo is an error, not a
         silent no-op).
+    adapter_name : str, optional
+        Also select layers that already hold adapters, but none of this name (as
+        :func:`~ndlowrank.nn.add_adapters` does for a further named adapter).
 
     Returns
     -------
@@ -160,11 +182,11 @@ def select_targets(
     >>> nlnn.select_targets(model, "all-linear")
     ['2', '3']
     """
-    candidates = _candidates(model)
+    candidates = _candidates(model, adapter_name)
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         heads = _output_heads(model, candidates)
         types = _linear_types()
-        chosen = [n for n, m in candidates.items() if isinstance(m, types) and n not in heads]
+        chosen = [n for n, m in candidates.items() if isinstance(_layer(m), types) and n not in heads]
         if not chosen:
             raise ValueError(f"target_modules={ALL_LINEAR!r}: the model has no linear layer besides its head")
     else:
