@@ -184,13 +184,13 @@ def test_set_scale_while_merged_unmerges_bit_for_bit_in_low_precision(dtype):
 
 def test_set_scale_by_name_and_bad_input_change_nothing():
     _, model = _adapted("zero_core")
-    nlnn.set_adapter_scale(model, 0.0, adapters=["fc"])
+    nlnn.set_adapter_scale(model, 0.0, targets=["fc"])
     assert model.fc.scale == 0.0 and model.conv.scale == 1.0
     for bad in (float("nan"), float("inf"), True, "2"):
         with pytest.raises(ValueError, match="must be a finite number"):
             nlnn.set_adapter_scale(model, bad)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"adapters \['nope'\] are not adapters of the model"):
-        nlnn.set_adapter_scale(model, 2.0, adapters=["nope"])
+    with pytest.raises(ValueError, match=r"targets \['nope'\] are not adapted in the model"):
+        nlnn.set_adapter_scale(model, 2.0, targets=["nope"])
     assert model.fc.scale == 0.0 and model.conv.scale == 1.0
 
 

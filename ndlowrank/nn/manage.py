@@ -92,7 +92,7 @@ def enable_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_adapter_scale(model: nn.Module, scale: float, *, adapters: Sequence[str] | None = None) -> nn.Module:
+def set_adapter_scale(model: nn.Module, scale: float, *, targets: Sequence[str] | None = None) -> nn.Module:
     """Set the multiplier of the adapters' deltas (``ΔW = scale · G ×₁ A₁ …``), merged or not.
 
     Parameters
@@ -102,8 +102,9 @@ def set_adapter_scale(model: nn.Module, scale: float, *, adapters: Sequence[str]
         The new scale (a finite number; ``0`` switches the deltas off, ``2`` doubles them).
         It replaces the scale the adapters were built with; it is saved by
         :func:`~ndlowrank.nn.save_adapters`.
-    adapters : sequence of str, optional
-        Names from :func:`~ndlowrank.nn.iter_adapters`; every adapter by default.
+    targets : sequence of str, optional
+        Adapted layers or parameters by their names in :func:`~ndlowrank.nn.iter_adapters`;
+        all by default. The scale changes for each one's active adapter.
 
     Returns
     -------
@@ -134,10 +135,10 @@ def set_adapter_scale(model: nn.Module, scale: float, *, adapters: Sequence[str]
     0.5
     """
     found = dict(iter_adapters(model))
-    names = list(found) if adapters is None else list(adapters)
+    names = list(found) if targets is None else list(targets)
     unknown = [name for name in names if name not in found]
     if unknown:
-        raise ValueError(f"adapters {unknown} are not adapters of the model; known: {sorted(found)}")
+        raise ValueError(f"targets {unknown} are not adapted in the model; adapted: {sorted(found)}")
     old = {name: found[name].scale for name in names}
     done: list[str] = []
     try:
