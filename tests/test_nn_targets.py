@@ -114,6 +114,38 @@ def test_all_linear_matches_peft_on_a_transformers_model():
     assert "lm_head" not in ours and len(ours) == 2 * 7
 
 
+def test_all_linear_selects_gpt2_conv1d_layers_as_peft_does():
+    transformers = import_peer("transformers")
+    peft = import_peer("peft")
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear", r=2))
+    theirs = sorted(
+        name.removeprefix("base_model.model.")
+        for name, module in peft_model.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    )
+    ours = nlnn.select_targets(model, "all-linear")
+    assert sorted(ours) == theirs and len(ours) == 2 * 4 and "lm_head" not in ours
+
+
+def test_all_linear_leaves_a_sequence_classifier_out_where_peft_needs_a_task_type():
+    transformers = import_peer("transformers")
+    config = transformers.BertConfig(
+        vocab_size=32,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    ours = nlnn.select_targets(model, "all-linear")
+    assert "classifier" not in ours and "bert.pooler.dense" in ours and len(ours) == 6 + 1
+
+
 # -- read-through attributes ------------------------------------------------------------------
 
 

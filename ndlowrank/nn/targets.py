@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .layers import TuckerAdapter, supported_layers
+from .layers import TuckerAdapter
 from .modules_to_save import TrainedCopy
 
 __all__ = ["ALL_LINEAR", "OUTPUT_HEAD_NAMES", "select_targets"]
@@ -55,9 +55,11 @@ def _candidates(model: nn.Module, adapter_name: str | None = None) -> dict[str, 
     }
 
 
-def _linear_types() -> tuple[type[nn.Module], ...]:
-    """``nn.Linear`` and every adaptable layer type named ``Conv1D`` (transformers' transposed linear)."""
-    return tuple(t for t in supported_layers() if issubclass(t, nn.Linear) or t.__name__ == "Conv1D")
+def _is_linear(layer: nn.Module) -> bool:
+    """An ``nn.Linear`` or transformers' ``Conv1D`` (a linear with its weight stored transposed), as in PEFT."""
+    return isinstance(layer, nn.Linear) or any(
+        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.") for cls in type(layer).__mro__
+    )
 
 
 def _output_heads(model: nn.Module, candidates: dict[str, nn.Module]) -> set[str]:
@@ -132,8 +134,8 @@ def select_targets(
     ----------
     model : nn.Module
     target_modules : str, sequence of str and module types, or a module type
-        - ``"all-linear"``: every ``nn.Linear`` (and transformers' ``Conv1D`` where it can
-          be adapted) except the output head: the module ``model.get_output_embeddings()``
+        - ``"all-linear"``: every ``nn.Linear`` and transformers ``Conv1D`` except the
+          output head: the module ``model.get_output_embeddings()``
           returns (transformers models) and top-level children named ``lm_head``, ``score``
           or ``classifier`` (:data:`OUTPUT_HEAD_NAMES`);
         - any other string: a regular expression matched against full module names;
@@ -185,8 +187,7 @@ def select_targets(
     candidates = _candidates(model, adapter_name)
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         heads = _output_heads(model, candidates)
-        types = _linear_types()
-        chosen = [n for n, m in candidates.items() if isinstance(_layer(m), types) and n not in heads]
+        chosen = [n for n, m in candidates.items() if _is_linear(_layer(m)) and n not in heads]
         if not chosen:
             raise ValueError(f"target_modules={ALL_LINEAR!r}: the model has no linear layer besides its head")
     else:
