@@ -9,6 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ndlowrank import nn as nlnn  # noqa: E402
@@ -245,3 +247,75 @@ def test_switching_and_merging_chosen_adapters_matches_peft_lora():
     merged_ours = nlnn.remove_adapters(ours, adapter_names=["default", "b"])
     for key, value in merged_lora.state_dict().items():
         torch.testing.assert_close(merged_ours.state_dict()[key], value, rtol=0, atol=1e-12)
+
+
+# -- add_weighted_adapter -------------------------------------------------------------------------
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    w=st.lists(st.floats(-2, 2, allow_nan=False), min_size=2, max_size=2),
+    ranks=st.lists(st.integers(1, 3), min_size=2, max_size=2),
+)
+def test_a_weighted_adapter_is_the_weighted_sum_of_deltas_exactly(w, ranks):
+    base = _base()
+    model = nlnn.add_adapters(copy.deepcopy(base), ["conv", "fc1"], ranks[0], init="orthogonal", seed=0)
+    model = nlnn.add_adapters(model, ["conv", "fc2"], ranks[1], init="orthogonal", adapter_name="b", seed=1)
+    perturb_adapters(model, seed=4)
+    nlnn.set_active_adapter(model, "b")
+    perturb_adapters(model, seed=5)
+    nlnn.set_adapter_scale(model, 0.7, targets=["conv"])
+    nlnn.add_weighted_adapter(model, ["default", "b"], w, "mix")
+    chosen = {"conv": ["default", "b"], "fc1": ["default"], "fc2": ["b"]}
+    weight = dict(zip(["default", "b"], w, strict=True))
+    for layer, names in chosen.items():
+        host = model.get_submodule(layer)
+        expected = sum(weight[name] * _delta(host, name) for name in names)
+        torch.testing.assert_close(_delta(host, "mix"), expected, rtol=0, atol=1e-12)
+        assert all(r <= s for r, s in zip(host.delta_of("mix").ranks, host.weight.shape, strict=True))
+    assert model.conv.active_adapter == "b"  # the new adapter is not active
+
+
+def test_add_weighted_adapter_refuses_bad_input_and_changes_nothing():
+    model = _two(_base())
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        nlnn.add_weighted_adapter(model, ["default", "b"], [1.0], "mix")
+    with pytest.raises(ValueError, match="more than once"):
+        nlnn.add_weighted_adapter(model, ["b", "b"], [1.0, 1.0], "mix")
+    with pytest.raises(ValueError, match="must be finite"):
+        nlnn.add_weighted_adapter(model, ["b"], [float("nan")], "mix")
+    with pytest.raises(ValueError, match="no adapter named 'c'"):
+        nlnn.add_weighted_adapter(model, ["c"], [1.0], "mix")
+    with pytest.raises(ValueError, match="an adapter named 'b' is already here"):
+        nlnn.add_weighted_adapter(model, ["default"], [1.0], "b")
+    assert list(model.state_dict()) == list(state)
+
+
+def test_add_weighted_adapter_matches_peft_cat():
+    peft = import_peer("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    lora = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(target_modules=["0", "2"], r=2, lora_alpha=4, init_lora_weights=False),
+    )
+    lora.add_adapter(
+        "b", peft.LoraConfig(target_modules=["0", "2"], r=1, lora_alpha=3, init_lora_weights=False)
+    )
+    ours = copy.deepcopy(base)
+    for name, rank, alpha in (("default", 2, 4), ("b", 1, 3)):
+        ours = nlnn.add_adapters(ours, ["0", "2"], rank, scale=alpha / rank, adapter_name=name, seed=0)
+        with torch.no_grad():
+            for layer in ("0", "2"):
+                peft_layer = lora.base_model.model.get_submodule(layer)
+                delta = ours.get_submodule(layer).delta_of(name)
+                delta.factors[0].copy_(peft_layer.lora_B[name].weight)
+                delta.factors[1].copy_(peft_layer.lora_A[name].weight.T)
+                delta.core.copy_(torch.eye(rank, dtype=F64))
+    lora.add_weighted_adapter(["default", "b"], [0.6, -1.5], "mix", combination_type="cat")
+    nlnn.add_weighted_adapter(ours, ["default", "b"], [0.6, -1.5], "mix")
+    lora.set_adapter("mix")
+    nlnn.set_active_adapter(ours, "mix")
+    x = torch.randn(3, 6, dtype=F64)
+    torch.testing.assert_close(ours(x), lora(x), rtol=0, atol=1e-12)

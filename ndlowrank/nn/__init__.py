@@ -17,7 +17,7 @@ from .model import (
     unmerge_adapters,
 )
 from .modules_to_save import TrainedCopy, iter_trained_copies
-from .named import active_adapters, adapter_names, delete_adapter, set_active_adapter
+from .named import active_adapters, adapter_names, add_weighted_adapter, delete_adapter, set_active_adapter
 from .parameters import ParameterAdapter
 from .targets import select_targets
 from .truncate import TruncationReport, truncate_adapters
@@ -37,6 +37,7 @@ __all__ = [
     "adapter_names",
     "adapter_state_dict",
     "add_adapters",
+    "add_weighted_adapter",
     "delete_adapter",
     "disable_adapters",
     "enable_adapters",

@@ -15,17 +15,28 @@ belong to the layer, shared by its adapters; ``modules_to_save`` are shared too.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
-from ._host import DeltaHost
+from ..tenalg import mode_product
+from ._host import DeltaHost, check_adapter_name
+from .delta import TuckerDelta
 from .layers import TuckerAdapter
 from .model import _parameter_adapters, _set_submodule, iter_adapters
 from .parameters import detach_parameter_adapter
 
-__all__ = ["active_adapters", "adapter_names", "chosen_adapter", "delete_adapter", "set_active_adapter"]
+__all__ = [
+    "active_adapters",
+    "adapter_names",
+    "add_weighted_adapter",
+    "chosen_adapter",
+    "delete_adapter",
+    "set_active_adapter",
+]
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -133,3 +144,101 @@ def chosen_adapter(
     finally:
         for (_, host), active in zip(hosts, before, strict=True):
             host.__dict__["_active"] = active
+
+
+def _weighted_sum(deltas: list[TuckerDelta], weights: list[float]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``Σ wᵢ ΔWᵢ`` exactly, in Tucker form: block-diagonal core, concatenated factors.
+
+    Where the summed rank of a mode exceeds its size, the factor is replaced by the ``Q`` of
+    its QR decomposition and ``R`` is folded into the core, so every rank fits its mode
+    (exact: the factor's columns span at most the whole mode).
+    """
+    dtype = deltas[0].core.dtype
+    ranks = [sum(d.ranks[n] for d in deltas) for n in range(len(deltas[0].ranks))]
+    core = torch.zeros(ranks, dtype=dtype, device=deltas[0].core.device)
+    offsets = [0] * len(ranks)
+    for delta, weight in zip(deltas, weights, strict=True):
+        block = tuple(slice(o, o + r) for o, r in zip(offsets, delta.ranks, strict=True))
+        core[block] = weight * delta.scale * delta.core.detach().to(dtype)
+        offsets = [o + r for o, r in zip(offsets, delta.ranks, strict=True)]
+    factors = []
+    for n in range(len(ranks)):
+        factor = torch.cat([d.factors[n].detach().to(dtype) for d in deltas], dim=1)
+        if factor.shape[1] > factor.shape[0]:
+            q, r = torch.linalg.qr(factor)
+            core, factor = mode_product(core, r, n), q
+        factors.append(factor)
+    return core, factors
+
+
+def add_weighted_adapter(
+    model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str
+) -> nn.Module:
+    """Add the adapter ``adapter_name`` with ``ΔW = Σ wᵢ ΔWᵢ`` of the named ``adapters``, exactly.
+
+    On every layer that holds at least one of ``adapters``, the new delta is the weighted sum
+    of the ones it holds, in Tucker form without approximation: the cores go on the diagonal
+    of a larger core and the factors side by side (the ranks add up, capped at each mode's
+    size by a QR of the factor; :func:`~ndlowrank.nn.truncate_adapters` shrinks it further).
+    This is PEFT's ``add_weighted_adapter(..., combination_type="cat")``, exact for every
+    weight shape. The new adapter has scale 1 and is inactive (see :func:`set_active_adapter`).
+
+    Parameters
+    ----------
+    model : nn.Module
+    adapters : sequence of str
+        Names of adapters of ``model`` (at least one).
+    weights : sequence of float
+        One finite weight per adapter.
+    adapter_name : str
+        A new name.
+
+    Returns
+    -------
+    nn.Module
+        ``model``.
+
+    Raises
+    ------
+    ValueError
+        An unknown or repeated adapter, weights that do not match, a name in use, a layer
+        with a ``"principal"`` adapter or disabled adapters. Nothing changes then.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from ndlowrank import nn as nlnn
+    >>> model = nlnn.add_adapters(nn.Sequential(nn.Linear(4, 4)), ["0"], ranks=2, init="orthogonal")
+    >>> model = nlnn.add_adapters(model, ["0"], ranks=1, init="orthogonal", adapter_name="b")
+    >>> model = nlnn.add_weighted_adapter(model, ["default", "b"], [0.5, 2.0], "mix")
+    >>> model[0].delta_of("mix").ranks
+    (3, 3)
+    """
+    check_adapter_name(adapter_name)
+    adapters, weights = list(adapters), [float(w) for w in weights]
+    if not adapters or len(adapters) != len(weights):
+        raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+    if len(set(adapters)) != len(adapters):
+        raise ValueError(f"adapters {adapters} name an adapter more than once")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights {weights} must be finite numbers")
+    for name in adapters:
+        _check_known(model, name)
+    hosts = [host for _, host in iter_adapters(model) if any(n in host.adapter_names for n in adapters)]
+    for host in hosts:  # everything is checked before any layer changes
+        host.check_can_add(adapter_name, "zero_core")
+    with torch.no_grad():
+        for host in hosts:
+            chosen = [
+                (host.delta_of(n), w)
+                for n, w in zip(adapters, weights, strict=True)
+                if n in host.adapter_names
+            ]
+            core, factors = _weighted_sum([d for d, _ in chosen], [w for _, w in chosen])
+            host.add_adapter(adapter_name, list(core.shape), dtype=core.dtype, seed=0)
+            delta = host.delta_of(adapter_name)
+            delta.core.copy_(core)
+            for parameter, factor in zip(delta.factors, factors, strict=True):
+                parameter.copy_(factor)
+    return model
