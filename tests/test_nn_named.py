@@ -319,3 +319,89 @@ def test_add_weighted_adapter_matches_peft_cat():
     nlnn.set_active_adapter(ours, "mix")
     x = torch.randn(3, 6, dtype=F64)
     torch.testing.assert_close(ours(x), lora(x), rtol=0, atol=1e-12)
+
+
+# -- several active adapters ----------------------------------------------------------------------
+
+
+def test_several_active_adapters_run_summed_and_merge_exactly():
+    base = _base()
+    model = _two(base)
+    nlnn.add_adapters(model, ["conv"], 2, adapter_name="b", seed=5)
+    with torch.no_grad():
+        model.conv.delta_of("b").core.normal_(generator=torch.Generator().manual_seed(6))
+    x = _x()
+    nlnn.set_active_adapter(model, ["default", "b"])
+    assert nlnn.active_adapters(model) == ["default", "b"] and model.fc1.delta is model.fc1.delta_of(
+        "default"
+    )
+    both = {"conv": ["default", "b"], "fc1": ["default", "b"], "fc2": ["default", "b"]}
+    expected = _reference(base, model, both)(x)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+    weights = {name: host.weight.detach().clone() for name, host in nlnn.iter_adapters(model)}
+    nlnn.merge_adapters(model)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+    nlnn.set_adapter_scale(model, 2.0)  # both deltas of each layer, kept right while merged
+    assert model.fc1.delta_of("b").scale == model.fc1.delta_of("default").scale == 2.0
+    nlnn.unmerge_adapters(model)
+    for name, host in nlnn.iter_adapters(model):
+        assert torch.equal(host.weight, weights[name]), name  # a summed merge keeps the weight to restore
+    nlnn.merge_adapters(model)
+    nlnn.truncate_adapters(model, ranks=1)  # every delta, each unmerged around its truncation
+    merged_output = model(x)
+    nlnn.unmerge_adapters(model)
+    torch.testing.assert_close(merged_output, model(x), rtol=0, atol=1e-12)
+    nlnn.delete_adapter(model, "default")
+    assert nlnn.active_adapters(model) == ["b"]
+
+
+def test_several_active_adapters_on_a_reflect_padded_conv_and_an_embedding():
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect").double()
+    embedding = nn.Embedding(6, 4, padding_idx=0).double()
+    for layer, x in ((conv, torch.randn(2, 2, 5, 5, dtype=F64)), (embedding, torch.tensor([[0, 3, 5]]))):
+        model = nlnn.add_adapters(nn.Sequential(copy.deepcopy(layer)), ["0"], 2, seed=0)
+        model = nlnn.add_adapters(model, ["0"], 1, adapter_name="b", seed=1)
+        perturb_adapters(model)
+        with torch.no_grad():
+            model[0].delta_of("b").core.add_(1.0)
+        nlnn.set_active_adapter(model, ["b", "default"])
+        reference = copy.deepcopy(layer)
+        with torch.no_grad():
+            reference.weight.add_(_delta(model[0], "default") + _delta(model[0], "b"))
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-12)
+
+
+def test_several_active_adapters_with_dropout_are_refused_before_anything_changes():
+    model = nlnn.add_adapters(_base(), ["fc1", "fc2"], 2, dropout=0.1, seed=0)
+    model = nlnn.add_adapters(model, ["fc2"], 1, adapter_name="b", dropout=0.1, seed=0)
+    nlnn.set_active_adapter(model, "b")
+    with pytest.raises(ValueError, match=r"cannot apply dropout=0\.1"):
+        nlnn.set_active_adapter(model, ["default", "b"])
+    assert model.fc1.active_adapters == () and model.fc2.active_adapters == ("b",)
+    with pytest.raises(ValueError, match="each once"):
+        nlnn.set_active_adapter(model, ["b", "b"])
+
+
+def test_several_active_adapters_match_peft():
+    peft = import_peer("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    lora = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(target_modules=["0", "2"], r=2, lora_alpha=4, init_lora_weights=False),
+    )
+    lora.add_adapter("b", peft.LoraConfig(target_modules=["2"], r=1, lora_alpha=3, init_lora_weights=False))
+    ours = copy.deepcopy(base)
+    for name, layers, rank, alpha in (("default", ["0", "2"], 2, 4), ("b", ["2"], 1, 3)):
+        ours = nlnn.add_adapters(ours, layers, rank, scale=alpha / rank, adapter_name=name, seed=0)
+        with torch.no_grad():
+            for layer in layers:
+                peft_layer = lora.base_model.model.get_submodule(layer)
+                delta = ours.get_submodule(layer).delta_of(name)
+                delta.factors[0].copy_(peft_layer.lora_B[name].weight)
+                delta.factors[1].copy_(peft_layer.lora_A[name].weight.T)
+                delta.core.copy_(torch.eye(rank, dtype=F64))
+    lora.base_model.set_adapter(["default", "b"])
+    nlnn.set_active_adapter(ours, ["default", "b"])
+    x = torch.randn(3, 6, dtype=F64)
+    torch.testing.assert_close(ours(x), lora(x), rtol=0, atol=1e-12)

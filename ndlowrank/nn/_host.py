@@ -62,8 +62,14 @@ class DeltaHost(nn.Module):
 
     @property
     def active_adapter(self) -> str | None:
-        """The adapter that runs (``None``: none, the layer computes with its weight alone)."""
+        """The (first) adapter that runs, whose delta ``delta`` is (``None``: none runs)."""
         return self.__dict__["_active"]
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        """Every adapter that runs; their deltas are summed."""
+        first = self.__dict__["_active"]
+        return () if first is None else (first, *self.__dict__["_also_active"])
 
     def delta_of(self, name: str) -> TuckerDelta:
         """The delta of the adapter ``name``."""
@@ -134,14 +140,31 @@ class DeltaHost(nn.Module):
             )
         self._check_switchable(f"add adapter {name!r}")
 
-    def set_active(self, name: str | None) -> None:
-        """Make ``name`` the adapter that runs (``None``: none); a merged adapter is unmerged first."""
-        if name is not None and name not in self.adapter_names:
-            raise ValueError(f"no adapter named {name!r} here; adapters: {self.adapter_names}")
-        if name == self.active_adapter:
+    def check_active(self, names: str | Sequence[str] | None) -> list[str]:
+        """The names :meth:`set_active` would make active, as a list; ``ValueError`` if it would refuse."""
+        chosen = [] if names is None else [names] if isinstance(names, str) else list(names)
+        unknown = [name for name in chosen if name not in self.adapter_names]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r} here; adapters: {self.adapter_names}")
+        if len(chosen) > 1 and getattr(self, "dropout_p", 0.0) > 0:
+            raise ValueError(
+                f"several adapters run as one summed weight, which cannot apply dropout={self.dropout_p} to "
+                "the adapter branch; build the adapters with dropout=0.0"
+            )
+        return chosen
+
+    def set_active(self, names: str | Sequence[str] | None) -> None:
+        """Make ``names`` the adapters that run (``None``: none); a merged host is unmerged first.
+
+        With several names, their deltas are summed (``W + ΔW₁ + ΔW₂ …``) and the layer runs
+        with that weight, which needs ``dropout=0``.
+        """
+        chosen = self.check_active(names)
+        if tuple(chosen) == self.active_adapters:
             return
         self.unmerge()
-        self.__dict__["_active"] = name
+        self.__dict__["_active"] = chosen[0] if chosen else None
+        self.__dict__["_also_active"] = tuple(chosen[1:])
 
     def delete_adapter(self, name: str) -> None:
         """Remove the adapter ``name`` (unmerged first if it is merged); not the host's only one."""
@@ -150,9 +173,9 @@ class DeltaHost(nn.Module):
             raise ValueError(f"no adapter named {name!r} here; adapters: {names}")
         if len(names) == 1:
             raise ValueError(f"{name!r} is the only adapter here; remove the adapter module instead")
-        if name == self.active_adapter:
+        if name in self.active_adapters:
             self.unmerge()
-            self.__dict__["_active"] = None
+            self.set_active([n for n in self.active_adapters if n != name])
         named: Any = self._modules["named_deltas"]
         if name == self.__dict__["_first_name"]:  # the next one takes the first one's place
             successor = names[1]
@@ -203,6 +226,7 @@ class DeltaHost(nn.Module):
         """Create ``self.delta`` for ``self.weight``; ints in ``ranks`` are clipped to each mode's size."""
         check_adapter_name(adapter_name)
         self.__dict__["_first_name"] = self.__dict__["_active"] = adapter_name
+        self.__dict__["_also_active"] = ()
         self._inits = {adapter_name: init}
         self.delta = self._new_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed)
         self.merged = False
@@ -239,16 +263,18 @@ class DeltaHost(nn.Module):
         """
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"scale={scale!r} must be a finite number")
-        old = self.delta.scale
-        if not self.merged:
-            self.delta.scale = float(scale)
-            return
+        deltas = [self.delta_of(name) for name in self.active_adapters] or [self.delta]
+        old = [delta.scale for delta in deltas]
+        merged = self.merged
         self.unmerge()
-        self.delta.scale = float(scale)
+        for delta in deltas:
+            delta.scale = float(scale)
         try:
-            self.merge()
+            if merged:
+                self.merge()
         except ValueError:
-            self.delta.scale = old
+            for delta, value in zip(deltas, old, strict=True):
+                delta.scale = value
             self.merge()
             raise
 
@@ -311,10 +337,10 @@ class DeltaHost(nn.Module):
         self._check_enabled("merge")
         if self.merged or self.active_adapter is None:
             return
-        merged = self.weight + self.delta_weight()
+        merged = self.weight + self.total_delta_weight()
         if not torch.isfinite(merged).all():
             raise ValueError("merging would put NaN or Inf into the base weight; the layer was left unmerged")
-        if self.weight.dtype in LOW_PRECISION:
+        if self.weight.dtype in LOW_PRECISION or self.__dict__["_also_active"]:
             self._original_weight = self.weight.detach().clone()
         self.weight.copy_(merged)
         self.merged = True
@@ -329,7 +355,7 @@ class DeltaHost(nn.Module):
             self.weight.copy_(self._original_weight)
             self._original_weight = None
         else:
-            self.weight.sub_(self.delta_weight())
+            self.weight.sub_(self.total_delta_weight())
         self.merged = False
 
     # -- the principal init ----------------------------------------------------------
@@ -372,7 +398,7 @@ class DeltaHost(nn.Module):
         if (
             self.active_adapter is not None
             and not self.merged
-            and not torch.isfinite(self.weight + self.delta_weight()).all()
+            and not torch.isfinite(self.weight + self.total_delta_weight()).all()
         ):
             raise ValueError("merging would put NaN or Inf into the base weight")
 
@@ -393,11 +419,10 @@ class DeltaHost(nn.Module):
         self.enable()
         if names is not None or not self.merged:
             self.unmerge()
-            chosen = [self.active_adapter] if names is None else [n for n in self.adapter_names if n in names]
+            chosen = self.active_adapters if names is None else [n for n in self.adapter_names if n in names]
             merged = self.weight.detach().clone()
             for name in chosen:
-                if name is not None:
-                    merged += self._delta_weight_of(name)
+                merged += self._delta_weight_of(name)
             if not torch.isfinite(merged).all():
                 raise ValueError("merging would put NaN or Inf into the base weight; nothing was changed")
             self.weight.copy_(merged)
@@ -412,6 +437,15 @@ class DeltaHost(nn.Module):
             return self.delta_weight()
         finally:
             self.__dict__["_active"] = active
+
+    def total_delta_weight(self) -> torch.Tensor:
+        """``ΔW`` of the active adapters, summed (that of the active one when one runs)."""
+        if not self.__dict__["_also_active"]:
+            return self.delta_weight()
+        total = self._delta_weight_of(self.active_adapters[0])
+        for name in self.active_adapters[1:]:
+            total = total + self._delta_weight_of(name)
+        return total
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if tensor.dtype == self.weight.dtype else tensor.to(self.weight.dtype)

@@ -117,6 +117,10 @@ class TuckerAdapter(DeltaHost):
         self.train(base_layer.training)  # an adapter on a model in eval mode starts in eval mode
 
     # -- what subclasses supply (and _after_init) ------------------------------------
+    def _forward_summed(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer with ``W + ΣΔW`` of the active adapters (a materialize path that sums them)."""
+        return self._forward_materialize(x)
+
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -178,6 +182,8 @@ class TuckerAdapter(DeltaHost):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled or self.active_adapter is None:
             return self.base_layer(x)
+        if self.__dict__["_also_active"]:  # several adapters: the layer with W + ΔW₁ + ΔW₂ ...
+            return self._forward_summed(x)
         if self.chosen_path(x) == "materialize":
             return self._forward_materialize(x)
         return self._forward_factorized(x)
@@ -212,7 +218,7 @@ class LinearAdapter(TuckerAdapter):
 
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.base_layer
-        return F.linear(x, self.weight + self.delta_weight(), layer.bias)
+        return F.linear(x, self.weight + self.total_delta_weight(), layer.bias)
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in self.delta.factors)
@@ -257,6 +263,10 @@ class ConvAdapter(TuckerAdapter):
         return FusedTuckerConv.apply(
             self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, self.spatial_core(), self.geometry
         )
+
+    def _forward_summed(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.base_layer
+        return layer._conv_forward(x, self.weight + self.total_delta_weight(), layer.bias)
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
@@ -333,7 +343,7 @@ class EmbeddingAdapter(TuckerAdapter):
 
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.base_layer
-        weight = self.weight + self.delta_weight()
+        weight = self.weight + self.total_delta_weight()
         return F.embedding(
             x, weight, max_norm=layer.max_norm, norm_type=layer.norm_type, sparse=False, **self._options()
         )

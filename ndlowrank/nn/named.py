@@ -8,7 +8,7 @@ and further ones in ``named_deltas``; ``host.delta`` is the active adapter's del
 :func:`~ndlowrank.nn.save_adapters` and :func:`~ndlowrank.nn.load_adapters` take
 ``adapter_name=`` to save or load one adapter by name, in the same file format.
 
-One adapter runs at a time (PEFT's ``set_adapter`` with one name). A ``"principal"`` adapter
+One adapter runs, or several summed (PEFT's ``set_adapter``). A ``"principal"`` adapter
 changes the base weight, so it is the only adapter of its layers. ``dropout`` and ``path``
 belong to the layer, shared by its adapters; ``modules_to_save`` are shared too.
 """
@@ -61,11 +61,10 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters that run (one, or none after :func:`delete_adapter` of the active one)."""
+    """Names of the adapters that run (none after :func:`delete_adapter` of the only active one)."""
     names: dict[str, None] = {}
     for _, host in iter_adapters(model):
-        if host.active_adapter is not None:
-            names[host.active_adapter] = None
+        names.update(dict.fromkeys(host.active_adapters))
     return list(names)
 
 
@@ -75,21 +74,32 @@ def _check_known(model: nn.Module, name: str) -> None:
         raise ValueError(f"the model has no adapter named {name!r}; its adapters: {known}")
 
 
-def set_active_adapter(model: nn.Module, name: str) -> nn.Module:
-    """Make the adapter ``name`` the one that runs; layers without it run their base weight.
+def set_active_adapter(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
+    """Make the adapter ``names`` (one name or several) the ones that run; layers without any run their base weight.
 
-    As PEFT's ``set_adapter``: a merged adapter that stops running is unmerged first. A
-    disabled model stays disabled (:func:`~ndlowrank.nn.enable_adapters` then runs
-    ``name``). Returns ``model``.
+    As PEFT's ``set_adapter``: a merged layer whose adapters change is unmerged first. With
+    several names, a layer holding more than one of them runs with ``W + ΔW₁ + ΔW₂ …``
+    (in the materialize form, so its adapters need ``dropout=0``); ``host.delta`` is the
+    delta of the first. A disabled model stays disabled
+    (:func:`~ndlowrank.nn.enable_adapters` then runs ``names``). Returns ``model``.
 
     Raises
     ------
     ValueError
-        If ``model`` has no adapter of that name (naming the ones it has).
+        If ``model`` has no adapter of a name (naming the ones it has), a name is given
+        twice, or several adapters would run on a layer with dropout; nothing changes then.
     """
-    _check_known(model, name)
-    for _, host in iter_adapters(model):
-        host.set_active(name if name in host.adapter_names else None)
+    chosen = [names] if isinstance(names, str) else list(names)
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(f"name the adapters to run, each once; got {names!r}")
+    for name in chosen:
+        _check_known(model, name)
+    hosts = [host for _, host in iter_adapters(model)]
+    plan = [[name for name in chosen if name in host.adapter_names] for host in hosts]
+    for host, here in zip(hosts, plan, strict=True):  # check every layer before changing any
+        host.check_active(here)
+    for host, here in zip(hosts, plan, strict=True):
+        host.set_active(here or None)
     return model
 
 
@@ -136,14 +146,14 @@ def chosen_adapter(
     if must_exist:
         _check_known(model, name)
     hosts = [(n, h) for n, h in iter_adapters(model) if name in h.adapter_names]
-    before = [host.__dict__["_active"] for _, host in hosts]
+    before = [(host.__dict__["_active"], host.__dict__["_also_active"]) for _, host in hosts]
     for _, host in hosts:
-        host.__dict__["_active"] = name
+        host.__dict__.update(_active=name, _also_active=())
     try:
         yield hosts
     finally:
-        for (_, host), active in zip(hosts, before, strict=True):
-            host.__dict__["_active"] = active
+        for (_, host), (active, also) in zip(hosts, before, strict=True):
+            host.__dict__.update(_active=active, _also_active=also)
 
 
 def _weighted_sum(deltas: list[TuckerDelta], weights: list[float]) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -66,7 +66,7 @@ class ParameterAdapter(DeltaHost):
         """``original + ΔW`` (just ``original`` once merged, or while disabled)."""
         if self.merged or self.disabled or self.active_adapter is None:
             return original
-        return original + self.delta_weight()
+        return original + self.total_delta_weight()
 
     def extra_repr(self) -> str:
         return f"ranks={self.ranks}, init={self.init!r}, scale={self.scale}, merged={self.merged}"
