@@ -183,15 +183,22 @@ def test_set_scale_while_merged_unmerges_bit_for_bit_in_low_precision(dtype):
 
 
 def test_set_scale_by_name_and_bad_input_change_nothing():
-    _, model = _adapted("zero_core")
+    base, model = _adapted("zero_core")
     nlnn.set_adapter_scale(model, 0.0, targets=["fc"])
     assert model.fc.scale == 0.0 and model.conv.scale == 1.0
+    nlnn.merge_adapters(model)
+    with nlnn.disable_adapters(model):  # while disabled: merged again at the new scale after
+        nlnn.set_adapter_scale(model, 0.5, targets=["conv"])
+    assert model.conv.merged and model.conv.scale == 0.5
+    expected = _reference_weight(model.conv, base.conv.weight.detach(), 0.5)
+    torch.testing.assert_close(model.conv.weight, expected, rtol=0, atol=1e-12)
+    nlnn.unmerge_adapters(model)
     for bad in (float("nan"), float("inf"), True, "2"):
         with pytest.raises(ValueError, match="must be a finite number"):
             nlnn.set_adapter_scale(model, bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"targets \['nope'\] are not adapted in the model"):
         nlnn.set_adapter_scale(model, 2.0, targets=["nope"])
-    assert model.fc.scale == 0.0 and model.conv.scale == 1.0
+    assert model.fc.scale == 0.0 and model.conv.scale == 0.5
 
 
 def test_set_scale_that_overflows_a_merged_weight_is_all_or_nothing():

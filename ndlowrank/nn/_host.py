@@ -266,7 +266,8 @@ class DeltaHost(nn.Module):
         deltas = [self.delta_of(name) for name in self.active_adapters] or [self.delta]
         old = [delta.scale for delta in deltas]
         merged = self.merged
-        self.unmerge()
+        if merged:
+            self.unmerge()
         for delta in deltas:
             delta.scale = float(scale)
         try:
@@ -418,9 +419,12 @@ class DeltaHost(nn.Module):
         """
         self.enable()
         if names is not None or not self.merged:
-            self.unmerge()
+            base = self.weight.detach()
+            if self.merged:  # what unmerge() would give back
+                unmerged = self._original_weight
+                base = unmerged if unmerged is not None else base - self.total_delta_weight()
             chosen = self.active_adapters if names is None else [n for n in self.adapter_names if n in names]
-            merged = self.weight.detach().clone()
+            merged = base.clone()
             for name in chosen:
                 merged += self._delta_weight_of(name)
             if not torch.isfinite(merged).all():
