@@ -405,3 +405,21 @@ def test_several_active_adapters_match_peft():
     nlnn.set_active_adapter(ours, ["default", "b"])
     x = torch.randn(3, 6, dtype=F64)
     torch.testing.assert_close(ours(x), lora(x), rtol=0, atol=1e-12)
+
+
+def test_a_named_adapter_added_to_more_layers_runs_where_that_name_runs(tmp_path):
+    base = _base()
+    model = nlnn.add_adapters(copy.deepcopy(base), ["fc1"], 2, adapter_name="b", seed=0)
+    model = nlnn.add_adapters(model, ["conv"], 2, seed=0)  # "default" does not run yet
+    assert model.conv.active_adapters == () and model.fc1.active_adapters == ("b",)
+    model = nlnn.add_adapters(model, ["fc2", "conv"], 1, adapter_name="b", seed=0)  # "b" runs: so do these
+    assert model.fc2.active_adapters == ("b",) and model.conv.active_adapters == ("b",)
+    path = os.fspath(tmp_path / "b.safetensors")
+    nlnn.save_adapters(model, path, adapter_name="b")
+    other = nlnn.add_adapters(copy.deepcopy(base), ["fc1"], 2, seed=0)
+    nlnn.load_adapters(other, path, adapter_name="b")  # "b" does not run there
+    assert nlnn.active_adapters(other) == ["default"]
+    inactive = nlnn.add_adapters(copy.deepcopy(base), ["fc1"], 2, adapter_name="b", seed=0)
+    nlnn.set_active_adapter(nlnn.add_adapters(inactive, ["fc2"], 2, seed=0), "default")
+    nlnn.load_adapters(inactive, path, adapter_name="b", strict=False)  # the file's "b" is not made to run
+    assert inactive.fc1.active_adapters == () and inactive.conv.active_adapters == ()

@@ -140,10 +140,13 @@ class DeltaHost(nn.Module):
             )
         self._check_switchable(f"add adapter {name!r}")
 
-    def check_active(self, names: str | Sequence[str] | None) -> list[str]:
-        """The names :meth:`set_active` would make active, as a list; ``ValueError`` if it would refuse."""
+    def check_active(self, names: str | Sequence[str] | None, *, adding: str | None = None) -> list[str]:
+        """The names :meth:`set_active` would make active, as a list; ``ValueError`` if it would refuse.
+
+        ``adding``: a name about to be added, counted as known.
+        """
         chosen = [] if names is None else [names] if isinstance(names, str) else list(names)
-        unknown = [name for name in chosen if name not in self.adapter_names]
+        unknown = [name for name in chosen if name not in self.adapter_names and name != adding]
         if unknown:
             raise ValueError(f"no adapter named {unknown[0]!r} here; adapters: {self.adapter_names}")
         if len(chosen) > 1 and getattr(self, "dropout_p", 0.0) > 0:

@@ -45,7 +45,7 @@ from ..init import KNOWN_INITS
 from ._host import DEFAULT_ADAPTER, DeltaHost, check_adapter_name
 from .delta import TuckerDelta
 from .layers import _ADAPTERS, PATHS, TuckerAdapter, _adapter_class
-from .model import _is_internal, _set_submodule, iter_adapters, mark_only_adapters_trainable
+from .model import _is_internal, _set_submodule, iter_adapters, mark_only_adapters_trainable, runs_at_once
 from .modules_to_save import (
     ModuleEntry,
     is_module_entry,
@@ -492,6 +492,7 @@ def _plan(
     where: str,
     modules: tuple[ModuleEntry, ...] = (),
     adapter_name: str | None = None,
+    runs: bool = True,
 ) -> list[tuple[_Target, DeltaHost | nn.Module | nn.Parameter]]:
     """Check the file against the model: ``(target, existing adapter or what to adapt)`` per adapter."""
     hosts = dict(iter_adapters(model))
@@ -507,7 +508,7 @@ def _plan(
             plan.append((target, adapters[target.name]))
             continue
         if target.name in hosts and adapter_name is not None:  # another named adapter on this layer
-            _check_addable(hosts[target.name], target, adapter_name, at)
+            _check_addable(hosts[target.name], target, adapter_name, at, runs=runs)
             plan.append((target, hosts[target.name]))
             continue
         owner = next((n for n in layers if n != target.name and target.name.startswith(_prefix(n))), None)
@@ -655,7 +656,7 @@ def _build(
     return adapter
 
 
-def _check_addable(host: DeltaHost, target: _Target, adapter_name: str, at: str) -> None:
+def _check_addable(host: DeltaHost, target: _Target, adapter_name: str, at: str, *, runs: bool) -> None:
     """A layer with other adapters can take the file's adapter under ``adapter_name``."""
     found: dict[str, Any] = {"kind": host.kind, "weight shape": tuple(host.weight.shape)}
     wanted: dict[str, Any] = {"kind": target.kind, "weight shape": target.weight_shape}
@@ -666,6 +667,8 @@ def _check_addable(host: DeltaHost, target: _Target, adapter_name: str, at: str)
             )
     try:
         host.check_can_add(adapter_name, target.init)
+        if runs:
+            host.check_active([*host.active_adapters, adapter_name], adding=adapter_name)
     except ValueError as exc:
         raise ValueError(f"{at}: {exc}") from None
 
@@ -758,8 +761,12 @@ def load_adapters(
     targets, modules = _parse_header(metadata[METADATA_KEY], where)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
+    # whether the loaded adapter runs, decided before the context below points hosts at it
+    runs = adapter_name is None or runs_at_once(model, adapter_name)
     with chosen_adapter(model, adapter_name, must_exist=False):
-        return _load(model, targets, modules, tensors, strict=strict, where=where, adapter_name=adapter_name)
+        return _load(
+            model, targets, modules, tensors, strict=strict, where=where, adapter_name=adapter_name, runs=runs
+        )
 
 
 def _load(
@@ -771,13 +778,20 @@ def _load(
     strict: bool,
     where: str,
     adapter_name: str | None,
+    runs: bool,
 ) -> nn.Module:
     plan = _plan(
-        model, targets, tensors, strict=strict, where=where, modules=tuple(modules), adapter_name=adapter_name
+        model,
+        targets,
+        tensors,
+        strict=strict,
+        where=where,
+        modules=tuple(modules),
+        adapter_name=adapter_name,
+        runs=runs,
     )
     adapted = [*(t.name for t in targets), *(name for name, _ in iter_adapters(model))]
     module_plan = plan_modules(model, modules, adapted, tensors, strict=strict, where=where)
-    had_adapters = next(iter_adapters(model), None) is not None
 
     undo: Undo = []
     try:
@@ -790,11 +804,13 @@ def _load(
                     and adapter_name not in found.adapter_names
                 ):
                     _add_named(found, target, tensors, undo, adapter_name)
+                    if runs:
+                        found.set_active([*found.active_adapters, adapter_name])
                 elif isinstance(found, DeltaHost):
                     _load_existing(found, target, tensors, undo)
                 else:
                     adapter = _build(model, target, found, tensors, undo, adapter_name or DEFAULT_ADAPTER)
-                    if had_adapters and adapter_name is not None:  # beside others: runs once made active
+                    if not runs:  # beside other adapters: runs once made active
                         adapter.set_active(None)
                     built = True
             for entry, module in module_plan:

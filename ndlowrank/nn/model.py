@@ -134,6 +134,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def runs_at_once(model: nn.Module, adapter_name: str) -> bool:
+    """Whether a new adapter named ``adapter_name`` runs when added: on a model without adapters, or if that name runs."""
+    hosts = [host for _, host in iter_adapters(model)]
+    return not hosts or any(adapter_name in host.active_adapters for host in hosts)
+
+
 def mark_only_adapters_trainable(model: nn.Module) -> None:
     """Freeze every parameter of ``model`` except the adapters' cores and factors and the trained copies (``modules_to_save``)."""
     adapter_params = {id(p) for _, adapter in iter_adapters(model) for p in adapter.delta.parameters()}
@@ -211,8 +217,9 @@ def add_adapters(
     adapter_name : str, default "default"
         Name of the adapter (several named adapters can share a model, as in PEFT). On a
         model without adapters it is the active one. On a model with adapters, targets that
-        already hold other adapters get this one beside them, inactive: make it the one that
-        runs with :func:`set_active_adapter` (see :mod:`ndlowrank.nn.named`).
+        already hold other adapters get this one beside them, inactive unless that name
+        already runs: choose what runs with :func:`set_active_adapter` (see
+        :mod:`ndlowrank.nn.named`).
 
     Returns
     -------
@@ -256,7 +263,7 @@ def add_adapters(
     check_adapter_name(adapter_name)
     # adapters that may take this named adapter beside theirs
     hosts = {n: h for n, h in iter_adapters(model) if adapter_name not in h.adapter_names}
-    had_adapters = next(iter_adapters(model), None) is not None
+    runs = runs_at_once(model, adapter_name)
     names = (
         []
         if target_modules is None
@@ -296,6 +303,10 @@ def add_adapters(
         if name in hosts:
             try:
                 hosts[name].check_can_add(adapter_name, init)
+                if runs:
+                    hosts[name].check_active(
+                        [*hosts[name].active_adapters, adapter_name], adding=adapter_name
+                    )
             except ValueError as exc:
                 raise ValueError(f"{name!r}: {exc}") from None
     for name, weight in zip([*names, *parameter_names], weights, strict=True):
@@ -336,8 +347,10 @@ def add_adapters(
     for name in [n for n in [*names, *parameter_names] if n in hosts]:
         ranks_here = _ranks_for(routed.get(name, name), ranks, rank_pattern)
         hosts[name].add_adapter(adapter_name, ranks_here, seed=layer_seed(seed, name), **options)
+        if runs:
+            hosts[name].set_active([*hosts[name].active_adapters, adapter_name])
     for name, adapter in built:
-        if had_adapters:  # a new adapter beside others does not run until it is made active
+        if not runs:
             adapter.set_active(None)
         if isinstance(adapter, TuckerAdapter):
             _set_submodule(model, name, adapter)
