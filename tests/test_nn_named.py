@@ -216,28 +216,36 @@ def test_a_layer_can_take_a_second_adapter_by_type_and_on_a_parameter():
     ]
 
 
-def test_switching_and_merging_chosen_adapters_matches_peft_lora():
-    """The same LoRA deltas in PEFT (two named adapters) and here (ΔW = s·A₀ G A₁ᵀ with G = I)."""
+def _lora_and_ours(b_layers: list[str]) -> tuple[nn.Module, nn.Module]:
+    """PEFT LoRA adapters "default" (r=2, α=4, on 0 and 2) and "b" (r=1, α=3, on ``b_layers``), and the
+    same deltas here: ``ΔW = s·A₀ G A₁ᵀ`` with ``A₀ = B``, ``A₁ = Aᵀ``, ``G = I``, ``s = α/r``."""
     peft = import_peer("peft")
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    specs = (("default", ["0", "2"], 2, 4), ("b", b_layers, 1, 3))
     lora = peft.get_peft_model(
         copy.deepcopy(base),
-        peft.LoraConfig(target_modules=["0", "2"], r=2, lora_alpha=4, init_lora_weights=False),
+        peft.LoraConfig(target_modules=specs[0][1], r=2, lora_alpha=4, init_lora_weights=False),
     )
     lora.add_adapter(
-        "b", peft.LoraConfig(target_modules=["0", "2"], r=1, lora_alpha=3, init_lora_weights=False)
+        "b", peft.LoraConfig(target_modules=b_layers, r=1, lora_alpha=3, init_lora_weights=False)
     )
     ours = copy.deepcopy(base)
-    for name, rank, alpha in (("default", 2, 4), ("b", 1, 3)):
-        ours = nlnn.add_adapters(ours, ["0", "2"], rank, scale=alpha / rank, adapter_name=name, seed=0)
+    for name, layers, rank, alpha in specs:
+        ours = nlnn.add_adapters(ours, layers, rank, scale=alpha / rank, adapter_name=name, seed=0)
         with torch.no_grad():
-            for layer in ("0", "2"):
+            for layer in layers:
                 peft_layer = lora.base_model.model.get_submodule(layer)
                 delta = ours.get_submodule(layer).delta_of(name)
                 delta.factors[0].copy_(peft_layer.lora_B[name].weight)
                 delta.factors[1].copy_(peft_layer.lora_A[name].weight.T)
                 delta.core.copy_(torch.eye(rank, dtype=F64))
+    return lora, ours
+
+
+def test_switching_and_merging_chosen_adapters_matches_peft_lora():
+    """The same LoRA deltas in PEFT (two named adapters) and here (ΔW = s·A₀ G A₁ᵀ with G = I)."""
+    lora, ours = _lora_and_ours(["0", "2"])
     x = torch.randn(3, 6, dtype=F64)
     for name in ("default", "b"):
         lora.set_adapter(name)
@@ -293,26 +301,7 @@ def test_add_weighted_adapter_refuses_bad_input_and_changes_nothing():
 
 
 def test_add_weighted_adapter_matches_peft_cat():
-    peft = import_peer("peft")
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
-    lora = peft.get_peft_model(
-        copy.deepcopy(base),
-        peft.LoraConfig(target_modules=["0", "2"], r=2, lora_alpha=4, init_lora_weights=False),
-    )
-    lora.add_adapter(
-        "b", peft.LoraConfig(target_modules=["0", "2"], r=1, lora_alpha=3, init_lora_weights=False)
-    )
-    ours = copy.deepcopy(base)
-    for name, rank, alpha in (("default", 2, 4), ("b", 1, 3)):
-        ours = nlnn.add_adapters(ours, ["0", "2"], rank, scale=alpha / rank, adapter_name=name, seed=0)
-        with torch.no_grad():
-            for layer in ("0", "2"):
-                peft_layer = lora.base_model.model.get_submodule(layer)
-                delta = ours.get_submodule(layer).delta_of(name)
-                delta.factors[0].copy_(peft_layer.lora_B[name].weight)
-                delta.factors[1].copy_(peft_layer.lora_A[name].weight.T)
-                delta.core.copy_(torch.eye(rank, dtype=F64))
+    lora, ours = _lora_and_ours(["0", "2"])
     lora.add_weighted_adapter(["default", "b"], [0.6, -1.5], "mix", combination_type="cat")
     nlnn.add_weighted_adapter(ours, ["default", "b"], [0.6, -1.5], "mix")
     lora.set_adapter("mix")
@@ -383,24 +372,7 @@ def test_several_active_adapters_with_dropout_are_refused_before_anything_change
 
 
 def test_several_active_adapters_match_peft():
-    peft = import_peer("peft")
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
-    lora = peft.get_peft_model(
-        copy.deepcopy(base),
-        peft.LoraConfig(target_modules=["0", "2"], r=2, lora_alpha=4, init_lora_weights=False),
-    )
-    lora.add_adapter("b", peft.LoraConfig(target_modules=["2"], r=1, lora_alpha=3, init_lora_weights=False))
-    ours = copy.deepcopy(base)
-    for name, layers, rank, alpha in (("default", ["0", "2"], 2, 4), ("b", ["2"], 1, 3)):
-        ours = nlnn.add_adapters(ours, layers, rank, scale=alpha / rank, adapter_name=name, seed=0)
-        with torch.no_grad():
-            for layer in layers:
-                peft_layer = lora.base_model.model.get_submodule(layer)
-                delta = ours.get_submodule(layer).delta_of(name)
-                delta.factors[0].copy_(peft_layer.lora_B[name].weight)
-                delta.factors[1].copy_(peft_layer.lora_A[name].weight.T)
-                delta.core.copy_(torch.eye(rank, dtype=F64))
+    lora, ours = _lora_and_ours(["2"])
     lora.base_model.set_adapter(["default", "b"])
     nlnn.set_active_adapter(ours, ["default", "b"])
     x = torch.randn(3, 6, dtype=F64)

@@ -90,6 +90,15 @@ def test_bad_targets_are_clear_errors_and_change_nothing():
         assert torch.equal(value, state[key])
 
 
+def _peft_targets(peft, peft_model: nn.Module) -> list[str]:
+    """The module names PEFT put LoRA layers on, sorted."""
+    return sorted(
+        name.removeprefix("base_model.model.")
+        for name, module in peft_model.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    )
+
+
 def test_all_linear_matches_peft_on_a_transformers_model():
     transformers = import_peer("transformers")
     peft = import_peer("peft")
@@ -105,11 +114,7 @@ def test_all_linear_matches_peft_on_a_transformers_model():
     model = transformers.LlamaForCausalLM(config)
     ours = nlnn.select_targets(model, "all-linear")
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear", r=2))
-    theirs = sorted(
-        name.removeprefix("base_model.model.")
-        for name, module in peft_model.named_modules()
-        if isinstance(module, peft.tuners.lora.LoraLayer)
-    )
+    theirs = _peft_targets(peft, peft_model)
     assert sorted(ours) == theirs
     assert "lm_head" not in ours and len(ours) == 2 * 7
 
@@ -121,11 +126,7 @@ def test_all_linear_selects_gpt2_conv1d_layers_as_peft_does():
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear", r=2))
-    theirs = sorted(
-        name.removeprefix("base_model.model.")
-        for name, module in peft_model.named_modules()
-        if isinstance(module, peft.tuners.lora.LoraLayer)
-    )
+    theirs = _peft_targets(peft, peft_model)
     ours = nlnn.select_targets(model, "all-linear")
     assert sorted(ours) == theirs and len(ours) == 2 * 4 and "lm_head" not in ours
 
