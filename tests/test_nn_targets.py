@@ -99,36 +99,30 @@ def _peft_targets(peft, peft_model: nn.Module) -> list[str]:
     )
 
 
-def test_all_linear_matches_peft_on_a_transformers_model():
+@pytest.mark.parametrize(
+    ("model_class", "config_class", "config", "count"),
+    [
+        (
+            "LlamaForCausalLM",
+            "LlamaConfig",
+            {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1},
+            2 * 7,
+        ),
+        # GPT-2's linears are transformers' Conv1D (weights stored transposed)
+        ("GPT2LMHeadModel", "GPT2Config", {"vocab_size": 32, "n_positions": 16, "n_embd": 8, "n_layer": 2,
+                                           "n_head": 2}, 2 * 4),
+    ],
+)  # fmt: skip
+def test_all_linear_matches_peft_on_transformers_models(model_class, config_class, config, count):
     transformers = import_peer("transformers")
     peft = import_peer("peft")
-    config = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
     ours = nlnn.select_targets(model, "all-linear")
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear", r=2))
-    theirs = _peft_targets(peft, peft_model)
-    assert sorted(ours) == theirs
-    assert "lm_head" not in ours and len(ours) == 2 * 7
-
-
-def test_all_linear_selects_gpt2_conv1d_layers_as_peft_does():
-    transformers = import_peer("transformers")
-    peft = import_peer("peft")
-    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=2, n_head=2)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
-    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear", r=2))
-    theirs = _peft_targets(peft, peft_model)
-    ours = nlnn.select_targets(model, "all-linear")
-    assert sorted(ours) == theirs and len(ours) == 2 * 4 and "lm_head" not in ours
+    assert sorted(ours) == _peft_targets(peft, peft_model)
+    assert "lm_head" not in ours and len(ours) == count
 
 
 def test_all_linear_leaves_a_sequence_classifier_out_where_peft_needs_a_task_type():
