@@ -201,3 +201,20 @@ def test_the_trained_head_matches_peft_modules_to_save():
     theirs_head = theirs.base_model.model.classifier.modules_to_save["default"].weight
     torch.testing.assert_close(ours_head, theirs_head, rtol=0, atol=1e-12)
     assert not torch.equal(ours_head, base.classifier.weight)
+
+
+def test_saving_warns_about_trainable_parameters_the_file_does_not_hold(tmp_path):
+    import warnings
+
+    base = _base()
+    path = os.fspath(tmp_path / "a.safetensors")
+    model = nlnn.add_adapters(copy.deepcopy(base), ["conv", "proj"], 2, seed=0)
+    model.classifier.weight.requires_grad_(True)  # unfrozen by hand: not saved
+    with pytest.warns(
+        UserWarning, match=r"trainable parameters classifier\.weight are not in the adapter file"
+    ):
+        nlnn.save_adapters(model, path)
+    saved = nlnn.add_adapters(copy.deepcopy(base), ["conv", "proj"], 2, modules_to_save=["classifier"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nlnn.save_adapters(saved, path)

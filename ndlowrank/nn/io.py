@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -54,6 +55,7 @@ from .modules_to_save import (
     plan_modules,
     trained_entries,
     trained_state,
+    unsaved_trainable,
 )
 from .named import chosen_adapter
 from .parameters import ParameterAdapter, attach_parameter_adapter, remove_parameter_adapter
@@ -187,6 +189,13 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str], *, adapter_nam
     IsADirectoryError, FileNotFoundError
         If ``path`` is a directory or its directory does not exist (naming the path).
 
+    Warns
+    -----
+    UserWarning
+        If ``model`` has trainable parameters that the file does not hold (a head unfrozen
+        by hand rather than listed in ``modules_to_save``): loading the file would not
+        restore them.
+
     Notes
     -----
     The write is atomic: the file is written under a temporary name in the same directory,
@@ -237,6 +246,15 @@ def _save(model: nn.Module, adapters: list[tuple[str, DeltaHost]], path: str | o
 
     with atomic_path(target) as temporary:
         safetensors.torch.save_file(tensors, str(temporary), metadata=metadata)
+    unsaved = unsaved_trainable(model)
+    if unsaved:
+        shown = ", ".join(unsaved[:5]) + (f" and {len(unsaved) - 5} more" if len(unsaved) > 5 else "")
+        warnings.warn(
+            f"trainable parameters {shown} are not in the adapter file, so loading it will not restore "
+            "them; to save a module trained in full, pass it to add_adapters(..., modules_to_save=[...])",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 # -- reading and validating a file -------------------------------------------------------

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .delta import TuckerDelta
+
 __all__ = ["MODULE_KIND", "TrainedCopy", "iter_trained_copies"]
 
 MODULE_KIND = "module"
@@ -81,6 +83,13 @@ def iter_trained_copies(model: nn.Module) -> Iterator[tuple[str, TrainedCopy]]:
     for name, module in model.named_modules():
         if isinstance(module, TrainedCopy):
             yield name, module
+
+
+def unsaved_trainable(model: nn.Module) -> list[str]:
+    """Trainable parameters of ``model`` that an adapter file does not hold (neither a delta's nor a trained copy's)."""
+    saved = {id(p) for m in model.modules() if isinstance(m, TuckerDelta) for p in m.parameters()}
+    saved |= {id(p) for _, wrapper in iter_trained_copies(model) for p in wrapper.trained_module.parameters()}
+    return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in saved]
 
 
 def _prefix(name: str) -> str:
