@@ -236,3 +236,26 @@ def test_peft_set_scale_on_a_merged_layer_corrupts_the_weight_and_ours_does_not(
     nlnn.set_adapter_scale(model, 2.0)
     nlnn.unmerge_adapters(model)
     torch.testing.assert_close(model[0].weight, weight, rtol=0, atol=1e-12)
+
+
+def test_peft_leaves_a_merged_model_unmerged_after_disable_adapter_and_ours_merges_it_again():
+    """The PEFT behaviour the docs describe, beside ours on the same model."""
+    from _helpers import import_peer
+
+    peft = import_peer("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4)).double()
+    x = torch.randn(3, 4, dtype=F64)
+    lora = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(target_modules=["0"], r=2, init_lora_weights=False)
+    )
+    lora.merge_adapter()
+    with lora.disable_adapter():
+        torch.testing.assert_close(lora(x), base(x))
+    assert not lora.base_model.model[0].merged  # PEFT: unmerged inside forward, left so
+    model = nlnn.add_adapters(copy.deepcopy(base), ["0"], 2, seed=0)
+    perturb_adapters(model)
+    nlnn.merge_adapters(model)
+    with nlnn.disable_adapters(model):
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-12)
+    assert model[0].merged
