@@ -80,8 +80,12 @@ def test_the_active_adapter_runs_and_host_delta_is_its_delta():
     assert [name for name, _ in nlnn.iter_adapters(model)] == ["conv", "fc1", "fc2"]
     all_default = {"conv": ["default"], "fc1": ["default"], "fc2": ["default"]}
     torch.testing.assert_close(model(x), _reference(base, model, all_default)(x), rtol=0, atol=1e-12)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert "fc1.delta.core" in trainable and "fc1.named_deltas.b.core" not in trainable  # what runs trains
     nlnn.set_active_adapter(model, "b")
     assert model.fc1.delta is model.fc1.delta_of("b") and model.fc1.ranks == (1, 1) and model.fc1.scale == 0.5
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert "fc1.delta.core" not in trainable and "fc1.named_deltas.b.core" in trainable
     assert model.conv.active_adapter is None  # no "b" there: the base weight alone
     torch.testing.assert_close(
         model(x), _reference(base, model, {"fc1": ["b"], "fc2": ["b"]})(x), rtol=0, atol=1e-12

@@ -824,6 +824,7 @@ def _load(
                     _add_named(found, target, tensors, undo, adapter_name)
                     if runs:
                         found.set_active([*found.active_adapters, adapter_name])
+                    built = True
                 elif isinstance(found, DeltaHost):
                     _load_existing(found, target, tensors, undo)
                 else:

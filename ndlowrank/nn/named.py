@@ -77,7 +77,8 @@ def _check_known(model: nn.Module, name: str) -> None:
 def set_active_adapter(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     """Make the adapter ``names`` (one name or several) the ones that run; layers without any run their base weight.
 
-    As PEFT's ``set_adapter``: a merged layer whose adapters change is unmerged first. With
+    As PEFT's ``set_adapter``: a merged layer whose adapters change is unmerged first, and
+    the adapters that run are made trainable, the others frozen. With
     several names, a layer holding more than one of them runs with ``W + ΔW₁ + ΔW₂ …``
     (in the materialize form, so its adapters need ``dropout=0``); ``host.delta`` is the
     delta of the first. A disabled model stays disabled
@@ -100,6 +101,8 @@ def set_active_adapter(model: nn.Module, names: str | Sequence[str]) -> nn.Modul
         host.check_active(here)
     for host, here in zip(hosts, plan, strict=True):
         host.set_active(here or None)
+        for name in host.adapter_names:  # only what runs trains, as in PEFT
+            host.delta_of(name).requires_grad_(name in here)
     return model
 
 
