@@ -186,6 +186,11 @@ def test_set_scale_by_name_and_bad_input_change_nothing():
     base, model = _adapted("zero_core")
     nlnn.set_adapter_scale(model, 0.0, targets=["fc"])
     assert model.fc.scale == 0.0 and model.conv.scale == 1.0
+    model.conv.scale = 3.0  # the property goes through set_scale too
+    assert model.conv.delta.scale == 3.0
+    with pytest.raises(ValueError, match="must be a finite number"):
+        model.conv.scale = float("nan")
+    model.conv.scale = 1.0
     nlnn.merge_adapters(model)
     with nlnn.disable_adapters(model):  # while disabled: merged again at the new scale after
         nlnn.set_adapter_scale(model, 0.5, targets=["conv"])

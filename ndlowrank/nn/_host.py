@@ -247,8 +247,12 @@ class DeltaHost(nn.Module):
 
     @property
     def scale(self) -> float:
-        """Multiplier of the delta; set it with :meth:`set_scale` (exact when merged)."""
+        """Multiplier of the delta; setting it calls :meth:`set_scale` (exact when merged)."""
         return self.delta.scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self.set_scale(value)
 
     @torch.no_grad()
     def set_scale(self, scale: float) -> None:

@@ -69,7 +69,8 @@ def iter_adapters(model: nn.Module) -> Iterator[tuple[str, DeltaHost]]:
 
     Layer adapters (:class:`TuckerAdapter`) are named by their module path
     (``"layer1.0.conv1"``), parameter adapters (:class:`ParameterAdapter`) by their
-    parameter's path (``"attn.in_proj_weight"``).
+    parameter's path (``"attn.in_proj_weight"``). Each comes once, whatever named adapters
+    it holds (``adapter.adapter_names``); ``adapter.delta`` is its active one's delta.
     """
     for name, module in model.named_modules():
         if isinstance(module, TuckerAdapter):
