@@ -218,3 +218,11 @@ def test_saving_warns_about_trainable_parameters_the_file_does_not_hold(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nlnn.save_adapters(saved, path)
+
+
+def test_a_further_named_adapter_shares_the_trained_copies():
+    model = nlnn.add_adapters(_base(), ["conv"], 2, modules_to_save=["classifier"], seed=0)
+    wrapper = model.classifier
+    model = nlnn.add_adapters(model, ["proj"], 2, modules_to_save=["classifier", "norm"], adapter_name="b")
+    assert model.classifier is wrapper and isinstance(model.norm, nlnn.TrainedCopy)
+    assert [name for name, _ in nlnn.iter_trained_copies(model)] == ["norm", "classifier"]

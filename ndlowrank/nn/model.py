@@ -303,7 +303,12 @@ def add_adapters(
         )
     names = [name for name in names if f"{name}.weight" not in routed]
     parameter_names = [*routed, *parameter_names]
-    saved = [] if modules_to_save is None else _select(_candidates(model), modules_to_save, "modules_to_save")
+    # modules trained in full already (for another named adapter) are shared, not wrapped again
+    saved = (
+        []
+        if modules_to_save is None
+        else _select(_candidates(model, copies=True), modules_to_save, "modules_to_save")
+    )
     _check_saved(saved, [*names, *parameter_names])
     for name in names:
         try:
@@ -373,7 +378,8 @@ def add_adapters(
             owner = model.get_submodule(owner_name) if owner_name else model
             attach_parameter_adapter(owner, attribute, adapter)  # type: ignore[arg-type]
     for name in saved:
-        _set_submodule(model, name, TrainedCopy(model.get_submodule(name)))
+        if not isinstance(model.get_submodule(name), TrainedCopy):
+            _set_submodule(model, name, TrainedCopy(model.get_submodule(name)))
     mark_only_adapters_trainable(model)
     return model
 

@@ -36,17 +36,19 @@ def _is_internal(name: str) -> bool:
     return any(part in parts for part in _INTERNAL)
 
 
-def _candidates(model: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Module]:
+def _candidates(
+    model: nn.Module, adapter_name: str | None = None, *, copies: bool = False
+) -> dict[str, nn.Module]:
     """The user's own modules by name (not the model itself, nor anything inside an adapter).
 
     With ``adapter_name``, layer adapters that do not hold an adapter of that name are
-    candidates too (they can take it beside theirs).
+    candidates too (they can take it beside theirs); with ``copies``, trained copies.
     """
 
     def eligible(module: nn.Module) -> bool:
         if isinstance(module, TuckerAdapter):
             return adapter_name is not None and adapter_name not in module.adapter_names
-        return not isinstance(module, TrainedCopy)
+        return copies or not isinstance(module, TrainedCopy)
 
     return {
         name: module
