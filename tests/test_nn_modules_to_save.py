@@ -157,6 +157,10 @@ def test_a_load_that_does_not_fit_changes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"classifier\.weight has shape \(3, 6\), expected \(5, 6\)"):
         nlnn.load_adapters(other, path)
     assert nlnn.adapter_state_dict(other) == {} and list(other.state_dict()) == list(state)
+    adapted_head = nlnn.add_adapters(copy.deepcopy(base), ["classifier"], 2, seed=0)
+    with pytest.raises(ValueError, match="it overlaps the adapter 'classifier'"):
+        nlnn.load_adapters(adapted_head, path, strict=False)
+    assert type(adapted_head.conv) is nn.Conv2d  # nothing was built
     other.classifier = nn.Identity()
     with pytest.raises(ValueError, match="the model's module is a Identity, the file's a Linear"):
         nlnn.load_adapters(other, path)

@@ -160,10 +160,15 @@ def plan_modules(
     plan: list[tuple[ModuleEntry, TrainedCopy | nn.Module]] = []
     for entry in entries:
         at = f"{where}, trained module {entry.name!r}"
-        clash = next((n for n in adapter_names if n == entry.name or n.startswith(_prefix(entry.name))), None)
+        overlaps = (
+            n
+            for n in adapter_names
+            if n == entry.name or n.startswith(_prefix(entry.name)) or entry.name.startswith(_prefix(n))
+        )
+        clash = next(overlaps, None)
         if clash is not None:
             raise ValueError(
-                f"{at}: the adapter {clash!r} is inside it; a module is adapted or trained in full"
+                f"{at}: it overlaps the adapter {clash!r}; a module is adapted or trained in full"
             )
         try:
             found = model.get_submodule(entry.name)
