@@ -49,10 +49,25 @@ class DeltaHost(nn.Module):
     def __getattr__(self, name: str) -> Any:
         if name == "delta":
             state = self.__dict__
-            active = state.get("_active")
+            active, modules = state.get("_active"), state.get("_modules", {})
             if active is not None and active != state.get("_first_name"):
-                return state["_modules"]["named_deltas"][active]
+                return modules["named_deltas"][active]
+            if "delta" in modules:
+                return modules["delta"]
         return super().__getattr__(name)
+
+    def _point_at(self, active: str | None, also: tuple[str, ...] = ()) -> None:
+        """Record which adapters run (no unmerging: bookkeeping only) and keep ``delta`` at hand.
+
+        The active delta is also put in the instance ``__dict__``, where attribute lookup
+        finds it without ``__getattr__`` (forward reads it several times per call);
+        ``nn.Module.__setattr__`` drops that entry if ``delta`` is ever assigned, and
+        ``__getattr__`` then answers.
+        """
+        state = self.__dict__
+        state["_active"], state["_also_active"] = active, also
+        state.pop("delta", None)
+        state["delta"] = self.__getattr__("delta")
 
     @property
     def adapter_names(self) -> list[str]:
@@ -122,12 +137,12 @@ class DeltaHost(nn.Module):
             self.named_deltas = nn.ModuleDict()
         self.named_deltas[name] = delta
         self._inits[name] = init
-        active = self.active_adapter
-        self.__dict__["_active"] = name
+        before = self.active_adapter, self.__dict__["_also_active"]
+        self._point_at(name)
         try:
             self._after_init()
         finally:
-            self.__dict__["_active"] = active
+            self._point_at(*before)
 
     def check_can_add(self, name: str, init: str) -> None:
         """Raise ``ValueError`` if :meth:`add_adapter` would refuse ``name`` with ``init`` (ranks aside)."""
@@ -166,8 +181,7 @@ class DeltaHost(nn.Module):
         if tuple(chosen) == self.active_adapters:
             return
         self.unmerge()
-        self.__dict__["_active"] = chosen[0] if chosen else None
-        self.__dict__["_also_active"] = tuple(chosen[1:])
+        self._point_at(chosen[0] if chosen else None, tuple(chosen[1:]))
 
     def delete_adapter(self, name: str) -> None:
         """Remove the adapter ``name`` (unmerged first if it is merged); not the host's only one."""
@@ -185,6 +199,7 @@ class DeltaHost(nn.Module):
             self._modules["delta"] = named[successor]
             self.__dict__["_first_name"] = successor
             del named[successor]
+            self._point_at(self.active_adapter, self.__dict__["_also_active"])
         else:
             del named[name]
         if not len(named):
@@ -232,6 +247,7 @@ class DeltaHost(nn.Module):
         self.__dict__["_also_active"] = ()
         self._inits = {adapter_name: init}
         self.delta = self._new_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed)
+        self._point_at(adapter_name)
         self.merged = False
         self.disabled = False
         self._original_weight: torch.Tensor | None = None
@@ -442,12 +458,12 @@ class DeltaHost(nn.Module):
 
     def _delta_weight_of(self, name: str) -> torch.Tensor:
         """``ΔW`` of the adapter ``name``, active or not."""
-        active = self.active_adapter
-        self.__dict__["_active"] = name
+        before = self.active_adapter, self.__dict__["_also_active"]
+        self._point_at(name)
         try:
             return self.delta_weight()
         finally:
-            self.__dict__["_active"] = active
+            self._point_at(*before)
 
     def total_delta_weight(self) -> torch.Tensor:
         """``ΔW`` of the active adapters, summed (that of the active one when one runs)."""

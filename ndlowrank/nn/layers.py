@@ -149,10 +149,13 @@ class TuckerAdapter(DeltaHost):
         (``delta``, ``scale``, ``dropout``, ``path``, ...) take precedence, and setting an
         attribute sets it on the adapter.
         """
+        modules = self.__dict__.get("_modules", {})
+        if name != "delta" and name in modules:  # the common case first: forward reads its modules
+            return modules[name]
         try:
             return super().__getattr__(name)
         except AttributeError as error:
-            base = self.__dict__.get("_modules", {}).get("base_layer")
+            base = modules.get("base_layer")
             if base is None or name.startswith("__"):
                 raise
             try:

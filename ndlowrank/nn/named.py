@@ -149,14 +149,14 @@ def chosen_adapter(
     if must_exist:
         _check_known(model, name)
     hosts = [(n, h) for n, h in iter_adapters(model) if name in h.adapter_names]
-    before = [(host.__dict__["_active"], host.__dict__["_also_active"]) for _, host in hosts]
+    before = [(host.active_adapter, host.__dict__["_also_active"]) for _, host in hosts]
     for _, host in hosts:
-        host.__dict__.update(_active=name, _also_active=())
+        host._point_at(name)
     try:
         yield hosts
     finally:
         for (_, host), (active, also) in zip(hosts, before, strict=True):
-            host.__dict__.update(_active=active, _also_active=also)
+            host._point_at(active, also)
 
 
 def _weighted_sum(deltas: list[TuckerDelta], weights: list[float]) -> tuple[torch.Tensor, list[torch.Tensor]]:
