@@ -399,3 +399,23 @@ def test_a_named_adapter_added_to_more_layers_runs_where_that_name_runs(tmp_path
     nlnn.set_active_adapter(nlnn.add_adapters(inactive, ["fc2"], 2, seed=0), "default")
     nlnn.load_adapters(inactive, path, adapter_name="b", strict=False)  # the file's "b" is not made to run
     assert inactive.fc1.active_adapters == () and inactive.conv.active_adapters == ()
+
+
+def test_host_delta_follows_every_change_of_the_active_adapter():
+    import pickle
+
+    model = _two(_base())
+    host = model.fc1
+    assert host.delta is host.delta_of("default")
+    nlnn.set_active_adapter(model, "b")
+    assert host.delta is host.delta_of("b")
+    for copied in (copy.deepcopy(host), pickle.loads(pickle.dumps(host))):
+        assert copied.delta is copied.delta_of("b") and copied.delta is not host.delta
+    replacement = nlnn.TuckerDelta((6, 4), 1, seed=0)
+    nlnn.set_active_adapter(model, "default")
+    host.delta = replacement  # assigning the first adapter's delta, as a load may
+    assert host.delta is replacement and host.delta_of("default") is replacement
+    nlnn.delete_adapter(model, "default")
+    assert host.adapter_names == ["b"] and host.active_adapter is None
+    nlnn.set_active_adapter(model, "b")
+    assert host.delta is host.delta_of("b") and dict(host.named_children())["delta"] is host.delta
