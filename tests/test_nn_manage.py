@@ -264,3 +264,28 @@ def test_peft_leaves_a_merged_model_unmerged_after_disable_adapter_and_ours_merg
     with nlnn.disable_adapters(model):
         torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-12)
     assert model[0].merged
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    init=st.sampled_from(["zero_core", "zero_factor", "orthogonal", "principal"]),
+    merged=st.booleans(),
+    groups=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_disabled_adapters_compute_the_unadapted_model_whatever_the_init_and_geometry(
+    init, merged, groups, seed
+):
+    torch.manual_seed(seed)
+    base = nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1, groups=groups, padding_mode="reflect"), nn.Flatten(), nn.Linear(64, 3)
+    ).double()
+    x = torch.randn(2, 4, 4, 4, dtype=F64)
+    model = nlnn.add_adapters(copy.deepcopy(base), [nn.Conv2d, nn.Linear], 2, init=init, seed=seed)
+    perturb_adapters(model, seed=seed)
+    if merged:
+        nlnn.merge_adapters(model)
+    adapted = model(x).detach()
+    with nlnn.disable_adapters(model):
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-12)
