@@ -419,3 +419,14 @@ def test_host_delta_follows_every_change_of_the_active_adapter():
     assert host.adapter_names == ["b"] and host.active_adapter is None
     nlnn.set_active_adapter(model, "b")
     assert host.delta is host.delta_of("b") and dict(host.named_children())["delta"] is host.delta
+
+
+def test_saving_without_a_name_saves_what_runs(tmp_path):
+    base = _base()
+    model = _two(base)
+    nlnn.set_active_adapter(model, "b")  # conv holds only "default", which does not run
+    assert set(nlnn.adapter_state_dict(model)) == set(nlnn.adapter_state_dict(model, adapter_name="b"))
+    nlnn.set_active_adapter(model, ["default", "b"])
+    with pytest.raises(ValueError, match=r"several adapters run on \['fc1', 'fc2'\]; name the one"):
+        nlnn.save_adapters(model, os.fspath(tmp_path / "a.safetensors"))
+    nlnn.save_adapters(model, os.fspath(tmp_path / "a.safetensors"), adapter_name="default")

@@ -33,6 +33,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -781,7 +782,7 @@ def load_adapters(
         check_adapter_name(adapter_name)
     # whether the loaded adapter runs, decided before the context below points hosts at it
     runs = adapter_name is None or runs_at_once(model, adapter_name)
-    with chosen_adapter(model, adapter_name, must_exist=False):
+    with chosen_adapter(model, adapter_name, must_exist=False) if adapter_name else nullcontext():
         return _load(
             model, targets, modules, tensors, strict=strict, where=where, adapter_name=adapter_name, runs=runs
         )

@@ -140,11 +140,19 @@ def chosen_adapter(
 
     For reading and copying an adapter's tensors by name (saving, loading): only which delta
     ``host.delta`` means changes, never a weight, and it is put back at the end. With
-    ``name=None``, every adapter as it is. ``must_exist``: a name the model lacks is a
-    ``ValueError`` (else no layer holds it).
+    ``name=None``, the layers where an adapter runs, as they are (a ``ValueError`` where
+    several run). ``must_exist``: a name the model lacks is a ``ValueError`` (else no layer
+    holds it).
     """
-    if name is None:
-        yield list(iter_adapters(model))
+    if name is None:  # what runs: one delta per layer
+        hosts = [(n, h) for n, h in iter_adapters(model) if h.active_adapters]
+        several = [n for n, h in hosts if len(h.active_adapters) > 1]
+        if several:
+            raise ValueError(
+                f"several adapters run on {several}; name the one to read with adapter_name= "
+                f"(the model's adapters: {adapter_names(model)})"
+            )
+        yield hosts
         return
     if must_exist:
         _check_known(model, name)
