@@ -127,14 +127,17 @@ class ModuleEntry:
     keys: tuple[str, ...]
 
     def tensor_names(self) -> list[str]:
+        """The file's tensor keys of this module."""
         return [_prefix(self.name) + key for key in self.keys]
 
 
 def is_module_entry(entry: Any) -> bool:
+    """Whether a file's ``targets`` entry describes a module trained in full (not an adapter)."""
     return isinstance(entry, dict) and entry.get("kind") == MODULE_KIND
 
 
 def parse_module_entry(entry: dict[str, Any], where: str) -> ModuleEntry:
+    """Check a trained module's entry of the file at ``where`` and read it (``ValueError`` naming the field)."""
     name, layer, keys = entry.get("name"), entry.get("layer"), entry.get("keys")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{where}: a trained module's name must be a non-empty string, got {name!r}")
