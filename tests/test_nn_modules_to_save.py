@@ -230,3 +230,40 @@ def test_a_further_named_adapter_shares_the_trained_copies():
     model = nlnn.add_adapters(model, ["proj"], 2, modules_to_save=["classifier", "norm"], adapter_name="b")
     assert model.classifier is wrapper and isinstance(model.norm, nlnn.TrainedCopy)
     assert [name for name, _ in nlnn.iter_trained_copies(model)] == ["norm", "classifier"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda e, t: e.update(keys="weight"),
+            r"trained module 'classifier': keys must be a list of strings",
+        ),
+        (lambda e, t: e.update(layer=3), r"trained module 'classifier': layer must be a string"),
+        (lambda e, t: t.pop("classifier.bias"), r"tensors \['classifier\.bias'\] are missing"),
+        (lambda e, t: t.update(extra=torch.zeros(1)), r"unexpected tensors \['extra'\]"),
+        (
+            lambda e, t: (e.update(keys=["weight"]), t.pop("classifier.bias")),
+            r"the model's module has state \['bias', 'weight'\]",
+        ),
+    ],
+)
+def test_a_bad_trained_module_entry_is_refused_and_changes_nothing(tmp_path, change, message):
+    import safetensors
+    import safetensors.torch
+
+    base, model = _adapted()
+    path = os.fspath(tmp_path / "a.safetensors")
+    nlnn.save_adapters(model, path)
+    with safetensors.safe_open(path, "pt") as file:
+        metadata = file.metadata()
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    header = json.loads(metadata["ndlowrank"])
+    entry = next(e for e in header["targets"] if e["name"] == "classifier")
+    change(entry, tensors)
+    metadata["ndlowrank"] = json.dumps(header)
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    target = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=message):
+        nlnn.load_adapters(target, path)
+    assert list(target.state_dict()) == list(base.state_dict())
