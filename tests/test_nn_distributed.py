@@ -25,10 +25,12 @@ F64 = torch.float64
 
 
 def _model(start: int = 1) -> nn.Module:
-    """The same small model in every process: a layer adapter and a parameter adapter, non-zero deltas."""
+    """The same small model in every process: a layer and a parameter adapter (non-zero deltas), a trained head."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).to(F64)
-    model = nlnn.add_adapters(model, ["0"], ranks=3, target_parameters=["2.weight"], seed=0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 4)).to(F64)
+    model = nlnn.add_adapters(
+        model, ["0"], ranks=3, target_parameters=["2.weight"], modules_to_save=["4"], seed=0
+    )  # the head "4" is trained in full
     with torch.no_grad():  # each start is another point; start=1 is the one trained
         for _, adapter in nlnn.iter_adapters(model):
             adapter.delta.core.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(start))

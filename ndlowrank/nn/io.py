@@ -53,6 +53,7 @@ from .model import _is_internal, _set_submodule, iter_adapters, mark_only_adapte
 from .modules_to_save import (
     ModuleEntry,
     is_module_entry,
+    iter_trained_copies,
     load_module,
     parse_module_entry,
     plan_modules,
@@ -265,6 +266,7 @@ def _save(model: nn.Module, adapters: list[tuple[str, DeltaHost]], path: str | o
     }
     metadata = {METADATA_KEY: json.dumps(header), "format": "pt"}
     sharded = any(is_sharded(p) for _, adapter in adapters for p in adapter.delta.parameters())
+    sharded |= any(is_sharded(p) for _, copy in iter_trained_copies(model) for p in copy.parameters())
     tensors = {key: t.to("cpu").contiguous() for key, t in _state(adapters, model).items()}
 
     try:
