@@ -83,6 +83,9 @@ def test_gpt2_conv1d_gets_a_transposed_linear_adapter_with_the_delta_in_the_weig
     adapter = model.transformer.h[0].attn.c_attn
     assert isinstance(adapter, nlnn.TransposedLinearAdapter)
     assert adapter.delta.shape == tuple(adapter.weight.shape) == (32, 96)  # (in, out), as Conv1D stores it
+    assert (adapter.nf, adapter.nx) == (96, 32)  # Conv1D's own attributes, read through
+    every_linear = nlnn.add_adapters(copy.deepcopy(real.model), "all-linear", ranks=2, seed=0)
+    assert {type(a) for _, a in nlnn.iter_adapters(every_linear)} == {nlnn.TransposedLinearAdapter}
     x = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         adapter.delta.core.normal_(generator=torch.Generator().manual_seed(1))
