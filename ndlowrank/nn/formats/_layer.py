@@ -1,0 +1,228 @@
+"""One adapted layer as the LoRA-family formats see it, and the maths between it and Tucker form.
+
+Every format of this package stores, per layer, ``ΔW = scale · up ×₀ down`` (the rank
+index of ``up`` contracted with the first index of ``down``), optionally with a middle
+kernel: ``ΔW = scale · up ×₀ (mid ×₁ downᵀ)``. In weight layout:
+
+========  ==============  =========================  ==================
+layer     ``up``          ``down``                   ``mid``
+========  ==============  =========================  ==================
+linear    ``(O, r)``      ``(r, I)``                 --
+conv      ``(O, r)``      ``(r, I/g, *k)``           --
+conv      ``(O, r)``      ``(r', I/g)``              ``(r, r', *k)``
+========  ==============  =========================  ==================
+
+A Tucker delta ``ΔW = s · G ×₀ A0 ×₁ A1 ×₂ K2 …`` is one of these exactly:
+``up = A0`` and ``down = s · (G ×₂ K2 …) ×₁ A1`` (a LoRA of rank ``r0``), or with
+``r = max(r0, r1)``, ``up = A0``, ``mid = s · G ×₂ K2 …`` and ``down = A1ᵀ``, each
+zero-padded to ``r`` (LyCORIS LoCon with ``use_tucker``). Reading goes the other way:
+``(scale · down, [up, I, I, …])`` is an exact Tucker form of a LoRA's ``ΔW``, which
+:func:`recompress` brings to small ranks without forming ``ΔW``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...decompose import sthosvd
+from ...tenalg import multi_mode_product
+from .._host import DeltaHost
+from ..layers import ConvAdapter, EmbeddingAdapter, LinearAdapter
+
+__all__ = ["LowRankLayer", "from_host", "recompress", "refuse_geometry"]
+
+
+@dataclass(frozen=True)
+class LowRankLayer:
+    """``ΔW = scale · up ×₀ down`` (or ``scale · up ×₀ (mid ×₁ downᵀ)``) of the layer ``name``."""
+
+    name: str
+    kind: str  # "linear", "conv" or "embedding"
+    up: torch.Tensor
+    down: torch.Tensor
+    mid: torch.Tensor | None = None
+    scale: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return int(self.up.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of ``ΔW`` (the layer's weight)."""
+        if self.mid is None:
+            return (int(self.up.shape[0]), *self.down.shape[1:])
+        return (int(self.up.shape[0]), int(self.down.shape[1]), *self.mid.shape[2:])
+
+    def tucker(self) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """An exact Tucker form ``(core, factors)`` of ``ΔW``; ``None`` stands for an identity factor."""
+        if self.mid is None:
+            core = self.scale * self.down
+            return core, [self.up, *([None] * (core.ndim - 1))]
+        core = self.scale * self.mid
+        return core, [self.up, self.down.T, *([None] * (core.ndim - 2))]
+
+
+def from_host(name: str, host: DeltaHost, *, tucker: bool = False) -> LowRankLayer:
+    """The exact ``up``/``down`` (and with ``tucker``, ``mid``) form of a layer adapter's ``ΔW``, scale folded in."""
+    delta = host.delta
+    core = delta.core.detach()
+    factors = [f.detach() for f in delta.factors]
+    s = delta.scale
+    if isinstance(host, ConvAdapter):
+        spatial = s * multi_mode_product(core, factors[2:], modes=range(2, core.ndim))  # (r0, r1, *k)
+        if tucker:
+            r = max(core.shape[:2])
+            mid = _pad(spatial, (r, r, *spatial.shape[2:]))
+            return LowRankLayer(
+                name,
+                "conv",
+                _pad(factors[0], (factors[0].shape[0], r)),
+                _pad(factors[1].T, (r, factors[1].shape[0])),
+                mid,
+            )
+        return LowRankLayer(name, "conv", factors[0], multi_mode_product(spatial, [factors[1]], modes=[1]))
+    kind = "embedding" if isinstance(host, EmbeddingAdapter) else "linear"
+    if not isinstance(host, (LinearAdapter, EmbeddingAdapter)):
+        raise TypeError(f"{name}: a {type(host).__name__} has no LoRA form")
+    return LowRankLayer(name, kind, factors[0], s * core @ factors[1].T)
+
+
+def _pad(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``x`` zero-padded at the end of every mode to ``shape``."""
+    out = x.new_zeros(tuple(shape))
+    out[tuple(slice(0, n) for n in x.shape)] = x
+    return out
+
+
+def refuse_geometry(
+    name: str, host: DeltaHost, fmt: str, *, groups: bool, dilation: bool, kinds: Sequence[str]
+) -> None:
+    """Raise ``ValueError`` naming the layer if ``fmt`` cannot carry ``host`` exactly.
+
+    ``kinds`` are the layer kinds the format holds; ``groups`` and ``dilation`` say whether its
+    loaders run grouped and dilated convolutions. No format's loader pads the delta's
+    convolution other than with zeros.
+    """
+    kind = getattr(host, "kind", "")
+    if kind not in kinds or kind == "parameter":
+        what = f"a parameter adapter on {name!r}" if kind == "parameter" else f"layer {name!r} ({kind})"
+        raise ValueError(f"{fmt} files cannot hold {what}; they hold {', '.join(kinds)} layers")
+    if getattr(host, "init", "") == "principal":
+        raise ValueError(
+            f"layer {name!r} uses init='principal', whose base weight is the residual, not the original:"
+            f" a {fmt} file on the original model would be wrong; merge it or re-train with another init"
+        )
+    layer = getattr(host, "base_layer", None)
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        problems = []
+        if layer.groups != 1 and not groups:
+            problems.append(f"groups={layer.groups}")
+        if any(d != 1 for d in layer.dilation) and not dilation:
+            problems.append(f"dilation={tuple(layer.dilation)}")
+        if layer.padding_mode != "zeros":
+            problems.append(f"padding_mode={layer.padding_mode!r}")
+        if problems:
+            raise ValueError(
+                f"layer {name!r} has {', '.join(problems)}, which {fmt} loaders do not apply to the adapter:"
+                " the file would not reproduce the model; use format='lycoris' or ndlowrank's own save_adapters"
+            )
+    if isinstance(layer, nn.Embedding) and layer.max_norm is not None:
+        raise ValueError(
+            f"layer {name!r} is an embedding with max_norm, which {fmt} loaders apply to W and ΔW apart"
+        )
+
+
+@torch.no_grad()
+def recompress(
+    core: torch.Tensor,
+    factors: Sequence[torch.Tensor | None],
+    *,
+    tol: float | None,
+    ranks: int | Sequence[int] | None,
+) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """Small Tucker form of ``core ×ₙ factors[n]`` (``None``: identity) in float64, without forming it.
+
+    The route of :func:`~ndlowrank.nn.truncate_adapters`: QR of every given factor, the
+    ``R`` s folded into the core, ST-HOSVD of that core, the ``Q`` s absorbing its factors.
+    As the ``Q`` s are orthonormal, the core's error is the tensor's error: with ``tol``,
+    ``‖ΔW_new − ΔW‖ ≤ tol · ‖ΔW‖``. Returns ``(core, factors, relative error)``.
+    """
+    core = core.to(torch.float64)
+    qs: list[torch.Tensor | None] = []
+    rs = []
+    modes = []
+    for n, factor in enumerate(factors):
+        if factor is None:
+            qs.append(None)
+            continue
+        q, r = torch.linalg.qr(factor.to(torch.float64))
+        qs.append(q)
+        rs.append(r)
+        modes.append(n)
+    small = multi_mode_product(core, rs, modes=modes)
+    norm = float(torch.linalg.vector_norm(small))
+    if isinstance(ranks, int):
+        ranks = tuple(min(ranks, size) for size in small.shape)
+    if norm == 0.0:
+        shape = (1,) * small.ndim if ranks is None else tuple(ranks)
+        t_core, t_factors = (
+            torch.zeros(shape, dtype=torch.float64),
+            [torch.eye(size, n, dtype=torch.float64) for size, n in zip(small.shape, shape, strict=True)],
+        )
+        error = 0.0
+    else:
+        t = sthosvd(small, ranks) if ranks is not None else sthosvd(small, tol=tol)
+        t_core, t_factors = t.core, list(t.factors)
+        error = float(torch.linalg.vector_norm(small - t.to_dense())) / norm
+    out = [u if q is None else q @ u for q, u in zip(qs, t_factors, strict=True)]
+    return t_core, out, error
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; ``ValueError`` naming the file if it is not one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no adapter file at {path!r}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as exc:  # the parser raises its own types for every kind of damage
+        raise ValueError(
+            f"{path!r} is not a readable safetensors file ({type(exc).__name__}: {exc})"
+        ) from exc
+    return tensors, metadata
+
+
+def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write ``tensors`` atomically (a failed write leaves an existing file untouched)."""
+    from safetensors.torch import save_file
+
+    from ..._files import atomic_path
+
+    with atomic_path(path) as temporary:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            str(temporary),
+            metadata=dict(metadata),
+        )
+
+
+def write_json(path: str, value: Any) -> None:
+    """Write ``value`` as JSON atomically."""
+    from ..._files import atomic_path
+
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,334 @@
+"""Adapters that travel: export to PEFT, kohya and LyCORIS files, import from them, combine several.
+
+Export is exact (the LoRA and LoCon-Tucker forms of a Tucker delta, see
+:mod:`ndlowrank.nn.formats._layer`); what a format cannot reproduce is refused with the
+layer's name and nothing is written. Import and combine bring every layer to Tucker form by
+the route of :func:`~ndlowrank.nn.truncate_adapters` (QR of the factors, ST-HOSVD of the
+small core), never forming ``ΔW``, with ``‖ΔW_new − ΔW‖ ≤ tol · ‖ΔW‖`` per layer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..decompose import check_tol
+from ._host import DeltaHost
+from .formats import FORMATS, kohya, peft
+from .formats._layer import LowRankLayer, recompress
+from .layers import TuckerAdapter, supported_layers
+from .model import add_adapters, iter_adapters
+from .truncate import TruncationReport
+
+__all__ = ["combine_adapters", "export_adapters", "import_adapters"]
+
+LOSSLESS_TOL = {torch.float64: 1e-10, torch.float32: 1e-6}
+"""The ``tol`` of an import or combine without ``tol`` or ``ranks``: rounding level of the adapter's dtype."""
+
+
+def _fspath(path: Any) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    return str(os.fspath(path))
+
+
+def export_adapters(
+    model: nn.Module, path: str | os.PathLike[str], *, format: str = "peft", prefix: str | None = None
+) -> list[str]:
+    """Write the adapters of ``model`` as a file other tools load: PEFT, kohya or LyCORIS.
+
+    Every file is exact: loaded by its tool onto the same base model, it gives the outputs
+    of ``model`` up to rounding (the scale is folded into the factors, ``alpha = r``).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model with layer adapters (linear, convolution; embeddings for PEFT).
+    path : str or os.PathLike
+        ``format="peft"``: a directory (created if missing) that gets ``adapter_model.safetensors``
+        and ``adapter_config.json``, for ``PeftModel.from_pretrained``. Otherwise the
+        ``.safetensors`` file to write.
+    format : {"peft", "kohya", "lycoris"}, default "peft"
+        ``"kohya"``: ``lora_down``/``lora_up``/``alpha`` keys (diffusers ``load_lora_weights``,
+        ComfyUI, A1111). ``"lycoris"``: LoCon with ``use_tucker`` (``lora_mid`` holds the
+        spatial core) for LyCORIS ``create_lycoris_from_weights``.
+    prefix : str, optional
+        Key prefix of the kohya and LyCORIS formats: ``"lora_unet"`` (kohya's default, for a
+        Stable Diffusion UNet), ``"lora_te"`` for a text encoder, ``"lycoris"`` (LyCORIS's default).
+
+    Returns
+    -------
+    list of str
+        The files written.
+
+    Raises
+    ------
+    ValueError
+        Naming the layer, if the format cannot reproduce it exactly (a grouped or dilated
+        convolution in PEFT or kohya, a padding mode other than zeros, a parameter adapter,
+        an embedding outside PEFT, an adapter with ``init="principal"``); nothing is written.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import torch
+    >>> from torch import nn
+    >>> from ndlowrank import nn as nlnn
+    >>> model = nlnn.add_adapters(nn.Sequential(nn.Conv2d(4, 8, 3)), ["0"], ranks=(4, 2, 3, 3), seed=0)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     files = nlnn.export_adapters(model, os.path.join(tmp, "lora"), format="peft")
+    ...     sorted(os.path.basename(f) for f in files)
+    ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    target = _fspath(path)
+    if format not in FORMATS:
+        raise ValueError(f"unknown format={format!r}; known formats: {sorted(FORMATS)}")
+    module = FORMATS[format]
+    entries = list(iter_adapters(model))
+    if not entries:
+        raise ValueError("the model has no adapters to export; add them with ndlowrank.nn.add_adapters")
+    for name, host in entries:
+        module.check(name, host)
+    return module.write(target, module.layers(entries), prefix=prefix)
+
+
+def _read(path: str, model: nn.Module, format: str | None) -> list[LowRankLayer]:
+    """Every layer of a PEFT directory or a kohya / LyCORIS file, named by the model's layers."""
+    if format not in (None, *FORMATS):
+        raise ValueError(f"unknown format={format!r}; known formats: {sorted(FORMATS)}")
+    if format == "peft" or (format is None and os.path.isdir(path)):
+        return peft.read(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory; format={format!r} reads one .safetensors file")
+    names = [name for name, _ in model.named_modules() if name and "base_layer" not in name.split(".")]
+    return kohya.read(path, names)
+
+
+def _base_layer(model: nn.Module, name: str, where: str) -> nn.Module:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{where}: layer {name!r} is not in the model") from None
+    return module.base_layer if isinstance(module, TuckerAdapter) else module
+
+
+def _check_layer(model: nn.Module, layer: LowRankLayer, where: str) -> None:
+    base = _base_layer(model, layer.name, where)
+    if not isinstance(base, supported_layers()):
+        raise ValueError(f"{where}: layer {layer.name!r} is a {type(base).__name__}, which takes no adapter")
+    shape = tuple(base.weight.shape)
+    if shape != layer.shape:
+        raise ValueError(
+            f"{where}: layer {layer.name!r} has weight shape {shape} but the file's delta has shape {layer.shape}"
+        )
+
+
+def _default_tol(model: nn.Module, names: Sequence[str], tol: float | None, ranks: Any) -> float | None:
+    if tol is not None or ranks is not None:
+        return None if tol is None else check_tol(tol)
+    dtypes = {_base_layer(model, name, "").weight.dtype for name in names}
+    return max(LOSSLESS_TOL.get(dtype, LOSSLESS_TOL[torch.float32]) for dtype in dtypes)
+
+
+def import_adapters(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    tol: float | None = None,
+    ranks: int | Sequence[int] | None = None,
+) -> list[TruncationReport]:
+    """Add Tucker adapters to ``model`` from a PEFT, kohya LoRA/LoCon or LyCORIS LoCon(-Tucker) file.
+
+    Each layer's ``ΔW = scale · up · down`` (or with a LoCon middle kernel) is brought to
+    Tucker form without forming ``ΔW``: QR of ``up``, ST-HOSVD of the small core
+    ``R · down``. This is also how to resize a LoRA, with a guarantee.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The base model the file was made for; the layers it names must have no adapter yet.
+    path : str or os.PathLike
+        A PEFT directory (with ``adapter_config.json``) or a kohya / LyCORIS ``.safetensors`` file.
+    format : {"peft", "kohya", "lycoris"}, optional
+        Told from the path when omitted (a directory is PEFT).
+    tol : float in (0, 1), optional
+        Relative error bound per layer: ``‖ΔW_new − ΔW‖ ≤ tol · ‖ΔW‖``.
+    ranks : int or sequence of int, optional
+        Fixed Tucker ranks instead (an int is clipped to each mode). Without either, ``tol``
+        is the rounding level of the adapter's dtype (:data:`LOSSLESS_TOL`).
+
+    Returns
+    -------
+    list of TruncationReport
+        Per layer: the ranks of the file's exact Tucker form, the new ranks, the relative change.
+
+    Raises
+    ------
+    ValueError, FileNotFoundError
+        For a file that is not one of these formats or is damaged, a layer that is not in the
+        model, already has an adapter or has another shape; the model is left untouched.
+    """
+    where = _fspath(path)
+    layers = _read(where, model, format)
+    if not layers:
+        raise ValueError(f"{where!r} holds no adapter layers")
+    for layer in layers:
+        _check_layer(model, layer, where)
+        if isinstance(model.get_submodule(layer.name), TuckerAdapter):
+            raise ValueError(
+                f"{where}: layer {layer.name!r} already has an adapter; use combine_adapters or remove it first"
+            )
+    tol = _default_tol(model, [layer.name for layer in layers], tol, ranks)
+    results = [recompress(*layer.tucker(), tol=tol, ranks=ranks) for layer in layers]
+    return _install(
+        model, [layer.name for layer in layers], [layer.tucker()[0].shape for layer in layers], results
+    )
+
+
+def _install(
+    model: nn.Module,
+    names: list[str],
+    old_shapes: list[tuple[int, ...]],
+    results: list[tuple[torch.Tensor, list[torch.Tensor], float]],
+) -> list[TruncationReport]:
+    """Give every layer ``names[i]`` the delta ``results[i]`` (adding adapters where there are none)."""
+    fresh = [name for name in names if not isinstance(model.get_submodule(name), TuckerAdapter)]
+    if fresh:
+        add_adapters(model, "|".join(re.escape(name) for name in fresh), ranks=1, seed=0)
+    hosts = dict(iter_adapters(model))
+    reports = []
+    for name, old, (core, factors, error) in zip(names, old_shapes, results, strict=True):
+        host: DeltaHost = hosts[name]
+        merged = host.merged
+        host.unmerge()
+        dtype = host.delta.core.dtype
+        with torch.no_grad():
+            host.delta._adopt(core.to(dtype), [f.to(dtype) for f in factors], 1.0)
+        if merged:
+            host.merge()
+        reports.append(TruncationReport(name, tuple(old), host.ranks, error))
+    return reports
+
+
+def _tucker_terms(source: Any, model: nn.Module) -> dict[str, tuple[torch.Tensor, list[torch.Tensor | None]]]:
+    """``{layer name: exact Tucker form}`` of a source: a model with adapters or an adapter file."""
+    if isinstance(source, nn.Module):
+        out: dict[str, tuple[torch.Tensor, list[torch.Tensor | None]]] = {}
+        for name, host in iter_adapters(source):
+            if not isinstance(host, TuckerAdapter):
+                raise ValueError(f"parameter adapter {name!r}: combine_adapters combines layer adapters only")
+            delta = host.delta
+            out[name] = (delta.scale * delta.core.detach(), [f.detach() for f in delta.factors])
+        if not out:
+            raise ValueError("a model given as a source has no adapters")
+        return out
+    where = _fspath(source)
+    layers = _read(where, model, None)
+    for layer in layers:
+        _check_layer(model, layer, where)
+    return {layer.name: layer.tucker() for layer in layers}
+
+
+def _block_sum(
+    terms: list[tuple[float, torch.Tensor, list[torch.Tensor | None]]], shape: tuple[int, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """``Σ w_i · G_i ×ₙ F_iₙ`` as one Tucker form: block-diagonal core, factors side by side.
+
+    A mode where every term's factor is the identity stays one (the cores are added there).
+    """
+    ndim = len(shape)
+    identity = [all(factors[n] is None for _, _, factors in terms) for n in range(ndim)]
+    sizes = [shape[n] if identity[n] else sum(core.shape[n] for _, core, _ in terms) for n in range(ndim)]
+    core = torch.zeros(sizes, dtype=torch.float64)
+    factors: list[list[torch.Tensor]] = [[] for _ in range(ndim)]
+    offsets = [0] * ndim
+    for weight, term_core, term_factors in terms:
+        index = []
+        for n in range(ndim):
+            width = term_core.shape[n]
+            index.append(slice(0, width) if identity[n] else slice(offsets[n], offsets[n] + width))
+            if not identity[n]:
+                f = term_factors[n]
+                factors[n].append(
+                    torch.eye(shape[n], dtype=torch.float64) if f is None else f.to(torch.float64)
+                )
+                offsets[n] += width
+        core[tuple(index)] += weight * term_core.to(torch.float64)
+    return core, [None if identity[n] else torch.cat(factors[n], dim=1) for n in range(ndim)]
+
+
+def combine_adapters(
+    model: nn.Module,
+    sources: Sequence[Any],
+    weights: Sequence[float] | None = None,
+    *,
+    tol: float | None = None,
+    ranks: int | Sequence[int] | None = None,
+) -> list[TruncationReport]:
+    """Put ``Σ weights[i] · ΔW_i`` of several adapters into ``model`` as one Tucker adapter per layer.
+
+    The sum of Tucker (or LoRA) deltas is one Tucker form with a block-diagonal core; it is
+    re-compressed like :func:`truncate_adapters` does, never forming ``ΔW``, so
+    ``‖ΔW_new − Σ wᵢ ΔWᵢ‖ ≤ tol · ‖Σ wᵢ ΔWᵢ‖`` per layer. PEFT's ``add_weighted_adapter``
+    does this with an SVD of flattened matrices.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The base model; each combined layer gets an adapter (an existing one is replaced).
+    sources : sequence
+        Models with Tucker adapters (``model`` itself among them, or copies with
+        :func:`load_adapters` applied) and paths of PEFT, kohya or LyCORIS files.
+        A layer missing from a source counts as zero there.
+    weights : sequence of float, optional
+        One per source, 1 each by default.
+    tol, ranks
+        As for :func:`import_adapters`.
+
+    Returns
+    -------
+    list of TruncationReport
+        Per layer: the combined Tucker form's ranks, the new ranks and the relative change.
+
+    Examples
+    --------
+    >>> import copy
+    >>> import torch
+    >>> from torch import nn
+    >>> from ndlowrank import nn as nlnn
+    >>> base = nn.Sequential(nn.Conv2d(4, 8, 3))
+    >>> a = nlnn.add_adapters(copy.deepcopy(base), ["0"], ranks=2, init="orthogonal", seed=0)
+    >>> b = nlnn.add_adapters(copy.deepcopy(base), ["0"], ranks=2, init="orthogonal", seed=1)
+    >>> for m in (a, b):
+    ...     with torch.no_grad():
+    ...         _ = m[0].delta.core.normal_()
+    >>> report = nlnn.combine_adapters(base, [a, b], [0.5, 0.5])
+    >>> report[0].new_ranks
+    (4, 4, 3, 3)
+    >>> expected = 0.5 * (a[0].delta_weight() + b[0].delta_weight())
+    >>> torch.allclose(base[0].delta_weight(), expected, atol=1e-5)
+    True
+    """
+    sources = list(sources)
+    if not sources:
+        raise ValueError("sources is empty; give models with adapters or adapter files")
+    weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(sources):
+        raise ValueError(f"{len(weights)} weights for {len(sources)} sources; give one weight per source")
+    per_source = [_tucker_terms(source, model) for source in sources]
+    names = list(dict.fromkeys(name for terms in per_source for name in terms))
+    shapes = [tuple(_base_layer(model, name, "combine_adapters").weight.shape) for name in names]
+    tol = _default_tol(model, names, tol, ranks)
+    blocks, results = [], []
+    for name, shape in zip(names, shapes, strict=True):
+        terms = [(w, *terms[name]) for w, terms in zip(weights, per_source, strict=True) if name in terms]
+        block = _block_sum(terms, shape)
+        blocks.append(tuple(block[0].shape))
+        results.append(recompress(*block, tol=tol, ranks=ranks))
+    return _install(model, names, blocks, results)
