@@ -109,7 +109,7 @@ def _read(path: str, model: nn.Module, format: str | None) -> list[LowRankLayer]
     return kohya.read(path, names)
 
 
-def _base_layer(model: nn.Module, name: str, where: str) -> nn.Module:
+def _base_layer(model: nn.Module, name: str, where: str) -> Any:
     try:
         module = model.get_submodule(name)
     except AttributeError:

@@ -198,7 +198,7 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # the parser raises its own types for every kind of damage
         raise ValueError(
             f"{path!r} is not a readable safetensors file ({type(exc).__name__}: {exc})"

@@ -1,0 +1,488 @@
+"""Export to and import from PEFT, kohya and LyCORIS files, checked against the real peer loaders.
+
+Tolerances: outputs agree to 1e-5 relative in float32 and 1e-10 in float64 (the factors are
+exact; what differs is the order of the floating-point sums in each library).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from ndlowrank import nn as nlnn
+from ndlowrank.nn.formats._layer import from_host, recompress
+
+from _helpers import einsum_tucker, import_peer
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+DTYPES = [torch.float32, torch.float64]
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = float(expected.abs().max()) or 1.0
+    err = float((actual - expected).abs().max()) / scale
+    assert err <= TOL[dtype], err
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-zero Tucker cores (stand in for training)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, host in nlnn.iter_adapters(model):
+            host.delta.core.copy_(
+                torch.randn(host.delta.core.shape, generator=gen, dtype=host.delta.core.dtype)
+            )
+    return model
+
+
+def reference_delta(host) -> np.ndarray:
+    """``ΔW`` from the float64 core and factors by one einsum (independent of ndlowrank's products)."""
+    core = host.delta.core.detach().double().numpy()
+    factors = [f.detach().double().numpy() for f in host.delta.factors]
+    return host.delta.scale * einsum_tucker(core, factors)
+
+
+def layer_delta(layer) -> np.ndarray:
+    """``ΔW`` of a LoRA / LoCon-Tucker layer by einsum."""
+    up = layer.up.double().numpy()
+    if layer.mid is None:
+        down = layer.down.double().numpy()
+        return layer.scale * np.tensordot(up, down, axes=(1, 0))
+    mid, down = layer.mid.double().numpy(), layer.down.double().numpy()
+    return layer.scale * np.einsum("ab...,oa,bi->oi...", mid, up, down)
+
+
+# -- the maths -------------------------------------------------------------------------------------
+
+LAYERS = {
+    "linear": lambda g: nn.Linear(6, 5),
+    "conv1d": lambda g: nn.Conv1d(4, 6, 3, groups=g),
+    "conv2d": lambda g: nn.Conv2d(4, 6, (3, 2), dilation=2, groups=g),
+    "conv3d": lambda g: nn.Conv3d(2 * g, 2 * g, (2, 1, 3), groups=g),
+    "embedding": lambda g: nn.Embedding(7, 5),
+}
+
+
+@given(
+    kind=st.sampled_from(sorted(LAYERS)),
+    groups=st.sampled_from([1, 2]),
+    rank=st.integers(1, 4),
+    scale=st.floats(0.1, 3.0),
+    tucker=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_exported_factors_reproduce_delta(kind, groups, rank, scale, tucker, seed):
+    torch.manual_seed(seed)
+    model = nlnn.add_adapters(
+        nn.Sequential(LAYERS[kind](groups)), ["0"], ranks=rank, init="orthogonal", scale=scale, seed=seed
+    )
+    model = randomize(model, seed).double()
+    host = model[0]
+    layer = from_host("0", host, tucker=tucker and host.kind == "conv")
+    assert layer.shape == tuple(host.weight.shape)
+    np.testing.assert_allclose(layer_delta(layer), reference_delta(host), rtol=1e-10, atol=1e-12)
+    if layer.mid is not None:
+        r = max(host.ranks[:2])
+        assert layer.mid.shape[:2] == (r, r) and layer.up.shape[1] == r and layer.down.shape[0] == r
+    else:
+        assert layer.rank == host.ranks[0]
+
+
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=2, max_size=4),
+    rank=st.integers(1, 4),
+    tol=st.sampled_from([1e-1, 1e-2, 1e-8]),
+    seed=st.integers(0, 1000),
+)
+def test_recompress_meets_tol_without_dense(shape, rank, tol, seed):
+    """A LoRA ``up ×₀ down`` with an identity in every other mode, re-compressed: ``‖ΔW_new − ΔW‖ ≤ tol ‖ΔW‖``."""
+    rng = np.random.default_rng(seed)
+    up = torch.from_numpy(rng.standard_normal((shape[0], rank)))
+    down = torch.from_numpy(rng.standard_normal((rank, *shape[1:])))
+    core, factors, error = recompress(down, [up, *([None] * (len(shape) - 1))], tol=tol, ranks=None)
+    dense = np.tensordot(up.numpy(), down.numpy(), axes=(1, 0))
+    rebuilt = einsum_tucker(core.numpy(), [f.numpy() for f in factors])
+    actual = np.linalg.norm(rebuilt - dense) / np.linalg.norm(dense)
+    assert actual <= tol * (1 + 1e-9) + 1e-12
+    assert abs(actual - error) <= 1e-9
+    assert core.shape[0] <= rank
+
+
+# -- PEFT ------------------------------------------------------------------------------------------
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.c1 = nn.Conv1d(4, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, stride=2, padding=1)
+        self.c3 = nn.Conv3d(6, 4, (1, 3, 3), padding="same")
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.emb(tokens).transpose(1, 2)  # (B, 4, L)
+        x = torch.relu(self.c1(x))  # (B, 6, L)
+        side = int(x.shape[-1] ** 0.5)
+        x = torch.relu(self.c2(x.reshape(*x.shape[:2], side, side)))
+        x = self.c3(x.unsqueeze(2)).mean(dim=(2, 3, 4))
+        return self.head(x)
+
+
+def conv_setup(dtype: torch.dtype) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    base = ConvNet().to(dtype)
+    model = nlnn.add_adapters(
+        copy.deepcopy(base), ["emb", "c1", "c2", "c3", "head"], ranks=3, scale=0.5, seed=0
+    )
+    model = randomize(model)
+    tokens = torch.randint(0, 10, (2, 16))
+    return base, model, tokens
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_peft_from_pretrained_conv_net(tmp_path, dtype):
+    peft = import_peer("peft")
+    base, model, tokens = conv_setup(dtype)
+    nlnn.export_adapters(model, tmp_path / "lora", format="peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lora"))
+    with torch.no_grad():
+        close(loaded(tokens), model(tokens), dtype)
+    # and back: the PEFT directory imported into ndlowrank
+    fresh = copy.deepcopy(base)
+    reports = nlnn.import_adapters(fresh, tmp_path / "lora")
+    assert {r.name for r in reports} == {"emb", "c1", "c2", "c3", "head"}
+    with torch.no_grad():
+        close(fresh(tokens), model(tokens), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_peft_from_pretrained_transformer(tmp_path, dtype):
+    transformers = import_peer("transformers")
+    peft = import_peer("peft")
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    targets = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
+    model = randomize(nlnn.add_adapters(copy.deepcopy(base), targets, ranks=4, scale=2.0, seed=0)).eval()
+    nlnn.export_adapters(model, tmp_path / "lora", format="peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lora")).eval()
+    ids = torch.randint(0, 32, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+        close(loaded(ids).logits, expected, dtype)
+    fresh = copy.deepcopy(base)
+    nlnn.import_adapters(fresh, tmp_path / "lora")
+    with torch.no_grad():
+        close(fresh(ids).logits, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_import_what_peft_saved(tmp_path, dtype):
+    """A LoRA trained (here: randomized) and saved by PEFT gives PEFT's outputs once imported."""
+    peft = import_peer("peft")
+    torch.manual_seed(1)
+    base = ConvNet().to(dtype)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=6, target_modules=["emb", "c1", "c2", "c3", "head"],
+        rank_pattern={"c2": 2}, alpha_pattern={"head": 3},
+    )  # fmt: skip
+    peft_model = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    peft_model.save_pretrained(str(tmp_path / "saved"))
+    tokens = torch.randint(0, 10, (2, 16))
+    fresh = copy.deepcopy(base)
+    reports = nlnn.import_adapters(fresh, tmp_path / "saved")
+    assert dict((r.name, r.new_ranks[0]) for r in reports)["c2"] == 2
+    with torch.no_grad():
+        close(fresh(tokens), peft_model(tokens), dtype)
+
+
+# -- LyCORIS ---------------------------------------------------------------------------------------
+
+
+class GeometryNet(nn.Module):
+    """Convs LyCORIS runs in every geometry (grouped, dilated, strided), and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 8, 3, padding=2, dilation=2)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, groups=4)
+        self.c3 = nn.Conv1d(8, 6, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c2(torch.relu(self.c1(x)))
+        x = self.c3(x.flatten(2)).mean(-1)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lycoris_create_from_weights(tmp_path, dtype):
+    lycoris = import_peer("lycoris")
+    torch.manual_seed(2)
+    base = GeometryNet().to(dtype)
+    model = nlnn.add_adapters(
+        copy.deepcopy(base),
+        ["c1", "c2", "c3", "head"],
+        ranks=2,
+        rank_pattern={"c1": (5, 3, 3, 2)},
+        scale=0.3,
+        seed=0,
+    )
+    model = randomize(model)
+    path = str(tmp_path / "locon.safetensors")
+    nlnn.export_adapters(model, path, format="lycoris")
+    target = copy.deepcopy(base)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # LyCORIS builds its modules in the default dtype, then copies the file in
+    try:
+        network, _ = lycoris.create_lycoris_from_weights(1.0, path, target)
+    finally:
+        torch.set_default_dtype(default)
+    assert len(network.loras) == 4
+    network.apply_to()
+    x = torch.randn(2, 4, 9, 9, dtype=dtype)
+    with torch.no_grad():
+        close(target(x), model(x), dtype)
+    fresh = copy.deepcopy(base)
+    nlnn.import_adapters(fresh, path)
+    assert fresh.c1.ranks == (5, 3, 3, 2)  # the LoCon-Tucker file gives the Tucker ranks back
+    with torch.no_grad():
+        close(fresh(x), model(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_import_what_lycoris_saved(tmp_path, dtype):
+    lycoris = import_peer("lycoris")
+    torch.manual_seed(3)
+    base = GeometryNet().to(dtype)
+    target = copy.deepcopy(base)
+    network = lycoris.create_lycoris(target, 1.0, linear_dim=4, linear_alpha=2, algo="lora", use_tucker=True)
+    network.apply_to()
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    network = network.to(dtype)
+    path = str(tmp_path / "trained.safetensors")
+    network.save_weights(path, dtype, None)
+    x = torch.randn(2, 4, 9, 9, dtype=dtype)
+    fresh = copy.deepcopy(base)
+    nlnn.import_adapters(fresh, path)
+    with torch.no_grad():
+        close(fresh(x), target(x), dtype)
+
+
+# -- diffusers -------------------------------------------------------------------------------------
+
+
+def tiny_unet(dtype: torch.dtype):
+    diffusers = import_peer("diffusers")
+    torch.manual_seed(4)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=2, attention_head_dim=2,
+    )  # fmt: skip
+    return diffusers, unet.to(dtype).eval()
+
+
+UNET_TARGETS = ["conv1", "conv2", "to_q", "to_v", "proj_in", "conv_in"]
+
+
+def lora_layers(model: nn.Module) -> int:
+    """How many layers of ``model`` run a PEFT LoRA."""
+    return sum(
+        1 for m in model.modules() if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and len(m.lora_A)
+    )
+
+
+def unet_inputs(dtype):
+    gen = torch.Generator().manual_seed(5)
+    sample = torch.randn(1, 4, 8, 8, generator=gen, dtype=dtype)
+    hidden = torch.randn(1, 3, 8, generator=gen, dtype=dtype)
+    return sample, hidden
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_diffusers_unet_loads_peft_and_kohya(tmp_path, dtype):
+    diffusers, base = tiny_unet(dtype)
+    safetensors_torch = import_peer("safetensors.torch")
+    model = randomize(nlnn.add_adapters(copy.deepcopy(base), UNET_TARGETS, ranks=3, scale=0.1, seed=0)).eval()
+    sample, hidden = unet_inputs(dtype)
+    with torch.no_grad():
+        expected = model(sample, 1, hidden).sample
+        assert float((expected - base(sample, 1, hidden).sample).abs().max()) > 1e-2  # the adapters matter
+    # PEFT keys, as diffusers' own PEFT state dicts (no base_model.model. prefix)
+    nlnn.export_adapters(model, tmp_path / "peft", format="peft")
+    state = safetensors_torch.load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    unet = copy.deepcopy(base)
+    unet.load_lora_adapter({k.removeprefix("base_model.model."): v for k, v in state.items()}, prefix=None)
+    count = len(list(nlnn.iter_adapters(model)))
+    assert lora_layers(unet) == count
+    with torch.no_grad():
+        close(unet(sample, 1, hidden).sample, expected, dtype)
+    # kohya keys, through the pipeline's loader without a pipeline
+    path = str(tmp_path / "kohya.safetensors")
+    nlnn.export_adapters(model, path, format="kohya")
+    state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(path)
+    unet = copy.deepcopy(base)
+    diffusers.StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet)
+    assert lora_layers(unet) == count
+    with torch.no_grad():
+        close(unet(sample, 1, hidden).sample, expected, dtype)
+    fresh = copy.deepcopy(base)
+    nlnn.import_adapters(fresh, path)
+    with torch.no_grad():
+        close(fresh(sample, 1, hidden).sample, expected, dtype)
+
+
+# -- what a format cannot carry, and bad files -----------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+def test_refuses_grouped_and_dilated_convs_by_name(tmp_path, fmt):
+    model = randomize(nlnn.add_adapters(GeometryNet(), ["c1", "c2"], ranks=2, seed=0))
+    target = tmp_path / ("out" if fmt == "peft" else "out.safetensors")
+    with pytest.raises(ValueError, match="'c1' has dilation=\\(2, 2\\)"):
+        nlnn.export_adapters(model, target, format=fmt)
+    assert not target.exists()
+
+
+def test_refuses_padding_modes_parameters_principal_and_unknown_format(tmp_path):
+    model = nlnn.add_adapters(
+        nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")), ["0"], ranks=2
+    )
+    with pytest.raises(ValueError, match="'0' has padding_mode='reflect'"):
+        nlnn.export_adapters(model, tmp_path / "x.safetensors", format="lycoris")
+    attention = nlnn.add_adapters(
+        nn.Sequential(nn.MultiheadAttention(4, 2)), None, 2, target_parameters=["in_proj_weight"]
+    )
+    with pytest.raises(ValueError, match=r"parameter adapter on '0\.in_proj_weight'"):
+        nlnn.export_adapters(attention, tmp_path / "y.safetensors", format="kohya")
+    principal = nlnn.add_adapters(nn.Sequential(nn.Linear(4, 4)), ["0"], ranks=2, init="principal")
+    with pytest.raises(ValueError, match="init='principal'"):
+        nlnn.export_adapters(principal, tmp_path / "p", format="peft")
+    with pytest.raises(ValueError, match="unknown format='diffusers'"):
+        nlnn.export_adapters(principal, tmp_path / "p", format="diffusers")
+    with pytest.raises(ValueError, match="embedding"):
+        nlnn.export_adapters(
+            nlnn.add_adapters(nn.Sequential(nn.Embedding(5, 3)), ["0"], 2),
+            tmp_path / "e.safetensors",
+            format="kohya",
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def _untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    assert list(nlnn.iter_adapters(model)) == []
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not a safetensors file at all", "not a readable safetensors file"),
+        ({"lycoris_c1.hada_w1_a": torch.ones(2, 2)}, "LoHa, LoKr"),
+        ({"lora_unet_nowhere.lora_down.weight": torch.ones(2, 4), "lora_unet_nowhere.lora_up.weight": torch.ones(3, 2)}, "names no layer"),
+        ({"lora_unet_head.lora_down.weight": torch.ones(2, 5), "lora_unet_head.lora_up.weight": torch.ones(3, 2)}, "weight shape \\(3, 6\\)"),
+        ({"lora_unet_head.lora_down.weight": torch.ones(2, 6)}, "lacks lora_down or lora_up"),
+    ],
+)  # fmt: skip
+def test_bad_files_leave_the_model_untouched(tmp_path, content, message):
+    safetensors_torch = import_peer("safetensors.torch")
+    path = tmp_path / "bad.safetensors"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        safetensors_torch.save_file(content, str(path))
+    model = GeometryNet()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        nlnn.import_adapters(model, path)
+    _untouched(model, before)
+
+
+def test_bad_peft_directories(tmp_path):
+    model = GeometryNet()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="not a PEFT adapter directory"):
+        nlnn.import_adapters(model, tmp_path, format="peft")
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LOHA"}')
+    with pytest.raises(ValueError, match="PEFT LOHA adapter"):
+        nlnn.import_adapters(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not a readable JSON"):
+        nlnn.import_adapters(model, tmp_path)
+    with pytest.raises(FileNotFoundError):
+        nlnn.import_adapters(model, tmp_path / "missing.safetensors")
+    _untouched(model, before)
+
+
+def test_import_refuses_a_layer_that_has_an_adapter(tmp_path):
+    model = randomize(nlnn.add_adapters(GeometryNet(), ["head"], ranks=2, seed=0))
+    nlnn.export_adapters(model, tmp_path / "a.safetensors", format="kohya")
+    with pytest.raises(ValueError, match="'head' already has an adapter"):
+        nlnn.import_adapters(model, tmp_path / "a.safetensors")
+
+
+# -- import ranks and combining --------------------------------------------------------------------
+
+
+def test_import_with_tol_and_ranks_resizes_a_lora(tmp_path):
+    torch.manual_seed(6)
+    base = nn.Sequential(nn.Conv2d(8, 16, 3))
+    model = randomize(
+        nlnn.add_adapters(copy.deepcopy(base), ["0"], ranks=(8, 8, 3, 3), init="orthogonal", seed=0)
+    )
+    path = tmp_path / "big.safetensors"
+    nlnn.export_adapters(model, path, format="kohya")
+    exact = model[0].delta_weight().detach().double()
+    for tol in (0.3, 0.05):
+        fresh = copy.deepcopy(base)
+        (report,) = nlnn.import_adapters(fresh, path, tol=tol)
+        err = float(
+            torch.linalg.vector_norm(fresh[0].delta_weight().detach().double() - exact)
+            / torch.linalg.vector_norm(exact)
+        )
+        assert err <= tol + 1e-6 and abs(err - report.relative_change) < 1e-5
+    fresh = copy.deepcopy(base)
+    nlnn.import_adapters(fresh, path, ranks=(2, 3, 2, 2))
+    assert fresh[0].ranks == (2, 3, 2, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine_models_and_files(tmp_path, dtype):
+    torch.manual_seed(7)
+    base = GeometryNet().to(dtype)
+    a = randomize(nlnn.add_adapters(copy.deepcopy(base), ["c1", "head"], ranks=2, seed=0), 1)
+    b = randomize(nlnn.add_adapters(copy.deepcopy(base), ["c1", "c2"], ranks=3, seed=1), 2)
+    path = tmp_path / "b.safetensors"
+    nlnn.export_adapters(b, path, format="lycoris")
+    combined = copy.deepcopy(base)
+    reports = nlnn.combine_adapters(combined, [a, path], [0.7, -0.2])
+    assert {r.name for r in reports} == {"c1", "c2", "head"}
+    for name in ("c1", "c2", "head"):
+        expected = torch.zeros_like(base.get_submodule(name).weight)
+        for w, m in ((0.7, a), (-0.2, b)):
+            layer = m.get_submodule(name)
+            if isinstance(layer, nlnn.TuckerAdapter):
+                expected = expected + w * layer.delta_weight().detach()
+        close(combined.get_submodule(name).delta_weight().detach(), expected, dtype)
+    assert combined.c1.ranks[:2] == (5, 4)  # rank 2 + 3 out, 2 + (3 padded to LoCon's 3) in
+    with pytest.raises(ValueError, match="one weight per source"):
+        nlnn.combine_adapters(combined, [a, b], [1.0])
