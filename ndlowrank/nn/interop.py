@@ -118,10 +118,10 @@ def _base_layer(model: nn.Module, name: str, where: str) -> Any:
 
 
 def _check_layer(model: nn.Module, layer: LowRankLayer, where: str) -> None:
-    base = _base_layer(model, layer.name, where)
+    base: Any = _base_layer(model, layer.name, where)
     if not isinstance(base, supported_layers()):
         raise ValueError(f"{where}: layer {layer.name!r} is a {type(base).__name__}, which takes no adapter")
-    shape = tuple(base.weight.shape)
+    shape = tuple(_base_layer(model, layer.name, where).weight.shape)
     if shape != layer.shape:
         raise ValueError(
             f"{where}: layer {layer.name!r} has weight shape {shape} but the file's delta has shape {layer.shape}"
