@@ -486,3 +486,38 @@ def test_combine_models_and_files(tmp_path, dtype):
     assert combined.c1.ranks[:2] == (5, 4)  # rank 2 + 3 out, 2 + (3 padded to LoCon's 3) in
     with pytest.raises(ValueError, match="one weight per source"):
         nlnn.combine_adapters(combined, [a, b], [1.0])
+
+
+def test_convert_between_formats_and_resize(tmp_path, capsys):
+    from ndlowrank.cli import main
+
+    torch.manual_seed(8)
+    base = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 4 * 4, 4))
+    model = randomize(nlnn.add_adapters(copy.deepcopy(base), ["0", "2"], ranks=6, init="orthogonal", seed=0))
+    nlnn.export_adapters(model, tmp_path / "peft", format="peft")
+    kohya_file, lycoris_file = tmp_path / "k.safetensors", tmp_path / "l.safetensors"
+    assert main(["convert", str(tmp_path / "peft"), str(kohya_file), "--to", "kohya"]) == 0
+    with pytest.raises(SystemExit):  # a kohya source keeps its key stems
+        main(["convert", str(kohya_file), str(lycoris_file), "--to", "lycoris", "--prefix", "x"])
+    nlnn.convert_adapters(kohya_file, lycoris_file, format="lycoris")
+    x = torch.randn(2, 8, 6, 6)
+    for path in (kohya_file, lycoris_file):
+        fresh = copy.deepcopy(base)
+        nlnn.import_adapters(fresh, path)
+        with torch.no_grad():
+            close(fresh(x), model(x), torch.float32)
+    small = tmp_path / "small.safetensors"
+    reports = nlnn.convert_adapters(kohya_file, small, format="kohya", ranks=2)
+    assert [r.new_ranks for r in reports] == [(2, 2, 2, 2), (2, 2)]
+    exact = model[0].delta_weight().detach()
+    fresh = copy.deepcopy(base)
+    nlnn.import_adapters(fresh, small)
+    err = float(
+        torch.linalg.vector_norm(fresh[0].delta_weight().detach() - exact) / torch.linalg.vector_norm(exact)
+    )
+    assert abs(err - reports[0].relative_change) < 1e-4
+    with pytest.raises(SystemExit) as stop:
+        main(["convert", str(kohya_file), str(tmp_path / "p2"), "--to", "peft"])
+    assert stop.value.code == 2
+    assert "module paths PEFT needs" in capsys.readouterr().err
+    assert not (tmp_path / "p2").exists()

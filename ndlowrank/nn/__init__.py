@@ -5,7 +5,7 @@ the array-API core (:func:`ndlowrank.tucker_delta`, :func:`ndlowrank.sthosvd`).
 """
 
 from .delta import TuckerDelta
-from .interop import combine_adapters, export_adapters, import_adapters
+from .interop import combine_adapters, convert_adapters, export_adapters, import_adapters
 from .io import adapter_state_dict, load_adapters, save_adapters
 from .layers import PATHS, ConvAdapter, EmbeddingAdapter, LinearAdapter, TuckerAdapter, supported_layers
 from .model import (
@@ -31,6 +31,7 @@ __all__ = [
     "adapter_state_dict",
     "add_adapters",
     "combine_adapters",
+    "convert_adapters",
     "export_adapters",
     "import_adapters",
     "iter_adapters",

@@ -20,12 +20,12 @@ from torch import nn
 from ..decompose import check_tol
 from ._host import DeltaHost
 from .formats import FORMATS, kohya, peft
-from .formats._layer import LowRankLayer, recompress
+from .formats._layer import LowRankLayer, lora_form, recompress
 from .layers import TuckerAdapter, supported_layers
 from .model import add_adapters, iter_adapters
 from .truncate import TruncationReport
 
-__all__ = ["combine_adapters", "export_adapters", "import_adapters"]
+__all__ = ["combine_adapters", "convert_adapters", "export_adapters", "import_adapters"]
 
 LOSSLESS_TOL = {torch.float64: 1e-10, torch.float32: 1e-6}
 """The ``tol`` of an import or combine without ``tol`` or ``ranks``: rounding level of the adapter's dtype."""
@@ -332,3 +332,79 @@ def combine_adapters(
         blocks.append(tuple(block[0].shape))
         results.append(recompress(*block, tol=tol, ranks=ranks))
     return _install(model, names, blocks, results)
+
+
+def convert_adapters(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    format: str,
+    tol: float | None = None,
+    ranks: int | Sequence[int] | None = None,
+    prefix: str | None = None,
+) -> list[TruncationReport]:
+    """Convert a PEFT, kohya or LyCORIS file to another of these formats, optionally resizing it, without a model.
+
+    Each layer goes through Tucker form (:func:`import_adapters`' route, ``ΔW`` never formed):
+    with ``tol`` every layer's ``‖ΔW_new − ΔW‖ ≤ tol · ‖ΔW‖`` (kohya's resize scripts, with
+    a guarantee); without ``tol`` or ``ranks`` the conversion is exact to the file dtype's
+    rounding. The layers' convolution geometry is the one the source file's loaders assume.
+
+    Parameters
+    ----------
+    source : str or os.PathLike
+        A PEFT directory, or a kohya / LyCORIS ``.safetensors`` file.
+    target : str or os.PathLike
+        The PEFT directory or ``.safetensors`` file to write.
+    format : {"peft", "kohya", "lycoris"}
+        Of ``target``. A kohya or LyCORIS source keeps its key stems (the module paths'
+        dots are lost there), so it cannot become a PEFT file: import it into the model
+        (:func:`import_adapters`) and export from there.
+    tol, ranks
+        As for :func:`import_adapters`.
+    prefix : str, optional
+        Key prefix of a kohya / LyCORIS target made from a PEFT source.
+
+    Returns
+    -------
+    list of TruncationReport
+        Per layer: the file's exact Tucker ranks, the new ranks and the relative change.
+    """
+    where, out = _fspath(source), _fspath(target)
+    if format not in FORMATS:
+        raise ValueError(f"unknown format={format!r}; known formats: {sorted(FORMATS)}")
+    from_peft = peft.is_peft(where)
+    if not from_peft and os.path.isdir(where):
+        raise ValueError(f"{where!r} is a directory without adapter_config.json, not a PEFT adapter")
+    if not from_peft and format == "peft":
+        raise ValueError(
+            f"{where!r} is a kohya/LyCORIS file, whose keys do not keep the module paths PEFT needs;"
+            " import it into the model with import_adapters and export from there"
+        )
+    if not from_peft and prefix is not None:
+        raise ValueError("prefix= applies to a PEFT source; a kohya/LyCORIS source keeps its key stems")
+    layers = peft.read(where) if from_peft else kohya.read(where, None)
+    if not layers:
+        raise ValueError(f"{where!r} holds no adapter layers")
+    if tol is None and ranks is None:
+        tol = max(LOSSLESS_TOL.get(layer.up.dtype, LOSSLESS_TOL[torch.float32]) for layer in layers)
+    elif tol is not None:
+        tol = check_tol(tol)
+    reports, converted = [], []
+    for layer in layers:
+        if layer.kind == "embedding" and format != "peft":
+            raise ValueError(
+                f"{where!r}: layer {layer.name!r} is an embedding, which {format} files cannot hold"
+            )
+        core, factors, error = recompress(*layer.tucker(), tol=tol, ranks=ranks)
+        dtype = layer.up.dtype
+        tucker = format == "lycoris" and layer.kind == "conv" and any(k > 1 for k in layer.shape[2:])
+        converted.append(
+            lora_form(layer.name, layer.kind, core.to(dtype), [f.to(dtype) for f in factors], tucker=tucker)
+        )
+        reports.append(TruncationReport(layer.name, tuple(layer.tucker()[0].shape), tuple(core.shape), error))
+    if format == "peft":
+        FORMATS[format].write(out, converted)
+    else:
+        kohya.write(out, converted, prefix=prefix or ("" if not from_peft else FORMATS[format].PREFIX))
+    return reports

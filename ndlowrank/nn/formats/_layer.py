@@ -36,7 +36,7 @@ from ...tenalg import multi_mode_product
 from .._host import DeltaHost
 from ..layers import ConvAdapter, EmbeddingAdapter, LinearAdapter
 
-__all__ = ["LowRankLayer", "from_host", "recompress", "refuse_geometry"]
+__all__ = ["LowRankLayer", "from_host", "lora_form", "recompress", "refuse_geometry"]
 
 
 @dataclass(frozen=True)
@@ -71,28 +71,35 @@ class LowRankLayer:
 
 
 def from_host(name: str, host: DeltaHost, *, tucker: bool = False) -> LowRankLayer:
-    """The exact ``up``/``down`` (and with ``tucker``, ``mid``) form of a layer adapter's ``ΔW``, scale folded in."""
-    delta = host.delta
-    core = delta.core.detach()
-    factors = [f.detach() for f in delta.factors]
-    s = delta.scale
-    if isinstance(host, ConvAdapter):
-        spatial = s * multi_mode_product(core, factors[2:], modes=range(2, core.ndim))  # (r0, r1, *k)
-        if tucker:
-            r = max(core.shape[:2])
-            mid = _pad(spatial, (r, r, *spatial.shape[2:]))
-            return LowRankLayer(
-                name,
-                "conv",
-                _pad(factors[0], (factors[0].shape[0], r)),
-                _pad(factors[1].T, (r, factors[1].shape[0])),
-                mid,
-            )
-        return LowRankLayer(name, "conv", factors[0], multi_mode_product(spatial, [factors[1]], modes=[1]))
-    kind = "embedding" if isinstance(host, EmbeddingAdapter) else "linear"
-    if not isinstance(host, (LinearAdapter, EmbeddingAdapter)):
+    """The exact ``up``/``down`` (with ``tucker``, ``mid``) form of a layer adapter's ``ΔW``, scale folded in."""
+    if not isinstance(host, (LinearAdapter, ConvAdapter, EmbeddingAdapter)):
         raise TypeError(f"{name}: a {type(host).__name__} has no LoRA form")
-    return LowRankLayer(name, kind, factors[0], s * core @ factors[1].T)
+    delta = host.delta
+    core = delta.scale * delta.core.detach()
+    return lora_form(name, host.kind, core, [f.detach() for f in delta.factors], tucker=tucker)
+
+
+def lora_form(
+    name: str, kind: str, core: torch.Tensor, factors: Sequence[torch.Tensor], *, tucker: bool = False
+) -> LowRankLayer:
+    """The exact LoRA form of ``core ×ₙ factors[n]`` (with ``tucker``, the LoCon-Tucker form).
+
+    LoRA: ``up = A0``, ``down = G ×₁ A1 ×₂ A2 …``. LoCon-Tucker (a kernel's modes ≥ 2):
+    ``r = max(r0, r1)``, ``up = A0``, ``mid = G ×₂ A2 …``, ``down = A1ᵀ``, each zero-padded to ``r``.
+    """
+    if not tucker:
+        down = multi_mode_product(core, list(factors[1:]), modes=range(1, core.ndim))
+        return LowRankLayer(name, kind, factors[0], down)
+    spatial = multi_mode_product(core, list(factors[2:]), modes=range(2, core.ndim))
+    r = max(core.shape[:2])
+    up, down = factors[0], factors[1].T
+    return LowRankLayer(
+        name,
+        kind,
+        _pad(up, (up.shape[0], r)),
+        _pad(down, (r, down.shape[1])),
+        _pad(spatial, (r, r, *spatial.shape[2:])),
+    )
 
 
 def _pad(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

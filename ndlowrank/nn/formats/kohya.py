@@ -37,8 +37,8 @@ def layers(entries: list[tuple[str, DeltaHost]]) -> list[LowRankLayer]:
 
 
 def stem(prefix: str, name: str) -> str:
-    """The key stem of the layer ``name``: ``lora_unet_down_blocks_0_resnets_0_conv1``."""
-    return f"{prefix}_{name.replace('.', '_')}"
+    """The key stem of the layer ``name``: ``lora_unet_down_blocks_0_resnets_0_conv1`` (``name`` itself without a prefix)."""
+    return f"{prefix}_{name.replace('.', '_')}" if prefix else name.replace(".", "_")
 
 
 def stems(prefix: str, names: Iterable[str]) -> dict[str, str]:
@@ -56,7 +56,7 @@ def stems(prefix: str, names: Iterable[str]) -> dict[str, str]:
 
 def write(path: str, entries: list[LowRankLayer], *, prefix: str | None = None, **_: Any) -> list[str]:
     """Write ``entries`` to the safetensors file ``path``; returns the files written."""
-    prefix = prefix or PREFIX
+    prefix = PREFIX if prefix is None else prefix
     keys = stems(prefix, [layer.name for layer in entries])
     tensors: dict[str, torch.Tensor] = {}
     for key, layer in zip(keys, entries, strict=True):
@@ -78,15 +78,16 @@ def write(path: str, entries: list[LowRankLayer], *, prefix: str | None = None, 
     return [path]
 
 
-def read(path: str, names: Iterable[str]) -> list[LowRankLayer]:
+def read(path: str, names: Iterable[str] | None) -> list[LowRankLayer]:
     """Every layer of the kohya / LyCORIS LoCon file ``path``, named by the model's layer ``names``.
 
     A key's stem is ``<prefix>_<name with underscores>``; the prefix is whatever precedes a
-    model layer's underscored name (the shortest such prefix wins).
+    model layer's underscored name (the shortest such prefix wins). Without ``names`` (no
+    model at hand), each layer is named by its whole stem.
     """
     tensors, _ = read_safetensors(path)
     by_underscores: dict[str, list[str]] = {}
-    for name in names:
+    for name in names or ():
         by_underscores.setdefault(name.replace(".", "_"), []).append(name)
     pieces: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -99,7 +100,7 @@ def read(path: str, names: Iterable[str]) -> list[LowRankLayer]:
         pieces.setdefault(key_stem, {})[part] = tensor
     layers = []
     for key_stem, parts in pieces.items():
-        name = _layer_name(key_stem, by_underscores, path)
+        name = key_stem if names is None else _layer_name(key_stem, by_underscores, path)
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise ValueError(
                 f"{path!r}: layer {key_stem!r} lacks lora_down or lora_up (it has {sorted(parts)})"
