@@ -110,7 +110,7 @@ def test_recompress_meets_tol_without_dense(shape, rank, tol, seed):
     rebuilt = einsum_tucker(core.numpy(), [f.numpy() for f in factors])
     actual = np.linalg.norm(rebuilt - dense) / np.linalg.norm(dense)
     assert actual <= tol * (1 + 1e-9) + 1e-12
-    assert abs(actual - error) <= 1e-9
+    assert abs(actual - error) <= 1e-7  # the reported error comes from norms: exact to about 1e-8
     assert core.shape[0] <= rank
 
 

@@ -188,7 +188,9 @@ def recompress(
     else:
         t = sthosvd(small, ranks) if ranks is not None else sthosvd(small, tol=tol)
         t_core, t_factors = t.core, list(t.factors)
-        error = float(torch.linalg.vector_norm(small - t.to_dense())) / norm
+        # ST-HOSVD's factors are orthonormal, so ‖small − t‖² = ‖small‖² − ‖G‖² (no dense product)
+        kept = float(torch.linalg.vector_norm(t_core)) / norm
+        error = max(1.0 - kept * kept, 0.0) ** 0.5
     out = [u if q is None else q @ u for q, u in zip(qs, t_factors, strict=True)]
     return t_core, out, error
 
