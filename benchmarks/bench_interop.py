@@ -46,16 +46,61 @@ def base_model() -> nn.Module:
 
 
 def trained(base: nn.Module) -> nn.Module:
-    """50 adapted convolutions whose deltas look trained: random cores, non-orthonormal factors."""
+    """50 adapted convolutions whose deltas look trained: cores with decaying spectra, perturbed factors."""
     model = nlnn.add_adapters(
         copy.deepcopy(base), [str(i) for i in range(LAYERS)], ranks=RANKS, init="orthogonal", seed=0
     )
+    decay = torch.exp(-torch.arange(RANKS[0]) / 8.0)
     with torch.no_grad():
         for _, adapter in nlnn.iter_adapters(model):
-            adapter.delta.core.normal_()
+            adapter.delta.core.normal_().mul_(decay[:, None, None, None] * decay[None, :, None, None])
             for factor in adapter.delta.factors:
                 factor.add_(0.1 * torch.randn_like(factor))
     return model
+
+
+def foreign_lora(path: str) -> list[torch.Tensor]:
+    """A kohya conv LoRA of rank 32 as another tool leaves it (random factors); returns every ΔW."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(1)
+    tensors, deltas = {}, []
+    for i in range(LAYERS):
+        down = torch.randn(RANKS[0], CHANNELS, 3, 3, generator=gen) / 50
+        up = torch.randn(CHANNELS, RANKS[0], 1, 1, generator=gen) / 10
+        tensors[f"lora_unet_{i}.lora_down.weight"], tensors[f"lora_unet_{i}.lora_up.weight"] = down, up
+        tensors[f"lora_unet_{i}.alpha"] = torch.tensor(16.0)
+        deltas.append(0.5 * torch.tensordot(up.flatten(1).double(), down.double(), dims=1))
+    save_file(tensors, path)
+    return deltas
+
+
+def sweep(base: nn.Module, path: str, exact: list[torch.Tensor], label: str) -> list[str]:
+    """``import_adapters(tol=...)`` of the file at ``path``: time, ranks, worst change, size."""
+    rows = []
+    lora_params = LAYERS * RANKS[0] * (CHANNELS + CHANNELS * 9)
+    for tol in TOLS:
+        fresh = copy.deepcopy(base)
+        start = time.perf_counter()
+        reports = nlnn.import_adapters(fresh, path, tol=tol)
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            changes = [
+                float(
+                    torch.linalg.vector_norm(adapter.delta_weight().double() - old)
+                    / torch.linalg.vector_norm(old)
+                )
+                for (_, adapter), old in zip(nlnn.iter_adapters(fresh), exact, strict=True)
+            ]
+        params = sum(adapter.delta.n_params for _, adapter in nlnn.iter_adapters(fresh))
+        rows.append(
+            f"| {label} | {tol} | {seconds:.2f} s | {reports[0].new_ranks} | {max(changes):.4f} | "
+            f"{params / 1e6:.2f} M ({params / lora_params:.2f}x) |"
+        )
+        print(
+            f"{label}, tol={tol}: {seconds:.2f} s, ranks {reports[0].new_ranks}, worst change {max(changes):.4f}"
+        )
+    return rows
 
 
 def size(path: str) -> int:
@@ -94,12 +139,13 @@ def peers() -> dict[str, Any]:
 
 
 def run(repeats: int) -> str:
+    load = f"{os.getloadavg()[0]:.1f}"
     base = base_model()
     model = trained(base)
     with torch.no_grad():
         exact = [adapter.delta_weight().double() for _, adapter in nlnn.iter_adapters(model)]
     found = peers()
-    rows, tol_rows = [], []
+    rows: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         files = {
             "ndlowrank (Tucker)": os.path.join(tmp, "tucker.safetensors"),
@@ -144,27 +190,11 @@ def run(repeats: int) -> str:
             rows.append(
                 f"| {label} | {size(path) / 1e6:.2f} MB | {size(path) / tucker_size:.2f}x | {own_time} | {imported} |"
             )
-        for tol in TOLS:
-            fresh = copy.deepcopy(base)
-            start = time.perf_counter()
-            reports = nlnn.import_adapters(fresh, files["kohya LoRA"], tol=tol)
-            seconds = time.perf_counter() - start
-            with torch.no_grad():
-                changes = [
-                    float(
-                        torch.linalg.vector_norm(adapter.delta_weight().double() - old)
-                        / torch.linalg.vector_norm(old)
-                    )
-                    for (_, adapter), old in zip(nlnn.iter_adapters(fresh), exact, strict=True)
-                ]
-            params = sum(adapter.delta.n_params for _, adapter in nlnn.iter_adapters(fresh))
-            tol_rows.append(
-                f"| {tol} | {seconds:.2f} s | {reports[0].new_ranks} | {max(changes):.4f} | {params / 1e6:.2f} M |"
-            )
-            print(
-                f"tol={tol}: {seconds:.2f} s, ranks {reports[0].new_ranks}, worst change {max(changes):.4f}"
-            )
+        tol_rows = sweep(base, files["kohya LoRA"], exact, "exported from Tucker")
+        foreign = os.path.join(tmp, "foreign.safetensors")
+        tol_rows += sweep(base, foreign, foreign_lora(foreign), "from another tool")
     lora_params = LAYERS * RANKS[0] * (CHANNELS + CHANNELS * 9)
+    met = sum(float(row.split("|")[3].split()[0]) < 1.0 for row in tol_rows)
     lines = [
         "## Adapters that travel: formats, load and import times (CPU)",
         "",
@@ -178,15 +208,18 @@ def run(repeats: int) -> str:
         "|---|---|---|---|---|",
         *rows,
         "",
-        "`import_adapters(model, kohya_file, tol=...)` of that LoRA: QR of `lora_up`, ST-HOSVD of the small core, "
-        "ΔW never formed; the change is measured against the exported ΔW.",
+        "`import_adapters(model, file, tol=...)` of a rank-32 kohya LoRA on the 50 convs: the one exported above, "
+        "and one with random factors as another tool leaves it (`alpha = 16`). QR of `lora_up`, ST-HOSVD of the small "
+        "core, ΔW never formed; the change is measured against each file's ΔW, the size against the LoRA's.",
         "",
-        "| tol | import + re-compress time (50 layers) | ranks (first layer) | worst relative change of ΔW | adapter size |",
-        "|---|---|---|---|---|",
+        "| LoRA | tol | import + re-compress (50 layers) | ranks (first layer) | worst relative change of ΔW | adapter size (vs LoRA) |",
+        "|---|---|---|---|---|---|",
         *tol_rows,
         "",
-        "Target: import + re-compress of the 50-layer LoRA file under 1 s on the CPU: "
-        f"**{'met' if all(float(r.split('|')[2].split()[0]) < 1.0 for r in tol_rows) else 'not met'}** for every tolerance.",
+        f"Target: import + re-compress of a 50-layer LoRA file under 1 s on the CPU: met in {met} of {len(tol_rows)} runs "
+        f"(load average before the run: {load}). A conv LoRA trained elsewhere has input-mode rank up to "
+        "`min(in, r·k·k)`: its Tucker form is compact only at a looser tolerance, while a LoRA that came from a "
+        "Tucker delta gets its ranks back exactly.",
     ]
     return "\n".join(lines)
 

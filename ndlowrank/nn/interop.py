@@ -27,7 +27,7 @@ from .truncate import TruncationReport
 
 __all__ = ["combine_adapters", "convert_adapters", "export_adapters", "import_adapters"]
 
-LOSSLESS_TOL = {torch.float64: 1e-10, torch.float32: 1e-6}
+LOSSLESS_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 """The ``tol`` of an import or combine without ``tol`` or ``ranks``: rounding level of the adapter's dtype."""
 
 
