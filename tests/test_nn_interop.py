@@ -521,3 +521,26 @@ def test_convert_between_formats_and_resize(tmp_path, capsys):
     assert stop.value.code == 2
     assert "module paths PEFT needs" in capsys.readouterr().err
     assert not (tmp_path / "p2").exists()
+
+
+def test_import_onto_a_linear_its_parent_reads_by_attribute(tmp_path):
+    """An encoder layer reads ``linear1.weight`` directly: the import puts a parameter adapter there."""
+    safetensors_torch = import_peer("safetensors.torch")
+    torch.manual_seed(9)
+    base = nn.Sequential(nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0)).eval()
+    up, down = torch.randn(12, 3), torch.randn(3, 8)
+    path = tmp_path / "lora.safetensors"
+    safetensors_torch.save_file(
+        {"lora_unet_0_linear1.lora_up.weight": up, "lora_unet_0_linear1.lora_down.weight": down}, str(path)
+    )
+    expected = copy.deepcopy(base)
+    with torch.no_grad():
+        expected[0].linear1.weight += up @ down
+    fresh = copy.deepcopy(base)
+    nlnn.import_adapters(fresh, path)
+    assert [name for name, _ in nlnn.iter_adapters(fresh)] == ["0.linear1.weight"]
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        close(fresh(x), expected(x), torch.float32)
+    with pytest.raises(ValueError, match="already has an adapter"):
+        nlnn.import_adapters(fresh, path)

@@ -178,9 +178,10 @@ def import_adapters(
     layers = _read(where, model, format)
     if not layers:
         raise ValueError(f"{where!r} holds no adapter layers")
+    adapted = {name for name, _ in iter_adapters(model)}
     for layer in layers:
         _check_layer(model, layer, where)
-        if isinstance(model.get_submodule(layer.name), TuckerAdapter):
+        if layer.name in adapted or f"{layer.name}.weight" in adapted:
             raise ValueError(
                 f"{where}: layer {layer.name!r} already has an adapter; use combine_adapters or remove it first"
             )
@@ -198,13 +199,15 @@ def _install(
     results: list[tuple[torch.Tensor, list[torch.Tensor], float]],
 ) -> list[TruncationReport]:
     """Give every layer ``names[i]`` the delta ``results[i]`` (adding adapters where there are none)."""
-    fresh = [name for name in names if not isinstance(model.get_submodule(name), TuckerAdapter)]
+    hosts = dict(iter_adapters(model))
+    # a linear its parent reads by attribute gets a parameter adapter, named after its weight
+    fresh = [name for name in names if name not in hosts and f"{name}.weight" not in hosts]
     if fresh:
         add_adapters(model, "|".join(re.escape(name) for name in fresh), ranks=1, seed=0)
-    hosts = dict(iter_adapters(model))
+        hosts = dict(iter_adapters(model))
     reports = []
     for name, old, (core, factors, error) in zip(names, old_shapes, results, strict=True):
-        host: DeltaHost = hosts[name]
+        host: DeltaHost = hosts[name] if name in hosts else hosts[f"{name}.weight"]
         merged = host.merged
         host.unmerge()
         dtype = host.delta.core.dtype

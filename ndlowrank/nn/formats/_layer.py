@@ -119,7 +119,7 @@ def refuse_geometry(
     convolution other than with zeros.
     """
     kind = getattr(host, "kind", "")
-    if kind not in kinds or kind == "parameter":
+    if kind not in kinds:
         what = f"a parameter adapter on {name!r}" if kind == "parameter" else f"layer {name!r} ({kind})"
         raise ValueError(f"{fmt} files cannot hold {what}; they hold {', '.join(kinds)} layers")
     if getattr(host, "init", "") == "principal":
