@@ -464,6 +464,13 @@ def test_import_with_tol_and_ranks_resizes_a_lora(tmp_path):
     fresh = copy.deepcopy(base)
     nlnn.import_adapters(fresh, path, ranks=(2, 3, 2, 2))
     assert fresh[0].ranks == (2, 3, 2, 2)
+    fresh = copy.deepcopy(base)
+    nlnn.import_adapters(fresh, path, budget=600)
+    assert 16 + 8 + 3 + 3 + 1 < fresh[0].delta.n_params <= 600
+    with pytest.raises(ValueError, match="at most one of tol=, ranks= or budget="):
+        nlnn.import_adapters(copy.deepcopy(base), path, tol=0.1, budget=600)
+    with pytest.raises(ValueError, match="budget=10 is below"):
+        nlnn.import_adapters(copy.deepcopy(base), path, budget=10)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -485,6 +492,9 @@ def test_combine_models_and_files(tmp_path, dtype):
                 expected = expected + w * layer.delta_weight().detach()
         close(combined.get_submodule(name).delta_weight().detach(), expected, dtype)
     assert combined.c1.ranks[:2] == (5, 4)  # rank 2 + 3 out, 2 + (3 padded to LoCon's 3) in
+    budgeted = copy.deepcopy(base)
+    nlnn.combine_adapters(budgeted, [a, path], [0.7, -0.2], budget=900)
+    assert sum(host.delta.n_params for _, host in nlnn.iter_adapters(budgeted)) <= 900
     with pytest.raises(ValueError, match="one weight per source"):
         nlnn.combine_adapters(combined, [a, b], [1.0])
 

@@ -14,13 +14,16 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import array_api_compat.torch as torch_xp
 import torch
 from torch import nn
 
+from .._subspace import mode_spectrum
 from ..decompose import check_tol
+from ..ranks import budget_ranks
 from ._host import DeltaHost
 from .formats import FORMATS, kohya, peft
-from .formats._layer import LowRankLayer, lora_form, recompress
+from .formats._layer import LowRankLayer, lora_form, orthonormal_form, recompress, truncate_form
 from .layers import TuckerAdapter, supported_layers
 from .model import add_adapters, iter_adapters
 from .truncate import TruncationReport
@@ -128,11 +131,43 @@ def _check_layer(model: nn.Module, layer: LowRankLayer, where: str) -> None:
         )
 
 
-def _default_tol(model: nn.Module, names: Sequence[str], tol: float | None, ranks: Any) -> float | None:
-    if tol is not None or ranks is not None:
+def _default_tol(
+    model: nn.Module, names: Sequence[str], tol: float | None, ranks: Any, budget: Any
+) -> float | None:
+    given = [
+        name for name, value in (("tol", tol), ("ranks", ranks), ("budget", budget)) if value is not None
+    ]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of tol=, ranks= or budget=, got {given}")
+    if given:
         return None if tol is None else check_tol(tol)
     dtypes = {_base_layer(model, name, "").weight.dtype for name in names}
     return max(LOSSLESS_TOL.get(dtype, LOSSLESS_TOL[torch.float32]) for dtype in dtypes)
+
+
+def _compress(
+    forms: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor | None]]],
+    shapes: Sequence[tuple[int, ...]],
+    *,
+    tol: float | None,
+    ranks: Any,
+    budget: int | None,
+) -> list[tuple[torch.Tensor, list[torch.Tensor], float]]:
+    """Every exact Tucker form brought to small ranks: to ``tol``, to ``ranks``, or sharing ``budget``."""
+    small = [orthonormal_form(core, factors) for core, factors in forms]
+    targets: list[Any] = [ranks] * len(small)
+    if budget is not None:
+        if isinstance(budget, bool) or not hasattr(budget, "__index__"):
+            raise TypeError(f"budget must be an int number of parameters, got {budget!r}")
+        minimum = sum(1 + sum(shape) for shape in shapes)
+        if budget < minimum:
+            raise ValueError(f"budget={budget} is below {minimum}, the size of every delta at ranks 1")
+        spectra = [[mode_spectrum(core, n, xp=torch_xp) for n in range(core.ndim)] for core, _ in small]
+        targets = list(budget_ranks(spectra, shapes, int(budget)))
+    return [
+        truncate_form(core, qs, tol=tol, ranks=target)
+        for (core, qs), target in zip(small, targets, strict=True)
+    ]
 
 
 def import_adapters(
@@ -142,6 +177,7 @@ def import_adapters(
     format: str | None = None,
     tol: float | None = None,
     ranks: int | Sequence[int] | None = None,
+    budget: int | None = None,
 ) -> list[TruncationReport]:
     """Add Tucker adapters to ``model`` from a PEFT, kohya LoRA/LoCon or LyCORIS LoCon(-Tucker) file.
 
@@ -160,8 +196,11 @@ def import_adapters(
     tol : float in (0, 1), optional
         Relative error bound per layer: ``‖ΔW_new − ΔW‖ ≤ tol · ‖ΔW‖``.
     ranks : int or sequence of int, optional
-        Fixed Tucker ranks instead (an int is clipped to each mode). Without either, ``tol``
-        is the rounding level of the adapter's dtype (:data:`LOSSLESS_TOL`).
+        Fixed Tucker ranks instead (clipped to what each layer's delta can have).
+    budget : int, optional
+        Total adapter parameters over all layers, spread by captured energy (as
+        :func:`truncate_adapters` does). Without ``tol``, ``ranks`` or ``budget``, ``tol`` is
+        the rounding level of the adapter's dtype (:data:`LOSSLESS_TOL`).
 
     Returns
     -------
@@ -185,8 +224,14 @@ def import_adapters(
             raise ValueError(
                 f"{where}: layer {layer.name!r} already has an adapter; use combine_adapters or remove it first"
             )
-    tol = _default_tol(model, [layer.name for layer in layers], tol, ranks)
-    results = [recompress(*layer.tucker(), tol=tol, ranks=ranks) for layer in layers]
+    tol = _default_tol(model, [layer.name for layer in layers], tol, ranks, budget)
+    results = _compress(
+        [layer.tucker() for layer in layers],
+        [layer.shape for layer in layers],
+        tol=tol,
+        ranks=ranks,
+        budget=budget,
+    )
     return _install(
         model, [layer.name for layer in layers], [layer.tucker()[0].shape for layer in layers], results
     )
@@ -273,6 +318,7 @@ def combine_adapters(
     *,
     tol: float | None = None,
     ranks: int | Sequence[int] | None = None,
+    budget: int | None = None,
 ) -> list[TruncationReport]:
     """Put ``Σ weights[i] · ΔW_i`` of several adapters into ``model`` as one Tucker adapter per layer.
 
@@ -291,7 +337,7 @@ def combine_adapters(
         A layer missing from a source counts as zero there.
     weights : sequence of float, optional
         One per source, 1 each by default.
-    tol, ranks
+    tol, ranks, budget
         As for :func:`import_adapters`.
 
     Returns
@@ -327,14 +373,13 @@ def combine_adapters(
     per_source = [_tucker_terms(source, model) for source in sources]
     names = list(dict.fromkeys(name for terms in per_source for name in terms))
     shapes = [tuple(_base_layer(model, name, "combine_adapters").weight.shape) for name in names]
-    tol = _default_tol(model, names, tol, ranks)
-    blocks, results = [], []
+    tol = _default_tol(model, names, tol, ranks, budget)
+    blocks = []
     for name, shape in zip(names, shapes, strict=True):
         terms = [(w, *terms[name]) for w, terms in zip(weights, per_source, strict=True) if name in terms]
-        block = _block_sum(terms, shape)
-        blocks.append(tuple(block[0].shape))
-        results.append(recompress(*block, tol=tol, ranks=ranks))
-    return _install(model, names, blocks, results)
+        blocks.append(_block_sum(terms, shape))
+    results = _compress(blocks, shapes, tol=tol, ranks=ranks, budget=budget)
+    return _install(model, names, [tuple(core.shape) for core, _ in blocks], results)
 
 
 def convert_adapters(

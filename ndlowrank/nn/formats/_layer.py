@@ -31,12 +31,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._validation import validate_ranks
 from ...decompose import sthosvd
 from ...tenalg import multi_mode_product
 from .._host import DeltaHost
 from ..layers import ConvAdapter, EmbeddingAdapter, LinearAdapter
 
-__all__ = ["LowRankLayer", "from_host", "lora_form", "recompress", "refuse_geometry"]
+__all__ = [
+    "LowRankLayer",
+    "from_host",
+    "lora_form",
+    "orthonormal_form",
+    "recompress",
+    "refuse_geometry",
+    "truncate_form",
+]
 
 
 @dataclass(frozen=True)
@@ -148,24 +157,16 @@ def refuse_geometry(
 
 
 @torch.no_grad()
-def recompress(
-    core: torch.Tensor,
-    factors: Sequence[torch.Tensor | None],
-    *,
-    tol: float | None,
-    ranks: int | Sequence[int] | None,
-) -> tuple[torch.Tensor, list[torch.Tensor], float]:
-    """Small Tucker form of ``core ×ₙ factors[n]`` (``None``: identity) in float64, without forming it.
+def orthonormal_form(
+    core: torch.Tensor, factors: Sequence[torch.Tensor | None]
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """``(small, Q)`` in float64 with ``core ×ₙ factors[n] = small ×ₙ Q[n]``, every ``Q[n]`` orthonormal.
 
-    The route of :func:`~ndlowrank.nn.truncate_adapters`: QR of every given factor, the
-    ``R`` s folded into the core, ST-HOSVD of that core, the ``Q`` s absorbing its factors.
-    As the ``Q`` s are orthonormal, the core's error is the tensor's error: with ``tol``,
-    ``‖ΔW_new − ΔW‖ ≤ tol · ‖ΔW‖``. Returns ``(core, factors, relative error)``.
+    QR of every given factor, the ``R`` s folded into the core; ``None`` (an identity factor)
+    stays ``None``.
     """
-    core = core.to(torch.float64)
     qs: list[torch.Tensor | None] = []
-    rs = []
-    modes = []
+    rs, modes = [], []
     for n, factor in enumerate(factors):
         if factor is None:
             qs.append(None)
@@ -174,16 +175,36 @@ def recompress(
         qs.append(q)
         rs.append(r)
         modes.append(n)
-    small = multi_mode_product(core, rs, modes=modes)
+    return multi_mode_product(core.to(torch.float64), rs, modes=modes), qs
+
+
+@torch.no_grad()
+def truncate_form(
+    small: torch.Tensor,
+    qs: Sequence[torch.Tensor | None],
+    *,
+    tol: float | None,
+    ranks: int | Sequence[int] | None,
+) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """ST-HOSVD of ``small`` (to ``tol`` or ``ranks``, each clipped to ``small``'s modes), ``Q`` s absorbing its factors.
+
+    As the ``Q`` s are orthonormal, the core's error is the tensor's error: with ``tol``,
+    ``‖ΔW_new − ΔW‖ ≤ tol · ‖ΔW‖``. Returns ``(core, factors, relative error)``.
+    """
     norm = float(torch.linalg.vector_norm(small))
-    if isinstance(ranks, int):
-        ranks = tuple(min(ranks, size) for size in small.shape)
+    if ranks is not None:
+        ranks = validate_ranks(ranks, tuple(small.shape), clip=True) if isinstance(ranks, int) else ranks
+        if len(ranks) != small.ndim:
+            raise ValueError(
+                f"ranks={tuple(ranks)} gives {len(ranks)} ranks for a delta with {small.ndim} modes"
+            )
+        ranks = tuple(min(int(r), size) for r, size in zip(ranks, small.shape, strict=True))
     if norm == 0.0:
         shape = (1,) * small.ndim if ranks is None else tuple(ranks)
-        t_core, t_factors = (
-            torch.zeros(shape, dtype=torch.float64),
-            [torch.eye(size, n, dtype=torch.float64) for size, n in zip(small.shape, shape, strict=True)],
-        )
+        t_core = torch.zeros(shape, dtype=torch.float64)
+        t_factors = [
+            torch.eye(size, n, dtype=torch.float64) for size, n in zip(small.shape, shape, strict=True)
+        ]
         error = 0.0
     else:
         t = sthosvd(small, ranks) if ranks is not None else sthosvd(small, tol=tol)
@@ -193,6 +214,21 @@ def recompress(
         error = max(1.0 - kept * kept, 0.0) ** 0.5
     out = [u if q is None else q @ u for q, u in zip(qs, t_factors, strict=True)]
     return t_core, out, error
+
+
+def recompress(
+    core: torch.Tensor,
+    factors: Sequence[torch.Tensor | None],
+    *,
+    tol: float | None,
+    ranks: int | Sequence[int] | None,
+) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """Small Tucker form of ``core ×ₙ factors[n]`` (``None``: identity) in float64, without forming it.
+
+    The route of :func:`~ndlowrank.nn.truncate_adapters`: :func:`orthonormal_form`, then
+    :func:`truncate_form`, with ``‖ΔW_new − ΔW‖ ≤ tol · ‖ΔW‖``.
+    """
+    return truncate_form(*orthonormal_form(core, factors), tol=tol, ranks=ranks)
 
 
 # -- files ----------------------------------------------------------------------------------------
