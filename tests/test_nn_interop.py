@@ -363,7 +363,7 @@ def test_refuses_grouped_and_dilated_convs_by_name(tmp_path, fmt):
     assert not target.exists()
 
 
-def test_refuses_padding_modes_parameters_principal_and_unknown_format(tmp_path):
+def test_refuses_padding_modes_parameters_embeddings_and_unknown_format(tmp_path):
     model = nlnn.add_adapters(
         nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")), ["0"], ranks=2
     )
@@ -374,11 +374,8 @@ def test_refuses_padding_modes_parameters_principal_and_unknown_format(tmp_path)
     )
     with pytest.raises(ValueError, match=r"parameter adapter on '0\.in_proj_weight'"):
         nlnn.export_adapters(attention, tmp_path / "y.safetensors", format="kohya")
-    principal = nlnn.add_adapters(nn.Sequential(nn.Linear(4, 4)), ["0"], ranks=2, init="principal")
-    with pytest.raises(ValueError, match="init='principal'"):
-        nlnn.export_adapters(principal, tmp_path / "p", format="peft")
     with pytest.raises(ValueError, match="unknown format='diffusers'"):
-        nlnn.export_adapters(principal, tmp_path / "p", format="diffusers")
+        nlnn.export_adapters(model, tmp_path / "p", format="diffusers")
     with pytest.raises(ValueError, match="embedding"):
         nlnn.export_adapters(
             nlnn.add_adapters(nn.Sequential(nn.Embedding(5, 3)), ["0"], 2),
@@ -610,3 +607,31 @@ def test_every_conv_geometry_through_the_real_loaders(
                 nlnn.import_adapters(loaded, target)
             with torch.no_grad():
                 close(loaded(x), expected, torch.float32)
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "lycoris"])
+def test_principal_adapters_export_the_change_from_the_original_weight(tmp_path, fmt):
+    """With init="principal" the base holds W − start; the file carries ΔW − start, for the original model."""
+    peft = import_peer("peft")
+    lycoris = import_peer("lycoris")
+    torch.manual_seed(10)
+    base = nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3), nn.Flatten(), nn.Linear(150, 3)
+    )
+    model = nlnn.add_adapters(copy.deepcopy(base), ["0", "2", "4"], ranks=2, init="principal", seed=0)
+    with torch.no_grad():  # stands in for training
+        for _, host in nlnn.iter_adapters(model):
+            host.delta.core.add_(0.1 * torch.randn_like(host.delta.core))
+    target = str(tmp_path / ("p" if fmt == "peft" else "l.safetensors"))
+    nlnn.export_adapters(model, target, format=fmt)
+    loaded = copy.deepcopy(base)  # the original weights
+    if fmt == "peft":
+        loaded = peft.PeftModel.from_pretrained(loaded, target)
+    elif fmt == "lycoris":
+        network, _ = lycoris.create_lycoris_from_weights(1.0, target, loaded)
+        network.apply_to()
+    else:
+        nlnn.import_adapters(loaded, target)
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        close(loaded(x), model(x), torch.float32)

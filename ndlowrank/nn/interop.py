@@ -23,7 +23,14 @@ from ..decompose import check_tol
 from ..ranks import budget_ranks
 from ._host import DeltaHost
 from .formats import FORMATS, kohya, peft
-from .formats._layer import LowRankLayer, lora_form, orthonormal_form, recompress, truncate_form
+from .formats._layer import (
+    LowRankLayer,
+    block_sum,
+    lora_form,
+    orthonormal_form,
+    recompress,
+    truncate_form,
+)
 from .layers import TuckerAdapter, supported_layers
 from .model import add_adapters, iter_adapters
 from .truncate import TruncationReport
@@ -74,7 +81,12 @@ def export_adapters(
     ValueError
         Naming the layer, if the format cannot reproduce it exactly (a grouped or dilated
         convolution in PEFT or kohya, a padding mode other than zeros, a parameter adapter,
-        an embedding outside PEFT, an adapter with ``init="principal"``); nothing is written.
+        an embedding outside PEFT); nothing is written.
+
+    Notes
+    -----
+    An adapter with ``init="principal"`` (whose base weight holds ``W − start``) exports
+    ``ΔW − start``, the change from the original weight: the file goes on the original model.
 
     Examples
     --------
@@ -283,34 +295,6 @@ def _tucker_terms(source: Any, model: nn.Module) -> dict[str, tuple[torch.Tensor
     return {layer.name: layer.tucker() for layer in layers}
 
 
-def _block_sum(
-    terms: list[tuple[float, torch.Tensor, list[torch.Tensor | None]]], shape: tuple[int, ...]
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """``Σ w_i · G_i ×ₙ F_iₙ`` as one Tucker form: block-diagonal core, factors side by side.
-
-    A mode where every term's factor is the identity stays one (the cores are added there).
-    """
-    ndim = len(shape)
-    identity = [all(factors[n] is None for _, _, factors in terms) for n in range(ndim)]
-    sizes = [shape[n] if identity[n] else sum(core.shape[n] for _, core, _ in terms) for n in range(ndim)]
-    core = torch.zeros(sizes, dtype=torch.float64)
-    factors: list[list[torch.Tensor]] = [[] for _ in range(ndim)]
-    offsets = [0] * ndim
-    for weight, term_core, term_factors in terms:
-        index = []
-        for n in range(ndim):
-            width = term_core.shape[n]
-            index.append(slice(0, width) if identity[n] else slice(offsets[n], offsets[n] + width))
-            if not identity[n]:
-                f = term_factors[n]
-                factors[n].append(
-                    torch.eye(shape[n], dtype=torch.float64) if f is None else f.to(torch.float64)
-                )
-                offsets[n] += width
-        core[tuple(index)] += weight * term_core.to(torch.float64)
-    return core, [None if identity[n] else torch.cat(factors[n], dim=1) for n in range(ndim)]
-
-
 def combine_adapters(
     model: nn.Module,
     sources: Sequence[Any],
@@ -377,7 +361,7 @@ def combine_adapters(
     blocks = []
     for name, shape in zip(names, shapes, strict=True):
         terms = [(w, *terms[name]) for w, terms in zip(weights, per_source, strict=True) if name in terms]
-        blocks.append(_block_sum(terms, shape))
+        blocks.append(block_sum(terms, shape))
     results = _compress(blocks, shapes, tol=tol, ranks=ranks, budget=budget)
     return _install(model, names, [tuple(core.shape) for core, _ in blocks], results)
 

@@ -39,6 +39,7 @@ from ..layers import ConvAdapter, EmbeddingAdapter, LinearAdapter
 
 __all__ = [
     "LowRankLayer",
+    "block_sum",
     "from_host",
     "lora_form",
     "orthonormal_form",
@@ -85,7 +86,15 @@ def from_host(name: str, host: DeltaHost, *, tucker: bool = False) -> LowRankLay
         raise TypeError(f"{name}: a {type(host).__name__} has no LoRA form")
     delta = host.delta
     core = delta.scale * delta.core.detach()
-    return lora_form(name, host.kind, core, [f.detach() for f in delta.factors], tucker=tucker)
+    factors: list[torch.Tensor] = [f.detach() for f in delta.factors]
+    if hasattr(host, "principal_core"):
+        # the base weight holds W − start: relative to the original W the change is ΔW − start
+        start = [host.get_buffer(f"principal_factor_{n}") for n in range(core.ndim)]
+        summed, blocks = block_sum(
+            [(1.0, core, factors), (-1.0, host.get_buffer("principal_core"), start)], delta.shape
+        )
+        core, factors = summed.to(core.dtype), [b.to(core.dtype) for b in blocks if b is not None]
+    return lora_form(name, host.kind, core, factors, tucker=tucker)
 
 
 def lora_form(
@@ -111,6 +120,34 @@ def lora_form(
     )
 
 
+def block_sum(
+    terms: Sequence[tuple[float, torch.Tensor, Sequence[torch.Tensor | None]]], shape: tuple[int, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """``Σ w_i · G_i ×ₙ F_iₙ`` as one Tucker form: block-diagonal core, factors side by side.
+
+    A mode where every term's factor is the identity stays one (the cores are added there).
+    """
+    ndim = len(shape)
+    identity = [all(factors[n] is None for _, _, factors in terms) for n in range(ndim)]
+    sizes = [shape[n] if identity[n] else sum(core.shape[n] for _, core, _ in terms) for n in range(ndim)]
+    core = torch.zeros(sizes, dtype=torch.float64)
+    factors: list[list[torch.Tensor]] = [[] for _ in range(ndim)]
+    offsets = [0] * ndim
+    for weight, term_core, term_factors in terms:
+        index = []
+        for n in range(ndim):
+            width = term_core.shape[n]
+            index.append(slice(0, width) if identity[n] else slice(offsets[n], offsets[n] + width))
+            if not identity[n]:
+                f = term_factors[n]
+                factors[n].append(
+                    torch.eye(shape[n], dtype=torch.float64) if f is None else f.to(torch.float64)
+                )
+                offsets[n] += width
+        core[tuple(index)] += weight * term_core.to(torch.float64)
+    return core, [None if identity[n] else torch.cat(factors[n], dim=1) for n in range(ndim)]
+
+
 def _pad(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """``x`` zero-padded at the end of every mode to ``shape``."""
     out = x.new_zeros(tuple(shape))
@@ -131,11 +168,6 @@ def refuse_geometry(
     if kind not in kinds:
         what = f"a parameter adapter on {name!r}" if kind == "parameter" else f"layer {name!r} ({kind})"
         raise ValueError(f"{fmt} files cannot hold {what}; they hold {', '.join(kinds)} layers")
-    if getattr(host, "init", "") == "principal":
-        raise ValueError(
-            f"layer {name!r} uses init='principal', whose base weight is the residual, not the original:"
-            f" a {fmt} file on the original model would be wrong; merge it or re-train with another init"
-        )
     layer = getattr(host, "base_layer", None)
     if isinstance(layer, nn.modules.conv._ConvNd):
         problems = []
