@@ -372,17 +372,25 @@ def _parser() -> argparse.ArgumentParser:
     rec.set_defaults(run=cmd_reconstruct)
 
     conv = sub.add_parser(
-        "convert", help="convert a PEFT / kohya / LyCORIS adapter to another format, optionally resized"
+        "convert",
+        help="convert a PEFT / diffusers / kohya / LyCORIS adapter to another format, optionally resized",
     )
-    conv.add_argument("input", help="a PEFT adapter directory, or a kohya / LyCORIS .safetensors file")
+    conv.add_argument(
+        "input", help="a PEFT adapter directory, or a diffusers / kohya / LyCORIS .safetensors file"
+    )
     conv.add_argument("target", help="the PEFT directory or .safetensors file to write")
-    conv.add_argument("--to", required=True, choices=("peft", "kohya", "lycoris"), help="format of TARGET")
+    conv.add_argument(
+        "--to", required=True, choices=("peft", "diffusers", "kohya", "lycoris"), help="format of TARGET"
+    )
     size = conv.add_mutually_exclusive_group()
     size.add_argument("--tol", type=float, help="relative error bound per layer (default: exact to rounding)")
     size.add_argument(
         "--ranks", type=int, nargs="+", help="Tucker ranks: one for every mode, or one per mode"
     )
-    conv.add_argument("--prefix", help="key prefix of a kohya / LyCORIS target (lora_unet, lora_te, lycoris)")
+    conv.add_argument(
+        "--prefix",
+        help="key prefix of a diffusers / kohya / LyCORIS target (unet, lora_unet, lora_te, lycoris)",
+    )
     conv.set_defaults(run=cmd_convert)
 
     demo = sub.add_parser(

@@ -349,6 +349,42 @@ def test_diffusers_unet_loads_peft_and_kohya(tmp_path, dtype):
     nlnn.import_adapters(fresh, path)
     with torch.no_grad():
         close(fresh(sample, 1, hidden).sample, expected, dtype)
+    # diffusers' own keys (unet.<path>.lora_A.weight), through the same loader
+    path = str(tmp_path / "diffusers.safetensors")
+    nlnn.export_adapters(model, path, format="diffusers")
+    state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(path)
+    unet = copy.deepcopy(base)
+    diffusers.StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet)
+    assert lora_layers(unet) == count
+    with torch.no_grad():
+        close(unet(sample, 1, hidden).sample, expected, dtype)
+    fresh = copy.deepcopy(base)
+    nlnn.import_adapters(fresh, path)
+    with torch.no_grad():
+        close(fresh(sample, 1, hidden).sample, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_import_what_diffusers_saved(tmp_path, dtype):
+    """A UNet LoRA saved by diffusers' save_lora_weights (alpha in its metadata) gives diffusers' outputs."""
+    diffusers, base = tiny_unet(dtype)
+    peft = import_peer("peft")
+    unet = copy.deepcopy(base)
+    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "conv1", "proj_in"]))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.3)
+    state = peft.get_peft_model_state_dict(unet)
+    metadata = {"r": 4, "lora_alpha": 2, "peft_type": "LORA"}
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path), unet_lora_layers=state, unet_lora_adapter_metadata=metadata
+    )
+    sample, hidden = unet_inputs(dtype)
+    fresh = copy.deepcopy(base)
+    nlnn.import_adapters(fresh, tmp_path / "pytorch_lora_weights.safetensors")
+    with torch.no_grad():
+        close(fresh(sample, 1, hidden).sample, unet(sample, 1, hidden).sample, dtype)
 
 
 # -- what a format cannot carry, and bad files -----------------------------------------------------
@@ -374,8 +410,8 @@ def test_refuses_padding_modes_parameters_embeddings_and_unknown_format(tmp_path
     )
     with pytest.raises(ValueError, match=r"parameter adapter on '0\.in_proj_weight'"):
         nlnn.export_adapters(attention, tmp_path / "y.safetensors", format="kohya")
-    with pytest.raises(ValueError, match="unknown format='diffusers'"):
-        nlnn.export_adapters(model, tmp_path / "p", format="diffusers")
+    with pytest.raises(ValueError, match="unknown format='comfyui'"):
+        nlnn.export_adapters(model, tmp_path / "p", format="comfyui")
     with pytest.raises(ValueError, match="embedding"):
         nlnn.export_adapters(
             nlnn.add_adapters(nn.Sequential(nn.Embedding(5, 3)), ["0"], 2),
@@ -527,7 +563,7 @@ def test_convert_between_formats_and_resize(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["convert", str(kohya_file), str(tmp_path / "p2"), "--to", "peft"])
     assert stop.value.code == 2
-    assert "module paths PEFT needs" in capsys.readouterr().err
+    assert "module paths peft needs" in capsys.readouterr().err
     assert not (tmp_path / "p2").exists()
 
 

@@ -22,10 +22,11 @@ from .._subspace import mode_spectrum
 from ..decompose import check_tol
 from ..ranks import budget_ranks
 from ._host import DeltaHost
-from .formats import FORMATS, kohya, peft
+from .formats import FORMATS, diffusers, kohya, peft
 from .formats._layer import (
     LowRankLayer,
     block_sum,
+    keys_of,
     lora_form,
     orthonormal_form,
     recompress,
@@ -63,13 +64,15 @@ def export_adapters(
         ``format="peft"``: a directory (created if missing) that gets ``adapter_model.safetensors``
         and ``adapter_config.json``, for ``PeftModel.from_pretrained``. Otherwise the
         ``.safetensors`` file to write.
-    format : {"peft", "kohya", "lycoris"}, default "peft"
-        ``"kohya"``: ``lora_down``/``lora_up``/``alpha`` keys (diffusers ``load_lora_weights``,
-        ComfyUI, A1111). ``"lycoris"``: LoCon with ``use_tucker`` (``lora_mid`` holds the
+    format : {"peft", "diffusers", "kohya", "lycoris"}, default "peft"
+        ``"diffusers"``: PEFT keys under ``unet.`` in one file (``pipe.load_lora_weights``,
+        ``load_lora_adapter(..., prefix="unet")``). ``"kohya"``: ``lora_down``/``lora_up``/``alpha``
+        keys (diffusers ``load_lora_weights``, ComfyUI, A1111). ``"lycoris"``: LoCon with ``use_tucker`` (``lora_mid`` holds the
         spatial core) for LyCORIS ``create_lycoris_from_weights``.
     prefix : str, optional
-        Key prefix of the kohya and LyCORIS formats: ``"lora_unet"`` (kohya's default, for a
-        Stable Diffusion UNet), ``"lora_te"`` for a text encoder, ``"lycoris"`` (LyCORIS's default).
+        Key prefix of the diffusers, kohya and LyCORIS formats: ``"unet"`` (diffusers' default;
+        ``"text_encoder"``, ``"transformer"``), ``"lora_unet"`` (kohya's default, for a Stable
+        Diffusion UNet), ``"lora_te"`` for a text encoder, ``"lycoris"`` (LyCORIS's default).
 
     Returns
     -------
@@ -121,6 +124,8 @@ def _read(path: str, model: nn.Module, format: str | None) -> list[LowRankLayer]
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a directory; format={format!r} reads one .safetensors file")
     names = [name for name, _ in model.named_modules() if name and "base_layer" not in name.split(".")]
+    if format == "diffusers" or (format is None and diffusers.is_diffusers(keys_of(path))):
+        return diffusers.read(path, names)
     return kohya.read(path, names)
 
 
@@ -202,8 +207,9 @@ def import_adapters(
     model : nn.Module
         The base model the file was made for; the layers it names must have no adapter yet.
     path : str or os.PathLike
-        A PEFT directory (with ``adapter_config.json``) or a kohya / LyCORIS ``.safetensors`` file.
-    format : {"peft", "kohya", "lycoris"}, optional
+        A PEFT directory (with ``adapter_config.json``), or a diffusers, kohya or LyCORIS
+        ``.safetensors`` file.
+    format : {"peft", "diffusers", "kohya", "lycoris"}, optional
         Told from the path when omitted (a directory is PEFT).
     tol : float in (0, 1), optional
         Relative error bound per layer: ``‖ΔW_new − ΔW‖ ≤ tol · ‖ΔW‖``.
@@ -375,7 +381,7 @@ def convert_adapters(
     ranks: int | Sequence[int] | None = None,
     prefix: str | None = None,
 ) -> list[TruncationReport]:
-    """Convert a PEFT, kohya or LyCORIS file to another of these formats, optionally resizing it, without a model.
+    """Convert a PEFT, diffusers, kohya or LyCORIS file to another of these formats, optionally resized, without a model.
 
     Each layer goes through Tucker form (:func:`import_adapters`' route, ``ΔW`` never formed):
     with ``tol`` every layer's ``‖ΔW_new − ΔW‖ ≤ tol · ‖ΔW‖`` (kohya's resize scripts, with
@@ -385,17 +391,17 @@ def convert_adapters(
     Parameters
     ----------
     source : str or os.PathLike
-        A PEFT directory, or a kohya / LyCORIS ``.safetensors`` file.
+        A PEFT directory, or a diffusers, kohya or LyCORIS ``.safetensors`` file.
     target : str or os.PathLike
         The PEFT directory or ``.safetensors`` file to write.
-    format : {"peft", "kohya", "lycoris"}
+    format : {"peft", "diffusers", "kohya", "lycoris"}
         Of ``target``. A kohya or LyCORIS source keeps its key stems (the module paths'
-        dots are lost there), so it cannot become a PEFT file: import it into the model
-        (:func:`import_adapters`) and export from there.
+        dots are lost there), so it cannot become a PEFT or diffusers file: import it into
+        the model (:func:`import_adapters`) and export from there.
     tol, ranks
         As for :func:`import_adapters`.
     prefix : str, optional
-        Key prefix of a kohya / LyCORIS target made from a PEFT source.
+        Key prefix of a diffusers / kohya / LyCORIS target made from a PEFT or diffusers source.
 
     Returns
     -------
@@ -405,17 +411,24 @@ def convert_adapters(
     where, out = _fspath(source), _fspath(target)
     if format not in FORMATS:
         raise ValueError(f"unknown format={format!r}; known formats: {sorted(FORMATS)}")
-    from_peft = peft.is_peft(where)
-    if not from_peft and os.path.isdir(where):
+    dotted = True  # whether the source keeps the module paths (kohya and LyCORIS keys do not)
+    if peft.is_peft(where):
+        layers = peft.read(where)
+    elif os.path.isdir(where):
         raise ValueError(f"{where!r} is a directory without adapter_config.json, not a PEFT adapter")
-    if not from_peft and format == "peft":
+    elif diffusers.is_diffusers(keys_of(where)):
+        layers = diffusers.read(where, None)
+    else:
+        layers, dotted = kohya.read(where, None), False
+    if not dotted and format in ("peft", "diffusers"):
         raise ValueError(
-            f"{where!r} is a kohya/LyCORIS file, whose keys do not keep the module paths PEFT needs;"
+            f"{where!r} is a kohya/LyCORIS file, whose keys do not keep the module paths {format} needs;"
             " import it into the model with import_adapters and export from there"
         )
-    if not from_peft and prefix is not None:
-        raise ValueError("prefix= applies to a PEFT source; a kohya/LyCORIS source keeps its key stems")
-    layers = peft.read(where) if from_peft else kohya.read(where, None)
+    if not dotted and prefix is not None:
+        raise ValueError(
+            "prefix= applies to a PEFT or diffusers source; a kohya/LyCORIS source keeps its key stems"
+        )
     if not layers:
         raise ValueError(f"{where!r} holds no adapter layers")
     if tol is None and ranks is None:
@@ -435,8 +448,5 @@ def convert_adapters(
             lora_form(layer.name, layer.kind, core.to(dtype), [f.to(dtype) for f in factors], tucker=tucker)
         )
         reports.append(TruncationReport(layer.name, tuple(layer.tucker()[0].shape), tuple(core.shape), error))
-    if format == "peft":
-        FORMATS[format].write(out, converted)
-    else:
-        kohya.write(out, converted, prefix=prefix or ("" if not from_peft else FORMATS[format].PREFIX))
+    FORMATS[format].write(out, converted, prefix=prefix if dotted else "")
     return reports

@@ -1,4 +1,4 @@
-"""The LoRA-family adapter formats other tools read: PEFT, kohya LoRA/LoCon and LyCORIS LoCon-Tucker.
+"""The LoRA-family adapter formats other tools read: PEFT, diffusers, kohya LoRA/LoCon and LyCORIS LoCon-Tucker.
 
 One module per format (``check`` a layer, give its ``layers`` form, ``write`` a file, ``read``
 one); the maths they share is in :mod:`._layer`; the entry points
@@ -6,8 +6,8 @@ one); the maths they share is in :mod:`._layer`; the entry points
 :func:`~ndlowrank.nn.combine_adapters`) are in :mod:`ndlowrank.nn.interop`.
 """
 
-from . import kohya, lycoris, peft
+from . import diffusers, kohya, lycoris, peft
 
-FORMATS = {"peft": peft, "kohya": kohya, "lycoris": lycoris}
+FORMATS = {"peft": peft, "diffusers": diffusers, "kohya": kohya, "lycoris": lycoris}
 
 __all__ = ["FORMATS"]

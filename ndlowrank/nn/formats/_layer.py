@@ -283,6 +283,17 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return tensors, metadata
 
 
+def keys_of(path: str) -> list[str]:
+    """The tensor names of a safetensors file (none if it cannot be read: the reader then says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return list(handle.keys())
+    except Exception:  # reported by read_safetensors, with the parser's message
+        return []
+
+
 def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Write ``tensors`` atomically (a failed write leaves an existing file untouched)."""
     from safetensors.torch import save_file

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from .._host import DeltaHost
 from ._layer import LowRankLayer, from_host, read_safetensors, refuse_geometry, write_json, write_safetensors
 
-__all__ = ["check", "read", "write"]
+__all__ = ["check", "check_config", "factor_pieces", "pair_layers", "read", "write"]
 
 NAME = "peft"
 WEIGHTS = "adapter_model.safetensors"
@@ -98,6 +99,17 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
+def check_config(config: Any, where: str) -> dict[str, Any]:
+    """``config`` if it describes a plain LoRA (a weight delta); ``ValueError`` naming ``where`` otherwise."""
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{where!r} holds a PEFT {kind} adapter; only LoRA (peft_type 'LORA') is read")
+    for flag in ("use_dora", "lora_bias"):
+        if config.get(flag):
+            raise ValueError(f"{where!r}: a LoRA with {flag}=True is not a weight delta and cannot be read")
+    return config
+
+
 def read(path: str) -> list[LowRankLayer]:
     """Every layer of the PEFT LoRA directory ``path``."""
     if not is_peft(path):
@@ -107,30 +119,44 @@ def read(path: str) -> list[LowRankLayer]:
             config = json.load(handle)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{os.path.join(path, CONFIG)!r} is not a readable JSON file ({exc})") from exc
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise ValueError(f"{path!r} holds a PEFT {kind} adapter; only LoRA (peft_type 'LORA') is read")
-    for flag in ("use_dora", "lora_bias"):
-        if config.get(flag):
-            raise ValueError(f"{path!r}: a LoRA with {flag}=True is not a weight delta and cannot be read")
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ValueError(f"{path!r}: {CONFIG} has no peft_type; it is not a PEFT adapter config")
+    check_config(config, path)
     weights = os.path.join(path, WEIGHTS)
     if not os.path.isfile(weights):
         raise FileNotFoundError(
             f"{path!r} has no {WEIGHTS} (a PEFT directory saved with safe_serialization=False?)"
         )
     tensors, _ = read_safetensors(weights)
-    alpha, rs = float(config.get("lora_alpha", 8)), bool(config.get("use_rslora", False))
+    pieces = factor_pieces(
+        tensors, weights, lambda key: key.removeprefix(PREFIX) if key.startswith(PREFIX) else None
+    )
+    return pair_layers(pieces, {"lora_alpha": 8, **config}, weights)  # PEFT's default alpha
+
+
+def factor_pieces(
+    tensors: dict[str, torch.Tensor], where: str, name_of: Callable[[str], str | None]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``{layer path: {"lora_A": …, "lora_B": …}}``; ``name_of`` maps a key's module path to the layer's (``None``: foreign)."""
     pieces: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = re.fullmatch(
-            r"base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?", key
-        )
+        match = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?", key)
         if match is None:
-            raise ValueError(f"{weights!r}: key {key!r} is not a LoRA factor (lora_A/lora_B); cannot read it")
-        pieces.setdefault(match[1], {})[match[2]] = tensor
+            raise ValueError(f"{where!r}: key {key!r} is not a LoRA factor (lora_A/lora_B); cannot read it")
+        name = name_of(match[1])
+        if name is None:
+            raise ValueError(f"{where!r}: key {key!r} names no layer of the model (module path {match[1]!r})")
+        pieces.setdefault(name, {})[match[2]] = tensor
+    return pieces
+
+
+def pair_layers(
+    pieces: dict[str, dict[str, torch.Tensor]], config: dict[str, Any], where: str
+) -> list[LowRankLayer]:
+    """The layers of PEFT-keyed factors, scaled by ``config``'s ``lora_alpha`` / ``alpha_pattern`` (``alpha = r`` if absent)."""
+    rs = bool(config.get("use_rslora", False))
     layers = []
     for name, parts in pieces.items():
-        layer_alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, alpha))
         if {"lora_A", "lora_B"} == set(parts):
             down, up = parts["lora_A"], parts["lora_B"]
             kind = "conv" if down.ndim > 2 else "linear"
@@ -139,12 +165,13 @@ def read(path: str) -> list[LowRankLayer]:
             down, up, kind = parts["lora_embedding_B"].T, parts["lora_embedding_A"].T, "embedding"
         else:
             raise ValueError(
-                f"{weights!r}: layer {name!r} has {sorted(parts)}, not a matching pair of LoRA factors"
+                f"{where!r}: layer {name!r} has {sorted(parts)}, not a matching pair of LoRA factors"
             )
         if up.ndim != 2 or up.shape[1] != down.shape[0]:
             raise ValueError(
-                f"{weights!r}: layer {name!r} has factors of shapes {tuple(up.shape)} and {tuple(down.shape)} that do not chain"
+                f"{where!r}: layer {name!r} has factors of shapes {tuple(up.shape)} and {tuple(down.shape)} that do not chain"
             )
         r = down.shape[0]
-        layers.append(LowRankLayer(name, kind, up, down, None, layer_alpha / (math.sqrt(r) if rs else r)))
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r)))
+        layers.append(LowRankLayer(name, kind, up, down, None, alpha / (math.sqrt(r) if rs else r)))
     return layers
