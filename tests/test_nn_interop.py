@@ -671,3 +671,24 @@ def test_principal_adapters_export_the_change_from_the_original_weight(tmp_path,
     x = torch.randn(2, 4, 7, 7)
     with torch.no_grad():
         close(loaded(x), model(x), torch.float32)
+
+
+def test_strict_false_leaves_out_layers_the_model_lacks(tmp_path):
+    """A Stable Diffusion file holds text-encoder layers too; the UNet alone takes its own with strict=False."""
+    safetensors_torch = import_peer("safetensors.torch")
+    model = randomize(nlnn.add_adapters(GeometryNet(), ["head"], ranks=2, seed=0))
+    path = tmp_path / "sd.safetensors"
+    nlnn.export_adapters(model, path, format="kohya")
+    state = safetensors_torch.load_file(str(path))
+    state["lora_te_text_model_fc.lora_down.weight"] = torch.ones(2, 4)
+    state["lora_te_text_model_fc.lora_up.weight"] = torch.ones(4, 2)
+    safetensors_torch.save_file(state, str(path))
+    fresh = GeometryNet()
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match="'lora_te_text_model_fc' names no layer"):
+        nlnn.import_adapters(fresh, path)
+    _untouched(fresh, before)
+    with pytest.warns(UserWarning, match="1 layers name no layer of the model.*lora_te_text_model_fc"):
+        reports = nlnn.import_adapters(fresh, path, strict=False)
+    assert [r.name for r in reports] == ["head"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -115,8 +116,37 @@ def export_adapters(
     return module.write(target, module.layers(entries), prefix=prefix)
 
 
-def _read(path: str, model: nn.Module, format: str | None) -> list[LowRankLayer]:
-    """Every layer of a PEFT directory or a kohya / LyCORIS file, named by the model's layers."""
+def _read(path: str, model: nn.Module, format: str | None, strict: bool = True) -> list[LowRankLayer]:
+    """Every layer of a PEFT directory or a diffusers / kohya / LyCORIS file, named by the model's layers.
+
+    Without ``strict``, layers the model does not have are left out, with a warning.
+    """
+    skipped: list[str] = []
+    layers = _read_all(path, model, format, None if strict else skipped)
+    if not strict:
+        missing = [layer.name for layer in layers if not _has_module(model, layer.name)]
+        skipped += missing
+        layers = [layer for layer in layers if layer.name not in missing]
+    if skipped:
+        shown = ", ".join(repr(name) for name in skipped[:5]) + (", …" if len(skipped) > 5 else "")
+        warnings.warn(
+            f"{path}: {len(skipped)} layers name no layer of the model and were left out ({shown})",
+            stacklevel=3,
+        )
+    return layers
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _read_all(
+    path: str, model: nn.Module, format: str | None, skipped: list[str] | None
+) -> list[LowRankLayer]:
     if format not in (None, *FORMATS):
         raise ValueError(f"unknown format={format!r}; known formats: {sorted(FORMATS)}")
     if format == "peft" or (format is None and os.path.isdir(path)):
@@ -125,8 +155,8 @@ def _read(path: str, model: nn.Module, format: str | None) -> list[LowRankLayer]
         raise ValueError(f"{path!r} is a directory; format={format!r} reads one .safetensors file")
     names = [name for name, _ in model.named_modules() if name and "base_layer" not in name.split(".")]
     if format == "diffusers" or (format is None and diffusers.is_diffusers(keys_of(path))):
-        return diffusers.read(path, names)
-    return kohya.read(path, names)
+        return diffusers.read(path, names, skipped)
+    return kohya.read(path, names, skipped)
 
 
 def _base_layer(model: nn.Module, name: str, where: str) -> Any:
@@ -195,6 +225,7 @@ def import_adapters(
     tol: float | None = None,
     ranks: int | Sequence[int] | None = None,
     budget: int | None = None,
+    strict: bool = True,
 ) -> list[TruncationReport]:
     """Add Tucker adapters to ``model`` from a PEFT, kohya LoRA/LoCon or LyCORIS LoCon(-Tucker) file.
 
@@ -219,6 +250,9 @@ def import_adapters(
         Total adapter parameters over all layers, spread by captured energy (as
         :func:`truncate_adapters` does). Without ``tol``, ``ranks`` or ``budget``, ``tol`` is
         the rounding level of the adapter's dtype (:data:`LOSSLESS_TOL`).
+    strict : bool, default True
+        With ``False``, layers the model does not have are left out with a warning (a
+        Stable Diffusion file's text-encoder layers, imported into the UNet alone).
 
     Returns
     -------
@@ -232,7 +266,7 @@ def import_adapters(
         model, already has an adapter or has another shape; the model is left untouched.
     """
     where = _fspath(path)
-    layers = _read(where, model, format)
+    layers = _read(where, model, format, strict)
     if not layers:
         raise ValueError(f"{where!r} holds no adapter layers")
     adapted = {name for name, _ in iter_adapters(model)}

@@ -56,12 +56,13 @@ def is_diffusers(tensors: Iterable[str]) -> bool:
     return any(".lora_A." in key or ".lora_B." in key for key in tensors)
 
 
-def read(path: str, names: Iterable[str] | None) -> list[LowRankLayer]:
+def read(path: str, names: Iterable[str] | None, skipped: list[str] | None = None) -> list[LowRankLayer]:
     """Every layer of the diffusers file ``path``, named by the model's layer ``names``.
 
     A key's module path is ``<component>.<layer path>``; the component prefix is whatever
     precedes a model layer's path (the shortest such prefix wins). Without ``names``, a
     known component prefix (``unet.``, ``transformer.``, ``text_encoder.`` …) is removed.
+    A layer the model does not have is an error, or with ``skipped`` given, is appended to it.
     """
     tensors, metadata = read_safetensors(path)
     known = set(names) if names is not None else None
@@ -78,7 +79,7 @@ def read(path: str, names: Iterable[str] | None) -> list[LowRankLayer]:
                 return rest
         return None
 
-    pieces = peft.factor_pieces(tensors, path, name_of)
+    pieces = peft.factor_pieces(tensors, path, name_of, skipped)
     config: dict[str, Any] = {}
     if metadata.get(METADATA_KEY):
         try:

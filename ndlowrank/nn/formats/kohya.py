@@ -78,17 +78,18 @@ def write(path: str, entries: list[LowRankLayer], *, prefix: str | None = None, 
     return [path]
 
 
-def read(path: str, names: Iterable[str] | None) -> list[LowRankLayer]:
+def read(path: str, names: Iterable[str] | None, skipped: list[str] | None = None) -> list[LowRankLayer]:
     """Every layer of the kohya / LyCORIS LoCon file ``path``, named by the model's layer ``names``.
 
     A key's stem is ``<prefix>_<name with underscores>``; the prefix is whatever precedes a
     model layer's underscored name (the shortest such prefix wins). Without ``names`` (no
-    model at hand), each layer is named by its whole stem.
+    model at hand), each layer is named by its whole stem. A stem that names no layer of the
+    model is an error, or with ``skipped`` given, is appended to it and left out.
     """
     tensors, _ = read_safetensors(path)
     by_underscores: dict[str, list[str]] = {}
-    for name in names or ():
-        by_underscores.setdefault(name.replace(".", "_"), []).append(name)
+    for layer_name in names or ():
+        by_underscores.setdefault(layer_name.replace(".", "_"), []).append(layer_name)
     pieces: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         key_stem, _, part = key.partition(".")
@@ -101,6 +102,11 @@ def read(path: str, names: Iterable[str] | None) -> list[LowRankLayer]:
     layers = []
     for key_stem, parts in pieces.items():
         name = key_stem if names is None else _layer_name(key_stem, by_underscores, path)
+        if name is None:
+            if skipped is None:
+                raise ValueError(f"{path!r}: layer {key_stem!r} names no layer of the model")
+            skipped.append(key_stem)
+            continue
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise ValueError(
                 f"{path!r}: layer {key_stem!r} lacks lora_down or lora_up (it has {sorted(parts)})"
@@ -125,7 +131,7 @@ def read(path: str, names: Iterable[str] | None) -> list[LowRankLayer]:
     return layers
 
 
-def _layer_name(key_stem: str, by_underscores: dict[str, list[str]], path: str) -> str:
+def _layer_name(key_stem: str, by_underscores: dict[str, list[str]], path: str) -> str | None:
     for match in re.finditer("_", key_stem):
         candidates = by_underscores.get(key_stem[match.end() :])
         if candidates is None:
@@ -133,4 +139,4 @@ def _layer_name(key_stem: str, by_underscores: dict[str, list[str]], path: str) 
         if len(candidates) > 1:
             raise ValueError(f"{path!r}: layer {key_stem!r} could be any of {candidates}")
         return candidates[0]
-    raise ValueError(f"{path!r}: layer {key_stem!r} names no layer of the model")
+    return None

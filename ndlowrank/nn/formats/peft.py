@@ -135,9 +135,16 @@ def read(path: str) -> list[LowRankLayer]:
 
 
 def factor_pieces(
-    tensors: dict[str, torch.Tensor], where: str, name_of: Callable[[str], str | None]
+    tensors: dict[str, torch.Tensor],
+    where: str,
+    name_of: Callable[[str], str | None],
+    skipped: list[str] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """``{layer path: {"lora_A": …, "lora_B": …}}``; ``name_of`` maps a key's module path to the layer's (``None``: foreign)."""
+    """``{layer path: {"lora_A": …, "lora_B": …}}``; ``name_of`` maps a key's module path to the layer's.
+
+    A module path that names no layer (``name_of`` gives ``None``) is an error, or with
+    ``skipped`` given, is appended to it and left out.
+    """
     pieces: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?", key)
@@ -145,7 +152,13 @@ def factor_pieces(
             raise ValueError(f"{where!r}: key {key!r} is not a LoRA factor (lora_A/lora_B); cannot read it")
         name = name_of(match[1])
         if name is None:
-            raise ValueError(f"{where!r}: key {key!r} names no layer of the model (module path {match[1]!r})")
+            if skipped is None:
+                raise ValueError(
+                    f"{where!r}: key {key!r} names no layer of the model (module path {match[1]!r})"
+                )
+            if match[1] not in skipped:
+                skipped.append(match[1])
+            continue
         pieces.setdefault(name, {})[match[2]] = tensor
     return pieces
 
