@@ -4,7 +4,7 @@ Run ``python benchmarks/bench_interop.py`` (``--quick`` for fewer repeats). The 
 conv adapters of ranks (32, 32, 3, 3) on (256, 256, 3, 3) weights, "trained" (random cores,
 perturbed factors), as in ``bench_truncate.py``. Measured:
 
-- the size of the ndlowrank (Tucker) file and of the PEFT, kohya and LyCORIS files that
+- the size of the ndlowrank (Tucker) file and of the PEFT, diffusers, kohya and LyCORIS files that
   ``export_adapters`` writes, and the time each one's own loader takes to put the adapters on a
   fresh base model (``load_adapters``, ``PeftModel.from_pretrained``,
   ``create_lycoris_from_weights`` + ``apply_to``, and ``import_adapters`` for every file);
@@ -150,11 +150,13 @@ def run(repeats: int) -> str:
         files = {
             "ndlowrank (Tucker)": os.path.join(tmp, "tucker.safetensors"),
             "PEFT LoRA": os.path.join(tmp, "peft"),
+            "diffusers LoRA": os.path.join(tmp, "diffusers.safetensors"),
             "kohya LoRA": os.path.join(tmp, "kohya.safetensors"),
             "LyCORIS LoCon-Tucker": os.path.join(tmp, "lycoris.safetensors"),
         }
         nlnn.save_adapters(model, files["ndlowrank (Tucker)"])
         nlnn.export_adapters(model, files["PEFT LoRA"], format="peft")
+        nlnn.export_adapters(model, files["diffusers LoRA"], format="diffusers")
         nlnn.export_adapters(model, files["kohya LoRA"], format="kohya")
         nlnn.export_adapters(model, files["LyCORIS LoCon-Tucker"], format="lycoris")
         loaders: dict[str, tuple[str, Callable[[nn.Module], Any]]] = {
