@@ -54,8 +54,18 @@ def stems(prefix: str, names: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def write(path: str, entries: list[LowRankLayer], *, prefix: str | None = None, **_: Any) -> list[str]:
-    """Write ``entries`` to the safetensors file ``path``; returns the files written."""
+def write(
+    path: str,
+    entries: list[LowRankLayer],
+    *,
+    prefix: str | None = None,
+    network_module: str = "networks.lora",
+    **_: Any,
+) -> list[str]:
+    """Write ``entries`` to the safetensors file ``path``; returns the files written.
+
+    ``network_module`` goes into the ``ss_network_module`` metadata, as kohya's scripts record it.
+    """
     prefix = PREFIX if prefix is None else prefix
     keys = stems(prefix, [layer.name for layer in entries])
     tensors: dict[str, torch.Tensor] = {}
@@ -70,7 +80,7 @@ def write(path: str, entries: list[LowRankLayer], *, prefix: str | None = None, 
         tensors[f"{key}.alpha"] = torch.tensor(float(layer.rank), dtype=layer.up.dtype)
     ranks = sorted({layer.rank for layer in entries})
     metadata = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": str(ranks[-1]),
         "ss_network_alpha": str(ranks[-1]),
     }

@@ -37,4 +37,6 @@ def layers(entries: list[tuple[str, DeltaHost]]) -> list[LowRankLayer]:
 
 def write(path: str, entries: list[LowRankLayer], *, prefix: str | None = None, **_: Any) -> list[str]:
     """Write ``entries`` to the safetensors file ``path``; returns the files written."""
-    return kohya.write(path, entries, prefix=PREFIX if prefix is None else prefix)
+    return kohya.write(
+        path, entries, prefix=PREFIX if prefix is None else prefix, network_module="lycoris.kohya"
+    )
