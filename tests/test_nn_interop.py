@@ -560,6 +560,12 @@ def test_convert_between_formats_and_resize(tmp_path, capsys):
         torch.linalg.vector_norm(fresh[0].delta_weight().detach() - exact) / torch.linalg.vector_norm(exact)
     )
     assert abs(err - reports[0].relative_change) < 1e-4
+    diffusers_file = tmp_path / "d.safetensors"
+    assert main(["convert", str(tmp_path / "peft"), str(diffusers_file), "--to", "diffusers"]) == 0
+    assert main(["convert", str(diffusers_file), str(tmp_path / "back"), "--to", "peft", "--tol", "0.5"]) == 0
+    fresh = copy.deepcopy(base)
+    nlnn.import_adapters(fresh, tmp_path / "back")
+    assert fresh[0].ranks[0] <= 6
     with pytest.raises(SystemExit) as stop:
         main(["convert", str(kohya_file), str(tmp_path / "p2"), "--to", "peft"])
     assert stop.value.code == 2
@@ -692,3 +698,35 @@ def test_strict_false_leaves_out_layers_the_model_lacks(tmp_path):
     with pytest.warns(UserWarning, match="1 layers name no layer of the model.*lora_te_text_model_fc"):
         reports = nlnn.import_adapters(fresh, path, strict=False)
     assert [r.name for r in reports] == ["head"]
+
+
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    terms=st.integers(1, 3),
+    identity=st.integers(0, 15),
+    seed=st.integers(0, 1000),
+)
+def test_block_sum_is_the_weighted_sum(shape, terms, identity, seed):
+    """``Σ wᵢ Gᵢ ×ₙ Fᵢₙ`` as one block-diagonal Tucker form (some factors identities), against an einsum."""
+    from ndlowrank.nn.formats._layer import block_sum
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(shape)
+    parts, expected = [], np.zeros(shape)
+    for _ in range(terms):
+        ranks = [int(rng.integers(1, 4)) for _ in shape]
+        factors = []
+        for n, size in enumerate(shape):
+            if identity >> n & 1:  # the same modes are identities in every term
+                factors.append(None)
+                ranks[n] = size
+            else:
+                factors.append(torch.from_numpy(rng.standard_normal((size, ranks[n]))))
+        core = torch.from_numpy(rng.standard_normal(ranks))
+        weight = float(rng.normal())
+        parts.append((weight, core, factors))
+        dense = [np.eye(size) if f is None else f.numpy() for f, size in zip(factors, shape, strict=True)]
+        expected += weight * einsum_tucker(core.numpy(), dense)
+    core, factors = block_sum(parts, shape)
+    dense = [np.eye(size) if f is None else f.numpy() for f, size in zip(factors, shape, strict=True)]
+    np.testing.assert_allclose(einsum_tucker(core.numpy(), dense), expected, rtol=1e-10, atol=1e-10)
