@@ -435,6 +435,7 @@ def _untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
         ({"lora_unet_nowhere.lora_down.weight": torch.ones(2, 4), "lora_unet_nowhere.lora_up.weight": torch.ones(3, 2)}, "names no layer"),
         ({"lora_unet_head.lora_down.weight": torch.ones(2, 5), "lora_unet_head.lora_up.weight": torch.ones(3, 2)}, "weight shape \\(3, 6\\)"),
         ({"lora_unet_head.lora_down.weight": torch.ones(2, 6)}, "lacks lora_down or lora_up"),
+        ({"lora_unet_head.lora_down.weight": torch.full((2, 6), float("nan")), "lora_unet_head.lora_up.weight": torch.ones(3, 2)}, "NaN or Inf"),
     ],
 )  # fmt: skip
 def test_bad_files_leave_the_model_untouched(tmp_path, content, message):

@@ -9,6 +9,7 @@ small core), never forming ``ΔW``, with ``‖ΔW_new − ΔW‖ ≤ tol · ‖�
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -176,6 +177,9 @@ def _check_layer(model: nn.Module, layer: LowRankLayer, where: str) -> None:
         raise ValueError(
             f"{where}: layer {layer.name!r} has weight shape {shape} but the file's delta has shape {layer.shape}"
         )
+    parts = [layer.up, layer.down] + ([] if layer.mid is None else [layer.mid])
+    if not all(bool(torch.isfinite(part).all()) for part in parts) or not math.isfinite(layer.scale):
+        raise ValueError(f"{where}: layer {layer.name!r} holds NaN or Inf; the file is damaged")
 
 
 def _default_tol(
