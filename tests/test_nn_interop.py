@@ -418,6 +418,11 @@ def test_refuses_padding_modes_parameters_embeddings_and_unknown_format(tmp_path
             tmp_path / "e.safetensors",
             format="kohya",
         )
+    broken = nlnn.add_adapters(nn.Sequential(nn.Linear(3, 3)), ["0"], 2)
+    with torch.no_grad():
+        broken[0].delta.core.fill_(float("inf"))
+    with pytest.raises(ValueError, match="'0': its adapter holds NaN or Inf"):
+        nlnn.export_adapters(broken, tmp_path / "b.safetensors", format="kohya")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -114,6 +114,8 @@ def export_adapters(
         raise ValueError("the model has no adapters to export; add them with ndlowrank.nn.add_adapters")
     for name, host in entries:
         module.check(name, host)
+        if not all(bool(torch.isfinite(p).all()) for p in host.delta.parameters()):
+            raise ValueError(f"layer {name!r}: its adapter holds NaN or Inf; nothing was written")
     return module.write(target, module.layers(entries), prefix=prefix)
 
 
