@@ -531,6 +531,13 @@ def test_combine_models_and_files(tmp_path, dtype):
                 expected = expected + w * layer.delta_weight().detach()
         close(combined.get_submodule(name).delta_weight().detach(), expected, dtype)
     assert combined.c1.ranks[:2] == (5, 4)  # rank 2 + 3 out, 2 + (3 padded to LoCon's 3) in
+    saved = tmp_path / "a.safetensors"  # an ndlowrank file is a source too
+    nlnn.save_adapters(a, saved)
+    from_file = copy.deepcopy(base)
+    nlnn.combine_adapters(from_file, [saved, path], [0.7, -0.2])
+    close(from_file.c1.delta_weight().detach(), combined.c1.delta_weight().detach(), dtype)
+    with pytest.raises(ValueError, match="ndlowrank adapter file; load it with"):
+        nlnn.import_adapters(copy.deepcopy(base), saved)
     budgeted = copy.deepcopy(base)
     nlnn.combine_adapters(budgeted, [a, path], [0.7, -0.2], budget=900)
     assert sum(host.delta.n_params for _, host in nlnn.iter_adapters(budgeted)) <= 900

@@ -9,6 +9,7 @@ small core), never forming ``ΔW``, with ``‖ΔW_new − ΔW‖ ≤ tol · ‖�
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -34,8 +35,9 @@ from .formats._layer import (
     recompress,
     truncate_form,
 )
+from .io import METADATA_KEY, load_adapters
 from .layers import TuckerAdapter, supported_layers
-from .model import add_adapters, iter_adapters
+from .model import add_adapters, iter_adapters, remove_adapters
 from .truncate import TruncationReport
 
 __all__ = ["combine_adapters", "convert_adapters", "export_adapters", "import_adapters"]
@@ -139,6 +141,19 @@ def _read(path: str, model: nn.Module, format: str | None, strict: bool = True) 
     return layers
 
 
+def _is_ndlowrank_file(path: str) -> bool:
+    """Whether ``path`` is an adapter file written by :func:`save_adapters` (its metadata says so)."""
+    if not os.path.isfile(path):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return METADATA_KEY in (handle.metadata() or {})
+    except Exception:  # not safetensors: the format readers say why
+        return False
+
+
 def _has_module(model: nn.Module, name: str) -> bool:
     try:
         model.get_submodule(name)
@@ -154,6 +169,8 @@ def _read_all(
         raise ValueError(f"unknown format={format!r}; known formats: {sorted(FORMATS)}")
     if format == "peft" or (format is None and os.path.isdir(path)):
         return peft.read(path)
+    if _is_ndlowrank_file(path):
+        raise ValueError(f"{path!r} is an ndlowrank adapter file; load it with ndlowrank.nn.load_adapters")
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a directory; format={format!r} reads one .safetensors file")
     names = [name for name, _ in model.named_modules() if name and "base_layer" not in name.split(".")]
@@ -335,6 +352,8 @@ def _tucker_terms(source: Any, model: nn.Module) -> dict[str, tuple[torch.Tensor
             raise ValueError("a model given as a source has no adapters")
         return out
     where = _fspath(source)
+    if _is_ndlowrank_file(where):  # built on a plain copy of the model, then read like a model
+        return _tucker_terms(load_adapters(remove_adapters(copy.deepcopy(model), merge=False), where), model)
     layers = _read(where, model, None)
     for layer in layers:
         _check_layer(model, layer, where)
@@ -362,8 +381,8 @@ def combine_adapters(
     model : nn.Module
         The base model; each combined layer gets an adapter (an existing one is replaced).
     sources : sequence
-        Models with Tucker adapters (``model`` itself among them, or copies with
-        :func:`load_adapters` applied) and paths of PEFT, kohya or LyCORIS files.
+        Models with Tucker adapters (``model`` itself among them), paths of ndlowrank
+        adapter files (:func:`save_adapters`) and paths of PEFT, diffusers, kohya or LyCORIS files.
         A layer missing from a source counts as zero there.
     weights : sequence of float, optional
         One per source, 1 each by default.
