@@ -319,7 +319,7 @@ def unet_inputs(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_diffusers_unet_loads_peft_and_kohya(tmp_path, dtype):
+def test_diffusers_unet_loads_peft_kohya_and_diffusers_files(tmp_path, dtype):
     diffusers, base = tiny_unet(dtype)
     safetensors_torch = import_peer("safetensors.torch")
     model = randomize(nlnn.add_adapters(copy.deepcopy(base), UNET_TARGETS, ranks=3, scale=0.1, seed=0)).eval()
@@ -336,32 +336,20 @@ def test_diffusers_unet_loads_peft_and_kohya(tmp_path, dtype):
     assert lora_layers(unet) == count
     with torch.no_grad():
         close(unet(sample, 1, hidden).sample, expected, dtype)
-    # kohya keys, through the pipeline's loader without a pipeline
-    path = str(tmp_path / "kohya.safetensors")
-    nlnn.export_adapters(model, path, format="kohya")
-    state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(path)
-    unet = copy.deepcopy(base)
-    diffusers.StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet)
-    assert lora_layers(unet) == count
-    with torch.no_grad():
-        close(unet(sample, 1, hidden).sample, expected, dtype)
-    fresh = copy.deepcopy(base)
-    nlnn.import_adapters(fresh, path)
-    with torch.no_grad():
-        close(fresh(sample, 1, hidden).sample, expected, dtype)
-    # diffusers' own keys (unet.<path>.lora_A.weight), through the same loader
-    path = str(tmp_path / "diffusers.safetensors")
-    nlnn.export_adapters(model, path, format="diffusers")
-    state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(path)
-    unet = copy.deepcopy(base)
-    diffusers.StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet)
-    assert lora_layers(unet) == count
-    with torch.no_grad():
-        close(unet(sample, 1, hidden).sample, expected, dtype)
-    fresh = copy.deepcopy(base)
-    nlnn.import_adapters(fresh, path)
-    with torch.no_grad():
-        close(fresh(sample, 1, hidden).sample, expected, dtype)
+    # kohya keys and diffusers' own (unet.<path>.lora_A.weight), through the pipeline's loader without a pipeline
+    for fmt in ("kohya", "diffusers"):
+        path = str(tmp_path / f"{fmt}.safetensors")
+        nlnn.export_adapters(model, path, format=fmt)
+        state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(path)
+        unet = copy.deepcopy(base)
+        diffusers.StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet)
+        assert lora_layers(unet) == count
+        with torch.no_grad():
+            close(unet(sample, 1, hidden).sample, expected, dtype)
+        fresh = copy.deepcopy(base)
+        nlnn.import_adapters(fresh, path)
+        with torch.no_grad():
+            close(fresh(sample, 1, hidden).sample, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

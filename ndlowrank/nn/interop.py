@@ -35,7 +35,7 @@ from .formats._layer import (
     recompress,
     truncate_form,
 )
-from .io import METADATA_KEY, load_adapters
+from .io import METADATA_KEY, _fspath, load_adapters
 from .layers import TuckerAdapter, supported_layers
 from .model import add_adapters, iter_adapters, remove_adapters
 from .truncate import TruncationReport
@@ -44,12 +44,6 @@ __all__ = ["combine_adapters", "convert_adapters", "export_adapters", "import_ad
 
 LOSSLESS_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 """The ``tol`` of an import or combine without ``tol`` or ``ranks``: rounding level of the adapter's dtype."""
-
-
-def _fspath(path: Any) -> str:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    return str(os.fspath(path))
 
 
 def export_adapters(

@@ -42,6 +42,7 @@ __all__ = [
     "block_sum",
     "from_host",
     "lora_form",
+    "lora_layers",
     "orthonormal_form",
     "recompress",
     "refuse_geometry",
@@ -95,6 +96,11 @@ def from_host(name: str, host: DeltaHost, *, tucker: bool = False) -> LowRankLay
         )
         core, factors = summed.to(core.dtype), [b.to(core.dtype) for b in blocks if b is not None]
     return lora_form(name, host.kind, core, factors, tucker=tucker)
+
+
+def lora_layers(entries: list[tuple[str, DeltaHost]]) -> list[LowRankLayer]:
+    """The LoRA form of every (checked) adapter: what the PEFT, diffusers and kohya formats write."""
+    return [from_host(name, host) for name, host in entries]
 
 
 def lora_form(

@@ -18,7 +18,7 @@ import torch
 
 from .._host import DeltaHost
 from . import peft
-from ._layer import LowRankLayer, from_host, read_safetensors, refuse_geometry, write_safetensors
+from ._layer import LowRankLayer, lora_layers, read_safetensors, refuse_geometry, write_safetensors
 
 __all__ = ["check", "layers", "read", "write"]
 
@@ -33,9 +33,7 @@ def check(name: str, host: DeltaHost) -> None:
     refuse_geometry(name, host, "diffusers LoRA", groups=False, dilation=False, kinds=("linear", "conv"))
 
 
-def layers(entries: list[tuple[str, DeltaHost]]) -> list[LowRankLayer]:
-    """The LoRA form of every (checked) adapter."""
-    return [from_host(name, host) for name, host in entries]
+layers = lora_layers
 
 
 def write(path: str, entries: list[LowRankLayer], *, prefix: str | None = None, **_: Any) -> list[str]:

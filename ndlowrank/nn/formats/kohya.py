@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .._host import DeltaHost
-from ._layer import LowRankLayer, from_host, read_safetensors, refuse_geometry, write_safetensors
+from ._layer import LowRankLayer, lora_layers, read_safetensors, refuse_geometry, write_safetensors
 
 __all__ = ["check", "read", "write"]
 
@@ -31,9 +31,7 @@ def check(name: str, host: DeltaHost) -> None:
     refuse_geometry(name, host, "kohya LoRA", groups=False, dilation=False, kinds=("linear", "conv"))
 
 
-def layers(entries: list[tuple[str, DeltaHost]]) -> list[LowRankLayer]:
-    """The LoRA form of every (checked) adapter."""
-    return [from_host(name, host) for name, host in entries]
+layers = lora_layers
 
 
 def stem(prefix: str, name: str) -> str:

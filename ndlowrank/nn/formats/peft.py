@@ -21,7 +21,14 @@ from typing import Any
 import torch
 
 from .._host import DeltaHost
-from ._layer import LowRankLayer, from_host, read_safetensors, refuse_geometry, write_json, write_safetensors
+from ._layer import (
+    LowRankLayer,
+    lora_layers,
+    read_safetensors,
+    refuse_geometry,
+    write_json,
+    write_safetensors,
+)
 
 __all__ = ["check", "check_config", "factor_pieces", "pair_layers", "read", "write"]
 
@@ -38,9 +45,7 @@ def check(name: str, host: DeltaHost) -> None:
     )
 
 
-def layers(entries: list[tuple[str, DeltaHost]]) -> list[LowRankLayer]:
-    """The LoRA form of every (checked) adapter."""
-    return [from_host(name, host) for name, host in entries]
+layers = lora_layers
 
 
 def write(path: str, entries: list[LowRankLayer], **_: Any) -> list[str]:
