@@ -293,7 +293,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     ranks = None if args.ranks is None else (args.ranks[0] if len(args.ranks) == 1 else tuple(args.ranks))
     try:
         reports = convert_adapters(
-            args.input, args.target, format=args.to, tol=args.tol, ranks=ranks, prefix=args.prefix
+            args.input,
+            args.target,
+            format=args.to,
+            tol=args.tol,
+            ranks=ranks,
+            budget=args.budget,
+            prefix=args.prefix,
         )
     except (ValueError, TypeError, OSError) as exc:
         raise UsageError(str(exc)) from None
@@ -387,6 +393,7 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument(
         "--ranks", type=int, nargs="+", help="Tucker ranks: one for every mode, or one per mode"
     )
+    size.add_argument("--budget", type=int, help="total adapter parameters, spread over the layers by energy")
     conv.add_argument(
         "--prefix",
         help="key prefix of a diffusers / kohya / LyCORIS target (unet, lora_unet, lora_te, lycoris)",

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ndlowrank import nn as nlnn
-from ndlowrank.nn.formats._layer import from_host, recompress
+from ndlowrank.nn.formats._layer import from_host, orthonormal_form, truncate_form
 
 from _helpers import einsum_tucker, import_peer
 
@@ -106,7 +106,8 @@ def test_recompress_meets_tol_without_dense(shape, rank, tol, seed):
     rng = np.random.default_rng(seed)
     up = torch.from_numpy(rng.standard_normal((shape[0], rank)))
     down = torch.from_numpy(rng.standard_normal((rank, *shape[1:])))
-    core, factors, error = recompress(down, [up, *([None] * (len(shape) - 1))], tol=tol, ranks=None)
+    small, qs = orthonormal_form(down, [up, *([None] * (len(shape) - 1))])
+    core, factors, error = truncate_form(small, qs, tol=tol, ranks=None)
     dense = np.tensordot(up.numpy(), down.numpy(), axes=(1, 0))
     rebuilt = einsum_tucker(core.numpy(), [f.numpy() for f in factors])
     actual = np.linalg.norm(rebuilt - dense) / np.linalg.norm(dense)
@@ -552,6 +553,10 @@ def test_convert_between_formats_and_resize(tmp_path, capsys):
         with torch.no_grad():
             close(fresh(x), model(x), torch.float32)
     small = tmp_path / "small.safetensors"
+    assert main(["convert", str(kohya_file), str(small), "--to", "kohya", "--budget", "5000"]) == 0
+    fresh = copy.deepcopy(base)
+    nlnn.import_adapters(fresh, small)  # the file holds the budget's Tucker forms exactly
+    assert sum(host.delta.n_params for _, host in nlnn.iter_adapters(fresh)) <= 5000
     reports = nlnn.convert_adapters(kohya_file, small, format="kohya", ranks=2)
     assert [r.new_ranks for r in reports] == [(2, 2, 2, 2), (2, 2)]
     exact = model[0].delta_weight().detach()

@@ -32,7 +32,6 @@ from .formats._layer import (
     keys_of,
     lora_form,
     orthonormal_form,
-    recompress,
     truncate_form,
 )
 from .io import METADATA_KEY, _fspath, load_adapters
@@ -195,9 +194,8 @@ def _check_layer(model: nn.Module, layer: LowRankLayer, where: str) -> None:
         raise ValueError(f"{where}: layer {layer.name!r} holds NaN or Inf; the file is damaged")
 
 
-def _default_tol(
-    model: nn.Module, names: Sequence[str], tol: float | None, ranks: Any, budget: Any
-) -> float | None:
+def _default_tol(dtypes: set[torch.dtype], tol: float | None, ranks: Any, budget: Any) -> float | None:
+    """``tol`` checked, or the rounding level of ``dtypes`` when none of ``tol``, ``ranks``, ``budget`` is given."""
     given = [
         name for name, value in (("tol", tol), ("ranks", ranks), ("budget", budget)) if value is not None
     ]
@@ -205,7 +203,6 @@ def _default_tol(
         raise ValueError(f"give at most one of tol=, ranks= or budget=, got {given}")
     if given:
         return None if tol is None else check_tol(tol)
-    dtypes = {_base_layer(model, name, "").weight.dtype for name in names}
     return max(LOSSLESS_TOL.get(dtype, LOSSLESS_TOL[torch.float32]) for dtype in dtypes)
 
 
@@ -293,7 +290,8 @@ def import_adapters(
             raise ValueError(
                 f"{where}: layer {layer.name!r} already has an adapter; use combine_adapters or remove it first"
             )
-    tol = _default_tol(model, [layer.name for layer in layers], tol, ranks, budget)
+    weights = {_base_layer(model, layer.name, where).weight.dtype for layer in layers}
+    tol = _default_tol(weights, tol, ranks, budget)
     results = _compress(
         [layer.tucker() for layer in layers],
         [layer.shape for layer in layers],
@@ -416,7 +414,7 @@ def combine_adapters(
     per_source = [_tucker_terms(source, model) for source in sources]
     names = list(dict.fromkeys(name for terms in per_source for name in terms))
     shapes = [tuple(_base_layer(model, name, "combine_adapters").weight.shape) for name in names]
-    tol = _default_tol(model, names, tol, ranks, budget)
+    tol = _default_tol({_base_layer(model, name, "").weight.dtype for name in names}, tol, ranks, budget)
     blocks = []
     for name, shape in zip(names, shapes, strict=True):
         terms = [(w, *terms[name]) for w, terms in zip(weights, per_source, strict=True) if name in terms]
@@ -432,6 +430,7 @@ def convert_adapters(
     format: str,
     tol: float | None = None,
     ranks: int | Sequence[int] | None = None,
+    budget: int | None = None,
     prefix: str | None = None,
 ) -> list[TruncationReport]:
     """Convert a PEFT, diffusers, kohya or LyCORIS file to another of these formats, optionally resized, without a model.
@@ -451,7 +450,7 @@ def convert_adapters(
         Of ``target``. A kohya or LyCORIS source keeps its key stems (the module paths'
         dots are lost there), so it cannot become a PEFT or diffusers file: import it into
         the model (:func:`import_adapters`) and export from there.
-    tol, ranks
+    tol, ranks, budget
         As for :func:`import_adapters`.
     prefix : str, optional
         Key prefix of a diffusers / kohya / LyCORIS target made from a PEFT or diffusers source.
@@ -484,17 +483,21 @@ def convert_adapters(
         )
     if not layers:
         raise ValueError(f"{where!r} holds no adapter layers")
-    if tol is None and ranks is None:
-        tol = max(LOSSLESS_TOL.get(layer.up.dtype, LOSSLESS_TOL[torch.float32]) for layer in layers)
-    elif tol is not None:
-        tol = check_tol(tol)
-    reports, converted = [], []
     for layer in layers:
         if layer.kind == "embedding" and format != "peft":
             raise ValueError(
                 f"{where!r}: layer {layer.name!r} is an embedding, which {format} files cannot hold"
             )
-        core, factors, error = recompress(*layer.tucker(), tol=tol, ranks=ranks)
+    tol = _default_tol({layer.up.dtype for layer in layers}, tol, ranks, budget)
+    results = _compress(
+        [layer.tucker() for layer in layers],
+        [layer.shape for layer in layers],
+        tol=tol,
+        ranks=ranks,
+        budget=budget,
+    )
+    reports, converted = [], []
+    for layer, (core, factors, error) in zip(layers, results, strict=True):
         dtype = layer.up.dtype
         tucker = format == "lycoris" and layer.kind == "conv" and any(k > 1 for k in layer.shape[2:])
         converted.append(

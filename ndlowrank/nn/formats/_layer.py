@@ -17,7 +17,7 @@ A Tucker delta ``ΔW = s · G ×₀ A0 ×₁ A1 ×₂ K2 …`` is one of these e
 ``r = max(r0, r1)``, ``up = A0``, ``mid = s · G ×₂ K2 …`` and ``down = A1ᵀ``, each
 zero-padded to ``r`` (LyCORIS LoCon with ``use_tucker``). Reading goes the other way:
 ``(scale · down, [up, I, I, …])`` is an exact Tucker form of a LoRA's ``ΔW``, which
-:func:`recompress` brings to small ranks without forming ``ΔW``.
+:func:`orthonormal_form` and :func:`truncate_form` bring to small ranks without forming ``ΔW``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ __all__ = [
     "lora_form",
     "lora_layers",
     "orthonormal_form",
-    "recompress",
     "refuse_geometry",
     "truncate_form",
 ]
@@ -252,21 +251,6 @@ def truncate_form(
         error = max(1.0 - kept * kept, 0.0) ** 0.5
     out = [u if q is None else q @ u for q, u in zip(qs, t_factors, strict=True)]
     return t_core, out, error
-
-
-def recompress(
-    core: torch.Tensor,
-    factors: Sequence[torch.Tensor | None],
-    *,
-    tol: float | None,
-    ranks: int | Sequence[int] | None,
-) -> tuple[torch.Tensor, list[torch.Tensor], float]:
-    """Small Tucker form of ``core ×ₙ factors[n]`` (``None``: identity) in float64, without forming it.
-
-    The route of :func:`~ndlowrank.nn.truncate_adapters`: :func:`orthonormal_form`, then
-    :func:`truncate_form`, with ``‖ΔW_new − ΔW‖ ≤ tol · ‖ΔW‖``.
-    """
-    return truncate_form(*orthonormal_form(core, factors), tol=tol, ranks=ranks)
 
 
 # -- files ----------------------------------------------------------------------------------------
