@@ -454,6 +454,9 @@ def test_bad_peft_directories(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LOHA"}')
     with pytest.raises(ValueError, match="PEFT LOHA adapter"):
         nlnn.import_adapters(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "use_dora": true}')
+    with pytest.raises(ValueError, match="use_dora=True is not a weight delta"):
+        nlnn.import_adapters(model, tmp_path)
     (tmp_path / "adapter_config.json").write_text("{broken")
     with pytest.raises(ValueError, match="not a readable JSON"):
         nlnn.import_adapters(model, tmp_path)
