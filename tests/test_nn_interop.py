@@ -739,3 +739,45 @@ def test_block_sum_is_the_weighted_sum(shape, terms, identity, seed):
     core, factors = block_sum(parts, shape)
     dense = [np.eye(size) if f is None else f.numpy() for f, size in zip(factors, shape, strict=True)]
     np.testing.assert_allclose(einsum_tucker(core.numpy(), dense), expected, rtol=1e-10, atol=1e-10)
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parameter_adapters_become_peft_target_parameters(tmp_path, dtype):
+    """A 2-D parameter adapter (an attention's in_proj_weight) loads in PEFT as a target_parameters LoRA."""
+    peft = import_peer("peft")
+    torch.manual_seed(11)
+    base = Attention().to(dtype).eval()
+    model = nlnn.add_adapters(
+        copy.deepcopy(base), ["head"], ranks=2, target_parameters=["attn.in_proj_weight"],
+        rank_pattern={"attn.in_proj_weight": 3}, scale=0.5, seed=0,
+    )  # fmt: skip
+    model = randomize(model).eval()
+    nlnn.export_adapters(model, tmp_path / "p", format="peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "p")).eval()
+    x = torch.randn(2, 5, 8, dtype=dtype)
+    with torch.no_grad():
+        close(loaded(x), model(x), dtype)
+    experts = nn.Module()
+    experts.weight = nn.Parameter(torch.randn(4, 3, 5))  # stacked experts: no exact PEFT form here
+    stacked = nlnn.add_adapters(
+        nn.ModuleDict({"experts": experts}), None, 2, target_parameters=["experts.weight"]
+    )
+    with pytest.raises(ValueError, match=r"parameter 'experts\.weight' has shape \(4, 3, 5\)"):
+        nlnn.export_adapters(stacked, tmp_path / "q", format="peft")
+    assert not (tmp_path / "q").exists()
+    # and back: PEFT's target_parameters LoRA imported as a parameter adapter
+    fresh = copy.deepcopy(base)
+    reports = nlnn.import_adapters(fresh, tmp_path / "p")
+    assert {r.name for r in reports} == {"head", "attn.in_proj_weight"}
+    with torch.no_grad():
+        close(fresh(x), model(x), dtype)

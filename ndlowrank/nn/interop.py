@@ -14,7 +14,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import array_api_compat.torch as torch_xp
@@ -56,7 +56,8 @@ def export_adapters(
     Parameters
     ----------
     model : nn.Module
-        A model with layer adapters (linear, convolution; embeddings for PEFT).
+        A model with layer adapters (linear, convolution; embeddings and parameter adapters
+        on 2-D parameters for PEFT, as its ``target_parameters``).
     path : str or os.PathLike
         ``format="peft"``: a directory (created if missing) that gets ``adapter_model.safetensors``
         and ``adapter_config.json``, for ``PeftModel.from_pretrained``. Otherwise the
@@ -80,8 +81,9 @@ def export_adapters(
     ------
     ValueError
         Naming the layer, if the format cannot reproduce it exactly (a grouped or dilated
-        convolution in PEFT or kohya, a padding mode other than zeros, a parameter adapter,
-        an embedding outside PEFT); nothing is written.
+        convolution in PEFT or kohya, a padding mode other than zeros, a parameter adapter
+        outside PEFT or on a parameter of 3 or more modes, an embedding outside PEFT); nothing
+        is written.
 
     Notes
     -----
@@ -172,19 +174,29 @@ def _read_all(
     return kohya.read(path, names, skipped)
 
 
-def _base_layer(model: nn.Module, name: str, where: str) -> Any:
+def _target_weight(model: nn.Module, name: str, where: str, kind: str = "") -> torch.Tensor:
+    """The weight a file's entry changes: a layer's weight, or with ``kind="parameter"`` a named parameter."""
+    if kind == "parameter":
+        owner_name, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if _has_module(model, owner_name) else None
+        value = getattr(owner, attribute, None)
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where}: parameter {name!r} is not in the model")
+        return value
     try:
         module = model.get_submodule(name)
     except AttributeError:
         raise ValueError(f"{where}: layer {name!r} is not in the model") from None
-    return module.base_layer if isinstance(module, TuckerAdapter) else module
+    base: Any = module.base_layer if isinstance(module, TuckerAdapter) else module
+    if not isinstance(base, supported_layers()):
+        raise ValueError(f"{where}: layer {name!r} is a {type(base).__name__}, which takes no adapter")
+    weight = base.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 def _check_layer(model: nn.Module, layer: LowRankLayer, where: str) -> None:
-    base: Any = _base_layer(model, layer.name, where)
-    if not isinstance(base, supported_layers()):
-        raise ValueError(f"{where}: layer {layer.name!r} is a {type(base).__name__}, which takes no adapter")
-    shape = tuple(_base_layer(model, layer.name, where).weight.shape)
+    shape = tuple(_target_weight(model, layer.name, where, layer.kind).shape)
     if shape != layer.shape:
         raise ValueError(
             f"{where}: layer {layer.name!r} has weight shape {shape} but the file's delta has shape {layer.shape}"
@@ -285,12 +297,12 @@ def import_adapters(
         raise ValueError(f"{where!r} holds no adapter layers")
     adapted = {name for name, _ in iter_adapters(model)}
     for layer in layers:
-        _check_layer(model, layer, where)
         if layer.name in adapted or f"{layer.name}.weight" in adapted:
             raise ValueError(
                 f"{where}: layer {layer.name!r} already has an adapter; use combine_adapters or remove it first"
             )
-    weights = {_base_layer(model, layer.name, where).weight.dtype for layer in layers}
+        _check_layer(model, layer, where)
+    weights = {_target_weight(model, layer.name, where, layer.kind).dtype for layer in layers}
     tol = _default_tol(weights, tol, ranks, budget)
     results = _compress(
         [layer.tucker() for layer in layers],
@@ -299,9 +311,9 @@ def import_adapters(
         ranks=ranks,
         budget=budget,
     )
-    return _install(
-        model, [layer.name for layer in layers], [layer.tucker()[0].shape for layer in layers], results
-    )
+    parameters = {layer.name for layer in layers if layer.kind == "parameter"}
+    old_shapes = [tuple(layer.tucker()[0].shape) for layer in layers]
+    return _install(model, [layer.name for layer in layers], old_shapes, results, parameters)
 
 
 def _install(
@@ -309,13 +321,21 @@ def _install(
     names: list[str],
     old_shapes: list[tuple[int, ...]],
     results: list[tuple[torch.Tensor, list[torch.Tensor], float]],
+    parameters: Collection[str] = (),
 ) -> list[TruncationReport]:
-    """Give every layer ``names[i]`` the delta ``results[i]`` (adding adapters where there are none)."""
+    """Give every layer (or parameter) ``names[i]`` the delta ``results[i]``, adding adapters where there are none."""
     hosts = dict(iter_adapters(model))
     # a linear its parent reads by attribute gets a parameter adapter, named after its weight
     fresh = [name for name in names if name not in hosts and f"{name}.weight" not in hosts]
     if fresh:
-        add_adapters(model, "|".join(re.escape(name) for name in fresh), ranks=1, seed=0)
+        layers = [name for name in fresh if name not in parameters]
+        add_adapters(
+            model,
+            "|".join(re.escape(name) for name in layers) if layers else None,
+            ranks=1,
+            seed=0,
+            target_parameters=[name for name in fresh if name in parameters] or None,
+        )
         hosts = dict(iter_adapters(model))
     reports = []
     for name, old, (core, factors, error) in zip(names, old_shapes, results, strict=True):
@@ -348,6 +368,10 @@ def _tucker_terms(source: Any, model: nn.Module) -> dict[str, tuple[torch.Tensor
         return _tucker_terms(load_adapters(remove_adapters(copy.deepcopy(model), merge=False), where), model)
     layers = _read(where, model, None)
     for layer in layers:
+        if layer.kind == "parameter":
+            raise ValueError(
+                f"{where}: parameter {layer.name!r}: combine_adapters combines layer adapters only"
+            )
         _check_layer(model, layer, where)
     return {layer.name: layer.tucker() for layer in layers}
 
@@ -413,8 +437,9 @@ def combine_adapters(
         raise ValueError(f"{len(weights)} weights for {len(sources)} sources; give one weight per source")
     per_source = [_tucker_terms(source, model) for source in sources]
     names = list(dict.fromkeys(name for terms in per_source for name in terms))
-    shapes = [tuple(_base_layer(model, name, "combine_adapters").weight.shape) for name in names]
-    tol = _default_tol({_base_layer(model, name, "").weight.dtype for name in names}, tol, ranks, budget)
+    targets = [_target_weight(model, name, "combine_adapters") for name in names]
+    shapes = [tuple(weight.shape) for weight in targets]
+    tol = _default_tol({weight.dtype for weight in targets}, tol, ranks, budget)
     blocks = []
     for name, shape in zip(names, shapes, strict=True):
         terms = [(w, *terms[name]) for w, terms in zip(weights, per_source, strict=True) if name in terms]

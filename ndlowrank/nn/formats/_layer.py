@@ -36,6 +36,7 @@ from ...decompose import sthosvd
 from ...tenalg import multi_mode_product
 from .._host import DeltaHost
 from ..layers import ConvAdapter, EmbeddingAdapter, LinearAdapter
+from ..parameters import ParameterAdapter
 
 __all__ = [
     "LowRankLayer",
@@ -54,7 +55,7 @@ class LowRankLayer:
     """``ΔW = scale · up ×₀ down`` (or ``scale · up ×₀ (mid ×₁ downᵀ)``) of the layer ``name``."""
 
     name: str
-    kind: str  # "linear", "conv" or "embedding"
+    kind: str  # "linear", "conv", "embedding" or "parameter" (a 2-D parameter, PEFT's target_parameters)
     up: torch.Tensor
     down: torch.Tensor
     mid: torch.Tensor | None = None
@@ -82,7 +83,7 @@ class LowRankLayer:
 
 def from_host(name: str, host: DeltaHost, *, tucker: bool = False) -> LowRankLayer:
     """The exact ``up``/``down`` (with ``tucker``, ``mid``) form of a layer adapter's ``ΔW``, scale folded in."""
-    if not isinstance(host, (LinearAdapter, ConvAdapter, EmbeddingAdapter)):
+    if not isinstance(host, (LinearAdapter, ConvAdapter, EmbeddingAdapter, ParameterAdapter)):
         raise TypeError(f"{name}: a {type(host).__name__} has no LoRA form")
     delta = host.delta
     core = delta.scale * delta.core.detach()

@@ -16,6 +16,7 @@ import math
 import os
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,10 +40,23 @@ PREFIX = "base_model.model."
 
 
 def check(name: str, host: DeltaHost) -> None:
-    """Raise ``ValueError`` naming the layer if a PEFT LoRA cannot reproduce it exactly."""
+    """Raise ``ValueError`` naming the layer if a PEFT LoRA cannot reproduce it exactly.
+
+    Parameter adapters on 2-D parameters become PEFT's ``target_parameters`` LoRAs.
+    """
     refuse_geometry(
-        name, host, "PEFT LoRA", groups=False, dilation=False, kinds=("linear", "conv", "embedding")
+        name,
+        host,
+        "PEFT LoRA",
+        groups=False,
+        dilation=False,
+        kinds=("linear", "conv", "embedding", "parameter"),
     )
+    if host.kind == "parameter" and host.weight.ndim != 2:
+        raise ValueError(
+            f"parameter {name!r} has shape {tuple(host.weight.shape)}: PEFT's target_parameters"
+            " LoRA holds 2-D parameters exactly, not this"
+        )
 
 
 layers = lora_layers
@@ -55,9 +69,19 @@ def write(path: str, entries: list[LowRankLayer], **_: Any) -> list[str]:
     os.makedirs(path, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    parameters: list[str] = []
     for layer in entries:
         key = PREFIX + layer.name
         ranks[layer.name] = layer.rank
+        if layer.kind == "parameter":  # PEFT's target_parameters: keyed by the owning module's path
+            module = layer.name.rpartition(".")[0]
+            if any(other.rpartition(".")[0] == module for other in parameters):
+                raise ValueError(
+                    f"parameters {parameters[-1]!r} and {layer.name!r} share a module; a PEFT file keys"
+                    " one adapted parameter per module"
+                )
+            parameters.append(layer.name)
+            key = PREFIX + module
         if layer.kind == "embedding":
             tensors[f"{key}.lora_embedding_A"] = layer.up.T
             tensors[f"{key}.lora_embedding_B"] = layer.down.T
@@ -76,7 +100,9 @@ def write(path: str, entries: list[LowRankLayer], **_: Any) -> list[str]:
         "lora_alpha": common,  # alpha = r everywhere: the scale is folded into lora_A
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
-        "target_modules": "|".join(f"(?:{re.escape(name)})" for name in ranks),
+        "target_modules": "|".join(f"(?:{re.escape(name)})" for name in ranks if name not in parameters)
+        or [],
+        "target_parameters": parameters or None,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -136,7 +162,11 @@ def read(path: str) -> list[LowRankLayer]:
     pieces = factor_pieces(
         tensors, weights, lambda key: key.removeprefix(PREFIX) if key.startswith(PREFIX) else None
     )
-    return pair_layers(pieces, {"lora_alpha": 8, **config}, weights)  # PEFT's default alpha
+    # a target_parameters LoRA is keyed by its module's path: name it by the parameter
+    owners = {name.rpartition(".")[0]: name for name in config.get("target_parameters") or []}
+    pieces = {owners.get(module, module): parts for module, parts in pieces.items()}
+    layers = pair_layers(pieces, {"lora_alpha": 8, **config}, weights)  # PEFT's default alpha
+    return [replace(layer, kind="parameter") if layer.name in owners.values() else layer for layer in layers]
 
 
 def factor_pieces(
