@@ -781,3 +781,23 @@ def test_parameter_adapters_become_peft_target_parameters(tmp_path, dtype):
     assert {r.name for r in reports} == {"head", "attn.in_proj_weight"}
     with torch.no_grad():
         close(fresh(x), model(x), dtype)
+
+
+def test_import_a_target_parameters_lora_peft_saved(tmp_path):
+    peft = import_peer("peft")
+    torch.manual_seed(12)
+    base = Attention().eval()
+    config = peft.LoraConfig(
+        r=2, lora_alpha=3, target_modules=["head"], target_parameters=["attn.in_proj_weight"]
+    )
+    peft_model = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    peft_model.save_pretrained(str(tmp_path))
+    fresh = copy.deepcopy(base)
+    nlnn.import_adapters(fresh, tmp_path)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        close(fresh(x), peft_model(x), torch.float32)
