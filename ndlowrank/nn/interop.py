@@ -243,6 +243,15 @@ def _compress(
     ]
 
 
+def _compress_layers(
+    layers: Sequence[LowRankLayer], dtypes: set[torch.dtype], *, tol: Any, ranks: Any, budget: Any
+) -> list[tuple[torch.Tensor, list[torch.Tensor], float]]:
+    """Every file layer in small Tucker form; without ``tol``, ``ranks`` or ``budget``, lossless for ``dtypes``."""
+    tol = _default_tol(dtypes, tol, ranks, budget)
+    forms = [layer.tucker() for layer in layers]
+    return _compress(forms, [layer.shape for layer in layers], tol=tol, ranks=ranks, budget=budget)
+
+
 def import_adapters(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -302,15 +311,8 @@ def import_adapters(
                 f"{where}: layer {layer.name!r} already has an adapter; use combine_adapters or remove it first"
             )
         _check_layer(model, layer, where)
-    weights = {_target_weight(model, layer.name, where, layer.kind).dtype for layer in layers}
-    tol = _default_tol(weights, tol, ranks, budget)
-    results = _compress(
-        [layer.tucker() for layer in layers],
-        [layer.shape for layer in layers],
-        tol=tol,
-        ranks=ranks,
-        budget=budget,
-    )
+    dtypes = {_target_weight(model, layer.name, where, layer.kind).dtype for layer in layers}
+    results = _compress_layers(layers, dtypes, tol=tol, ranks=ranks, budget=budget)
     parameters = {layer.name for layer in layers if layer.kind == "parameter"}
     old_shapes = [tuple(layer.tucker()[0].shape) for layer in layers]
     return _install(model, [layer.name for layer in layers], old_shapes, results, parameters)
@@ -513,13 +515,8 @@ def convert_adapters(
             raise ValueError(
                 f"{where!r}: layer {layer.name!r} is an embedding, which {format} files cannot hold"
             )
-    tol = _default_tol({layer.up.dtype for layer in layers}, tol, ranks, budget)
-    results = _compress(
-        [layer.tucker() for layer in layers],
-        [layer.shape for layer in layers],
-        tol=tol,
-        ranks=ranks,
-        budget=budget,
+    results = _compress_layers(
+        layers, {layer.up.dtype for layer in layers}, tol=tol, ranks=ranks, budget=budget
     )
     reports, converted = [], []
     for layer, (core, factors, error) in zip(layers, results, strict=True):
