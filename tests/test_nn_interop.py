@@ -801,3 +801,25 @@ def test_import_a_target_parameters_lora_peft_saved(tmp_path):
     x = torch.randn(2, 5, 8)
     with torch.no_grad():
         close(fresh(x), peft_model(x), torch.float32)
+
+
+def test_export_a_named_adapter(tmp_path):
+    peft = import_peer("peft")
+    torch.manual_seed(13)
+    base = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    model = nlnn.add_adapters(copy.deepcopy(base), ["0", "2"], ranks=2, seed=0)
+    model = nlnn.add_adapters(model, ["2"], ranks=3, adapter_name="small", seed=1)
+    with torch.no_grad():
+        for _, host in nlnn.iter_adapters(model):
+            for name in host.adapter_names:
+                host.delta_of(name).core.normal_()
+    nlnn.export_adapters(model, tmp_path / "small", format="peft", adapter_name="small")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "small"))
+    nlnn.set_active_adapter(model, "small")
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        close(loaded(x), model(x), torch.float32)
+    nlnn.set_active_adapter(model, ["default", "small"])
+    with pytest.raises(ValueError, match="several adapters run"):
+        nlnn.export_adapters(model, tmp_path / "both", format="peft")
+    assert not (tmp_path / "both").exists()

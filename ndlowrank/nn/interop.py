@@ -37,6 +37,7 @@ from .formats._layer import (
 from .io import METADATA_KEY, _fspath, load_adapters
 from .layers import TuckerAdapter, supported_layers
 from .model import add_adapters, iter_adapters, remove_adapters
+from .named import chosen_adapter
 from .truncate import TruncationReport
 
 __all__ = ["combine_adapters", "convert_adapters", "export_adapters", "import_adapters"]
@@ -46,7 +47,12 @@ LOSSLESS_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def export_adapters(
-    model: nn.Module, path: str | os.PathLike[str], *, format: str = "peft", prefix: str | None = None
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    format: str = "peft",
+    prefix: str | None = None,
+    adapter_name: str | None = None,
 ) -> list[str]:
     """Write the adapters of ``model`` as a file other tools load: PEFT, kohya or LyCORIS.
 
@@ -71,6 +77,9 @@ def export_adapters(
         Key prefix of the diffusers, kohya and LyCORIS formats: ``"unet"`` (diffusers' default;
         ``"text_encoder"``, ``"transformer"``), ``"lora_unet"`` (kohya's default, for a Stable
         Diffusion UNet), ``"lora_te"`` for a text encoder, ``"lycoris"`` (LyCORIS's default).
+    adapter_name : str, optional
+        The named adapter to export; by default the one that runs on each layer (a
+        ``ValueError`` where several run at once).
 
     Returns
     -------
@@ -106,14 +115,15 @@ def export_adapters(
     if format not in FORMATS:
         raise ValueError(f"unknown format={format!r}; known formats: {sorted(FORMATS)}")
     module = FORMATS[format]
-    entries = list(iter_adapters(model))
-    if not entries:
-        raise ValueError("the model has no adapters to export; add them with ndlowrank.nn.add_adapters")
-    for name, host in entries:
-        module.check(name, host)
-        if not all(bool(torch.isfinite(p).all()) for p in host.delta.parameters()):
-            raise ValueError(f"layer {name!r}: its adapter holds NaN or Inf; nothing was written")
-    return module.write(target, module.layers(entries), prefix=prefix)
+    with chosen_adapter(model, adapter_name) as entries:
+        if not entries:
+            raise ValueError("the model has no adapters to export; add them with ndlowrank.nn.add_adapters")
+        for name, host in entries:
+            module.check(name, host)
+            if not all(bool(torch.isfinite(p).all()) for p in host.delta.parameters()):
+                raise ValueError(f"layer {name!r}: its adapter holds NaN or Inf; nothing was written")
+        layers = module.layers(entries)
+    return module.write(target, layers, prefix=prefix)
 
 
 def _read(path: str, model: nn.Module, format: str | None, strict: bool = True) -> list[LowRankLayer]:
@@ -357,11 +367,14 @@ def _tucker_terms(source: Any, model: nn.Module) -> dict[str, tuple[torch.Tensor
     """``{layer name: exact Tucker form}`` of a source: a model with adapters or an adapter file."""
     if isinstance(source, nn.Module):
         out: dict[str, tuple[torch.Tensor, list[torch.Tensor | None]]] = {}
-        for name, host in iter_adapters(source):
-            if not isinstance(host, TuckerAdapter):
-                raise ValueError(f"parameter adapter {name!r}: combine_adapters combines layer adapters only")
-            delta = host.delta
-            out[name] = (delta.scale * delta.core.detach(), [f.detach() for f in delta.factors])
+        with chosen_adapter(source, None) as entries:  # what runs on each layer
+            for name, host in entries:
+                if not isinstance(host, TuckerAdapter):
+                    raise ValueError(
+                        f"parameter adapter {name!r}: combine_adapters combines layer adapters only"
+                    )
+                delta = host.delta
+                out[name] = (delta.scale * delta.core.detach(), [f.detach() for f in delta.factors])
         if not out:
             raise ValueError("a model given as a source has no adapters")
         return out
