@@ -6,6 +6,7 @@ the array-API core (:func:`ndlowrank.tucker_delta`, :func:`ndlowrank.sthosvd`).
 
 from .bypass import find_bypassed_adapters
 from .delta import TuckerDelta
+from .interop import combine_adapters, convert_adapters, export_adapters, import_adapters
 from .io import adapter_state_dict, load_adapters, save_adapters
 from .layers import (
     PATHS,
@@ -48,10 +49,14 @@ __all__ = [
     "adapter_state_dict",
     "add_adapters",
     "add_weighted_adapter",
+    "combine_adapters",
+    "convert_adapters",
     "delete_adapter",
     "disable_adapters",
     "enable_adapters",
+    "export_adapters",
     "find_bypassed_adapters",
+    "import_adapters",
     "iter_adapters",
     "iter_trained_copies",
     "load_adapters",
