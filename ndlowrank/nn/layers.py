@@ -312,20 +312,25 @@ class ConvAdapter(TuckerAdapter):
         folded = mode_products(core, spatial, range(2, core.ndim))
         return self._cast(folded)
 
-    def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, *, merged: bool) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
         layer = self.base_layer
         return FusedTuckerConv.apply(
-            self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, self.spatial_core(), self.geometry
+            self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, self.spatial_core(), self.geometry, merged
         )
+
+    def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fused(x, merged=True)
 
     def _forward_summed(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.base_layer
         return layer._conv_forward(x, self.weight + self.total_delta_weight(), layer.bias)
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.dropout_p > 0 and self.training):
+            return self._fused(x, merged=False)
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
-        branch = factorized_branch(self.dropout(x), self.geometry, a0, a1, self.spatial_core())
+        branch = factorized_branch(self.geometry.prepare(self.dropout(x)), self.geometry, a0, a1, self.spatial_core())
         return self.base_layer(x).add_(branch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
