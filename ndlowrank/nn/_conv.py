@@ -121,18 +121,13 @@ def factorized_branch(
 
 
 class FusedTuckerConv(torch.autograd.Function):
-    """``conv(x, W, b) + conv(x, ΔW)`` with hand-written gradients, as one autograd node.
+    """``conv(x, W + ΔW) + b`` with the factor gradients computed in factorized form.
 
     Inputs: the *prepared* input, the base weight and bias, ``A0`` (out × r0), ``A1``
-    (in/g × r1), the spatial core ``Gs`` (r0 × r1 × k…), the geometry and ``merged``. With
-    ``merged`` (the materialize path) the forward and the input gradient run one
-    convolution with ``W + ΔW``; without it (the factorized path) they run the base
-    convolution plus the three small products of :func:`factorized_branch`, whose
-    intermediates are kept for the backward. Either way the gradients of ``A0``, ``A1`` and
-    ``Gs`` come from the small products, so the full ``out × in × k`` weight gradient is
-    computed only for a trainable base weight. Gradients flow to every tensor input that
-    requires them. A pointwise geometry (:attr:`ConvGeometry.pointwise`) replaces the
-    spatial-core convolution by matrix products.
+    (in/g × r1), the spatial core ``Gs`` (r0 × r1 × k…) and the geometry. Gradients flow to
+    every tensor input that requires them (the base weight's is the full weight gradient,
+    computed only when the base weight is trainable). A pointwise geometry
+    (:attr:`ConvGeometry.pointwise`) computes the core's gradient by matrix products.
     """
 
     @staticmethod
@@ -145,71 +140,57 @@ class FusedTuckerConv(torch.autograd.Function):
         a1: torch.Tensor,
         spatial_core: torch.Tensor,
         geometry: ConvGeometry,
-        merged: bool,
     ) -> torch.Tensor:
-        ctx.geometry, ctx.merged = geometry, merged
-        if merged:
-            ctx.save_for_backward(x, weight, a0, a1, spatial_core)
-            return geometry.conv(x, weight + conv_delta(a0, a1, spatial_core), bias)
-        z, u = _branch_inner(x, geometry, a1, spatial_core)
-        ctx.save_for_backward(x, weight, a0, a1, spatial_core, z, u)
-        return geometry.conv(x, weight, bias).add_(project_out(u, a0, geometry.groups))
+        ctx.geometry = geometry
+        ctx.save_for_backward(x, weight, a0, a1, spatial_core)
+        return geometry.conv(x, weight + conv_delta(a0, a1, spatial_core), bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        x, weight, a0, a1, spatial_core, *kept = ctx.saved_tensors
+        x, weight, a0, a1, spatial_core = ctx.saved_tensors
         grad_out = grad_out.contiguous()  # once, instead of in every op below (it may be an expanded view)
         geo: ConvGeometry = ctx.geometry
-        need_x, need_w, need_b, need_a0, need_a1, need_core, _, _ = ctx.needs_input_grad
+        need_x, need_w, need_b, need_a0, need_a1, need_core, _ = ctx.needs_input_grad
         g, dims = geo.groups, geo.dims
         grad_x = grad_w = grad_b = grad_a0 = grad_a1 = grad_core = None
         if need_x or need_w:
-            full = weight + conv_delta(a0, a1, spatial_core) if ctx.merged else weight
+            merged = weight + conv_delta(a0, a1, spatial_core)
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                grad_out, x, full, None, geo.stride, geo.padding, geo.dilation, False, [0] * dims, g,
+                grad_out, x, merged, None, geo.stride, geo.padding, geo.dilation, False, [0] * dims, g,
                 [need_x, need_w, False],
             )  # fmt: skip
         if need_b:
             grad_b = grad_out.sum(dim=[0, *range(2, grad_out.ndim)])
-        branch_x = need_x and not ctx.merged  # the input gradient through the branch
-        if not (need_a0 or need_a1 or need_core or branch_x):
-            return grad_x, grad_w, grad_b, grad_a0, grad_a1, grad_core, None, None
+        if not (need_a0 or need_a1 or need_core):
+            return grad_x, grad_w, grad_b, grad_a0, grad_a1, grad_core, None
         batch, out = grad_out.shape[:2]
         r0, r1 = spatial_core.shape[:2]
-        z, u = kept if kept else _branch_inner(x, geo, a1, spatial_core, need_u=need_a0)
+        z, u = _branch_inner(x, geo, a1, spatial_core, need_u=need_a0)
         grouped_grad = grad_out.reshape(batch, g, out // g, -1)  # (B, g, out/g, S_out)
         q = torch.matmul(a0.reshape(g, out // g, r0).transpose(-1, -2), grouped_grad)  # at the core's output
-        need_z = need_a1 or branch_x
-        read = geo.subsample(x) if geo.pointwise else x  # the input pixels the branch reads
         if geo.pointwise:
-            grouped_z = z.reshape(batch, g, r1, -1)
             if need_core:
+                grouped_z = z.reshape(batch, g, r1, -1)
                 grad_core = torch.matmul(q, grouped_z.transpose(-1, -2)).sum((0, 1)).reshape(spatial_core.shape)
-            grad_z = torch.matmul(spatial_core.reshape(r0, r1).T, q) if need_z else None
+            grad_z = torch.matmul(spatial_core.reshape(r0, r1).T, q) if need_a1 else None
         else:
             q = q.reshape(batch, g * r0, *grad_out.shape[2:])
             grad_z, grad_core_tiled, _ = torch.ops.aten.convolution_backward(
                 q, z, _tiled(spatial_core, g), None, geo.stride, geo.padding, geo.dilation, False, [0] * dims, g,
-                [need_z, need_core, False],
+                [need_a1, need_core, False],
             )  # fmt: skip
             if need_core:
                 grad_core = grad_core_tiled.reshape(g, r0, *spatial_core.shape[1:]).sum(0)
-        if need_z:
-            grad_z = grad_z.reshape(batch, g, r1, -1)
         if need_a1:
+            read = geo.subsample(x) if geo.pointwise else x  # the input pixels the branch reads
             grouped_read = read.reshape(batch, g, read.shape[1] // g, -1)
+            grad_z = grad_z.reshape(batch, g, r1, -1)
             grad_a1 = torch.matmul(grouped_read, grad_z.transpose(-1, -2)).sum(dim=(0, 1))
         if need_a0:
             grad_a0 = torch.matmul(grouped_grad, u.reshape(batch, g, r0, -1).transpose(-1, -2)).sum(0)
             grad_a0 = grad_a0.reshape(out, r0)
-        if branch_x:
-            through = torch.matmul(a1, grad_z).reshape(read.shape)  # (B, g, in/g, S) as the pixels read
-            if read is x:
-                grad_x = grad_x + through
-            else:
-                grad_x[(..., *(slice(None, None, s) for s in geo.stride))] += through
-        return grad_x, grad_w, grad_b, grad_a0, grad_a1, grad_core, None, None
+        return grad_x, grad_w, grad_b, grad_a0, grad_a1, grad_core, None
 
 
 def _branch_inner(

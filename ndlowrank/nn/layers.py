@@ -20,7 +20,7 @@ from torch import nn
 
 from ._conv import ConvGeometry, FusedTuckerConv, conv_delta, factorized_branch
 from ._host import DEFAULT_ADAPTER, DeltaHost
-from .delta import mode_products
+from .delta import trailing_mode_products
 
 __all__ = [
     "PATHS",
@@ -156,6 +156,12 @@ class TuckerAdapter(DeltaHost):
         raise NotImplementedError
 
     # -- generic behaviour -----------------------------------------------------------
+    def _factors_and_core(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``A0``, ``A1`` and ``scale · G`` of a two-mode delta, in the weight's dtype (for the forward paths)."""
+        delta = self.delta
+        a0, a1 = (self._cast(f) for f in delta.factors)
+        core = self._cast(delta.core)
+        return a0, a1, core if delta.scale == 1.0 else core * delta.scale  # x · 1.0 is x: skip the call
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (merged or not)."""
@@ -244,9 +250,8 @@ class LinearAdapter(TuckerAdapter):
         return F.linear(x, self.weight + self.total_delta_weight(), layer.bias)
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        a0, a1 = (self._cast(f) for f in self.delta.factors)
-        core = self._cast(self.delta.core) * self.scale
-        return self.base_layer(x) + (self.dropout(x) @ a1) @ core.T @ a0.T
+        a0, a1, core = self._factors_and_core()
+        return self.base_layer(x) + F.linear(F.linear(self.dropout(x) @ a1, core), a0)
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
         out, inp = self.weight.shape
@@ -282,9 +287,8 @@ class TransposedLinearAdapter(TuckerAdapter):
         return F.linear(x, (self.weight + self.total_delta_weight()).T, self.base_layer.bias)
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        a0, a1 = (self._cast(f) for f in self.delta.factors)
-        core = self._cast(self.delta.core) * self.scale
-        return self.base_layer(x) + (self.dropout(x) @ a0) @ core @ a1.T
+        a0, a1, core = self._factors_and_core()
+        return self.base_layer(x) + F.linear(self.dropout(x) @ a0 @ core, a1)
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
         inp, out = self.weight.shape
@@ -307,28 +311,22 @@ class ConvAdapter(TuckerAdapter):
 
     def spatial_core(self) -> torch.Tensor:
         """``scale · G ×_2 K_2 … ×_N K_N`` of shape ``(r0, r1, *kernel)``, in the weight's dtype."""
-        core = self.delta.core * self.scale
-        spatial = list(self.delta.factors)[2:]
-        folded = mode_products(core, spatial, range(2, core.ndim))
-        return self._cast(folded)
+        delta = self.delta
+        core = delta.core if delta.scale == 1.0 else delta.core * delta.scale  # x · 1.0 is x: skip the call
+        return self._cast(trailing_mode_products(core, list(delta.factors)[2:]))
 
-    def _fused(self, x: torch.Tensor, *, merged: bool) -> torch.Tensor:
+    def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
         layer = self.base_layer
         return FusedTuckerConv.apply(
-            self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, self.spatial_core(), self.geometry, merged
+            self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, self.spatial_core(), self.geometry
         )
-
-    def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fused(x, merged=True)
 
     def _forward_summed(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.base_layer
         return layer._conv_forward(x, self.weight + self.total_delta_weight(), layer.bias)
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.dropout_p > 0 and self.training):
-            return self._fused(x, merged=False)
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
         branch = factorized_branch(self.geometry.prepare(self.dropout(x)), self.geometry, a0, a1, self.spatial_core())
         return self.base_layer(x).add_(branch)
@@ -409,8 +407,7 @@ class EmbeddingAdapter(TuckerAdapter):
         )
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        a0, a1 = (self._cast(f) for f in self.delta.factors)
-        core = self._cast(self.delta.core) * self.scale
+        a0, a1, core = self._factors_and_core()
         rows = self.dropout(F.embedding(x, a0, **self._options()))
         return self.base_layer(x) + rows @ (core @ a1.T)
 
