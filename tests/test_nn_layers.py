@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
@@ -120,6 +120,12 @@ CONV = [
         (1, 4, 3, 4, 3),
     ),
     _g("conv3d-same-even", lambda: nn.Conv3d(2, 3, 2, padding="same", bias=False), (2, 2, 3, 3, 3)),
+    # 1×…×1 kernels without padding run as matrix products (ConvGeometry.pointwise)
+    _g("conv1d-pointwise", lambda: nn.Conv1d(3, 4, 1), (2, 3, 5)),
+    _g("conv2d-pointwise-stride-groups", lambda: nn.Conv2d(4, 6, 1, stride=(2, 3), groups=2), (2, 4, 5, 7)),
+    _g("conv2d-pointwise-one-pixel", lambda: nn.Conv2d(5, 3, 1), (3, 5, 1, 1)),
+    _g("conv3d-pointwise-stride", lambda: nn.Conv3d(3, 2, 1, stride=2, bias=False), (1, 3, 3, 4, 3)),
+    _g("conv2d-pointwise-padded", lambda: nn.Conv2d(3, 4, 1, padding=1), (2, 3, 4, 4)),
 ]
 UNBATCHED = [
     _g("conv1d-unbatched-reflect", lambda: nn.Conv1d(3, 4, 3, padding=1, padding_mode="reflect"), (3, 6)),
@@ -324,6 +330,59 @@ def test_auto_path_matches_the_reference(geometry):
     layer, x = geometry.make()
     adapter = nlnn.TuckerAdapter(layer, 2, init="zero_factor", seed=0)
     perturb(adapter, seed=4)
+    actual = _outputs_and_grads(adapter, adapter, x)
+    expected = _outputs_and_grads(lambda v: reference_forward(adapter, v), adapter, x)
+    _assert_all_close(actual, expected, rtol=1e-9, atol=1e-11)
+
+
+@st.composite
+def conv_geometries(draw: Any) -> tuple[nn.Module, torch.Tensor]:
+    """A random ``nn.Conv1d/2d/3d`` (kernel, stride, padding, dilation, groups, padding mode) and an input."""
+    dims = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 2]))
+    per_group_in, per_group_out = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    pointwise = draw(st.booleans())  # a 1×…×1 kernel without padding, the matrix-product case
+    kernel = (
+        (1,) * dims if pointwise else tuple(draw(st.lists(st.integers(1, 3), min_size=dims, max_size=dims)))
+    )
+    stride = tuple(draw(st.lists(st.integers(1, 3), min_size=dims, max_size=dims)))
+    dilation = tuple(draw(st.lists(st.integers(1, 2), min_size=dims, max_size=dims)))
+    padding = (
+        (0,) * dims if pointwise else tuple(draw(st.lists(st.integers(0, 2), min_size=dims, max_size=dims)))
+    )
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    if mode == "reflect":  # reflect needs more input than padding
+        padding = tuple(min(p, 1) for p in padding)
+    spatial = [
+        draw(st.integers(max(dilation[d] * (kernel[d] - 1) + 1 - 2 * padding[d], 2), 5)) for d in range(dims)
+    ]
+    layer = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](
+        groups * per_group_in,
+        groups * per_group_out,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=draw(st.booleans()),
+        padding_mode=mode,
+    ).to(F64)
+    x = torch.randn((draw(st.integers(1, 2)), groups * per_group_in, *spatial), dtype=F64)
+    return layer, x
+
+
+@given(
+    case=conv_geometries(),
+    path=st.sampled_from(PATHS),
+    scale=st.sampled_from([1.0, -0.5, 2.0]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_conv_paths_equal_the_reference_on_random_geometries(case, path, scale, seed):
+    """Every conv geometry (pointwise ones run as matrix products), output and every gradient."""
+    layer, x = case
+    adapter = nlnn.TuckerAdapter(layer, 2, init="orthogonal", scale=scale, seed=seed, path=path)
+    perturb(adapter, seed=seed)
     actual = _outputs_and_grads(adapter, adapter, x)
     expected = _outputs_and_grads(lambda v: reference_forward(adapter, v), adapter, x)
     _assert_all_close(actual, expected, rtol=1e-9, atol=1e-11)

@@ -172,7 +172,9 @@ class FusedTuckerConv(torch.autograd.Function):
         if geo.pointwise:
             if need_core:
                 grouped_z = z.reshape(batch, g, r1, -1)
-                grad_core = torch.matmul(q, grouped_z.transpose(-1, -2)).sum((0, 1)).reshape(spatial_core.shape)
+                grad_core = (
+                    torch.matmul(q, grouped_z.transpose(-1, -2)).sum((0, 1)).reshape(spatial_core.shape)
+                )
             grad_z = torch.matmul(spatial_core.reshape(r0, r1).T, q) if need_a1 else None
         else:
             q = q.reshape(batch, g * r0, *grad_out.shape[2:])
@@ -194,7 +196,12 @@ class FusedTuckerConv(torch.autograd.Function):
 
 
 def _branch_inner(
-    x: torch.Tensor, geometry: ConvGeometry, a1: torch.Tensor, spatial_core: torch.Tensor, *, need_u: bool = True
+    x: torch.Tensor,
+    geometry: ConvGeometry,
+    a1: torch.Tensor,
+    spatial_core: torch.Tensor,
+    *,
+    need_u: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The in-projection ``z`` (of the pixels the branch reads) and the core's output ``u`` on a prepared ``x``."""
     g = geometry.groups

@@ -51,7 +51,9 @@ def trailing_mode_products(x: torch.Tensor, matrices: Sequence[torch.Tensor]) ->
             x = torch.matmul(matrix, x)
         else:
             lead, rest = x.shape[:mode], x.shape[mode + 1 :]
-            x = torch.matmul(matrix, x.reshape(*lead, x.shape[mode], -1)).reshape(*lead, matrix.shape[0], *rest)
+            x = torch.matmul(matrix, x.reshape(*lead, x.shape[mode], -1)).reshape(
+                *lead, matrix.shape[0], *rest
+            )
     return x
 
 

@@ -162,6 +162,7 @@ class TuckerAdapter(DeltaHost):
         a0, a1 = (self._cast(f) for f in delta.factors)
         core = self._cast(delta.core)
         return a0, a1, core if delta.scale == 1.0 else core * delta.scale  # x · 1.0 is x: skip the call
+
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (merged or not)."""
@@ -328,7 +329,9 @@ class ConvAdapter(TuckerAdapter):
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
-        branch = factorized_branch(self.geometry.prepare(self.dropout(x)), self.geometry, a0, a1, self.spatial_core())
+        branch = factorized_branch(
+            self.geometry.prepare(self.dropout(x)), self.geometry, a0, a1, self.spatial_core()
+        )
         return self.base_layer(x).add_(branch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
