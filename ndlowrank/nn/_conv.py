@@ -68,7 +68,8 @@ class ConvGeometry:
         """The input pixels a pointwise convolution reads: every ``stride``-th along each spatial dimension."""
         if all(s == 1 for s in self.stride):
             return x
-        return x[(..., *(slice(None, None, s) for s in self.stride))]
+        index: tuple[Any, ...] = (..., *[slice(None, None, s) for s in self.stride])
+        return x[index]
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the pre-padding, if any."""
@@ -116,7 +117,7 @@ def factorized_branch(
     The 1×…×1 projections are matrix products, which run several times faster than
     1×1 convolutions with few channels; so is the core of a pointwise geometry.
     """
-    _, u = _branch_inner(x, geometry, a1, spatial_core)
+    u = _core_output(_project_read(x, geometry, a1), geometry, spatial_core)
     return project_out(u, a0, geometry.groups)
 
 
@@ -166,7 +167,7 @@ class FusedTuckerConv(torch.autograd.Function):
             return grad_x, grad_w, grad_b, grad_a0, grad_a1, grad_core, None
         batch, out = grad_out.shape[:2]
         r0, r1 = spatial_core.shape[:2]
-        z, u = _branch_inner(x, geo, a1, spatial_core, need_u=need_a0)
+        z = _project_read(x, geo, a1)
         grouped_grad = grad_out.reshape(batch, g, out // g, -1)  # (B, g, out/g, S_out)
         q = torch.matmul(a0.reshape(g, out // g, r0).transpose(-1, -2), grouped_grad)  # at the core's output
         if geo.pointwise:
@@ -186,32 +187,28 @@ class FusedTuckerConv(torch.autograd.Function):
                 grad_core = grad_core_tiled.reshape(g, r0, *spatial_core.shape[1:]).sum(0)
         if need_a1:
             read = geo.subsample(x) if geo.pointwise else x  # the input pixels the branch reads
+            assert grad_z is not None
             grouped_read = read.reshape(batch, g, read.shape[1] // g, -1)
             grad_z = grad_z.reshape(batch, g, r1, -1)
             grad_a1 = torch.matmul(grouped_read, grad_z.transpose(-1, -2)).sum(dim=(0, 1))
         if need_a0:
+            u = _core_output(z, geo, spatial_core)
             grad_a0 = torch.matmul(grouped_grad, u.reshape(batch, g, r0, -1).transpose(-1, -2)).sum(0)
             grad_a0 = grad_a0.reshape(out, r0)
         return grad_x, grad_w, grad_b, grad_a0, grad_a1, grad_core, None
 
 
-def _branch_inner(
-    x: torch.Tensor,
-    geometry: ConvGeometry,
-    a1: torch.Tensor,
-    spatial_core: torch.Tensor,
-    *,
-    need_u: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The in-projection ``z`` (of the pixels the branch reads) and the core's output ``u`` on a prepared ``x``."""
+def _project_read(x: torch.Tensor, geometry: ConvGeometry, a1: torch.Tensor) -> torch.Tensor:
+    """The in-projection ``z`` of the pixels the branch reads from a prepared ``x``: ``(B, g·r1, *S)``."""
+    return project_in(geometry.subsample(x) if geometry.pointwise else x, a1, geometry.groups)
+
+
+def _core_output(z: torch.Tensor, geometry: ConvGeometry, spatial_core: torch.Tensor) -> torch.Tensor:
+    """The spatial core applied to ``z``, per group: ``(B, g·r0, *S_out)``."""
     g = geometry.groups
-    if geometry.pointwise:
-        z = project_in(geometry.subsample(x), a1, g)
-        if not need_u:
-            return z, None
-        r0, r1 = spatial_core.shape[:2]
-        batch = z.shape[0]
-        u = torch.matmul(spatial_core.reshape(r0, r1), z.reshape(batch, g, r1, -1))
-        return z, u.reshape(batch, g * r0, *z.shape[2:])
-    z = project_in(x, a1, g)
-    return z, geometry.conv(z, _tiled(spatial_core, g)) if need_u else None
+    if not geometry.pointwise:
+        return geometry.conv(z, _tiled(spatial_core, g))
+    r0, r1 = spatial_core.shape[:2]
+    batch = z.shape[0]
+    u = torch.matmul(spatial_core.reshape(r0, r1), z.reshape(batch, g, r1, -1))
+    return u.reshape(batch, g * r0, *z.shape[2:])
