@@ -117,7 +117,11 @@ def factorized_branch(
     The 1×…×1 projections are matrix products, which run several times faster than
     1×1 convolutions with few channels; so is the core of a pointwise geometry.
     """
-    u = _core_output(_project_read(x, geometry, a1), geometry, spatial_core)
+    if geometry.pointwise:  # the core folded into A1 first: two products on the activations, as in LoRA
+        r0, r1 = spatial_core.shape[:2]
+        u = _project_read(x, geometry, F.linear(a1, spatial_core.reshape(r0, r1)))
+    else:
+        u = _core_output(_project_read(x, geometry, a1), geometry, spatial_core)
     return project_out(u, a0, geometry.groups)
 
 
