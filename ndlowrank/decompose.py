@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._backend import compute_dtype, device_of, get_namespace
+from ._backend import compute_dtype, device_of, get_namespace, native_routine
 from ._subspace import SOLVERS, leading_subspace
 from ._validation import validate_ranks
 from .tenalg import mode_product, multi_mode_product, unfold
@@ -148,6 +148,8 @@ def hosvd(x: Any, ranks: int | Sequence[int], *, solver: str = "auto") -> Tucker
     >>> bool(np.allclose(t.to_dense(), x))
     True
     """
+    if (native := native_routine(x, "hosvd")) is not None:
+        return native(x, ranks, solver=solver)
     prepared = PreparedTensor(x)
     ranks = validate_ranks(ranks, prepared.y.shape)
     solver = _check_solver(solver)
@@ -224,6 +226,9 @@ def sthosvd(
     >>> bool(np.linalg.norm(x - t.to_dense()) <= 1e-6 * np.linalg.norm(x))
     True
     """
+    if (native := native_routine(x, "sthosvd")) is not None:
+        options = {"oversample": oversample, "power_iters": power_iters, "seed": seed}
+        return native(x, ranks, tol=tol, order=order, solver=solver, **options)
     prepared = PreparedTensor(x)
     shape = tuple(prepared.y.shape)
     fixed, tol = _ranks_or_tol(ranks, tol, shape)
@@ -301,6 +306,9 @@ def hooi(
     >>> bool(np.linalg.norm(x - t.to_dense()) <= np.linalg.norm(x - start.to_dense()))
     True
     """
+    if (native := native_routine(x, "hooi")) is not None:
+        options = {"callback": callback, "verbose": verbose}
+        return native(x, ranks, init=init, max_iter=max_iter, tol=tol, solver=solver, **options)
     prepared = PreparedTensor(x)
     ranks = validate_ranks(ranks, prepared.y.shape)
     solver = _check_solver(solver)

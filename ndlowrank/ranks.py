@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ._backend import get_namespace, native_routine
 from ._subspace import mode_spectrum, rank_for_budget
 from ._validation import validate_ranks
 from .decompose import PreparedTensor, check_tol, sthosvd
@@ -92,6 +93,15 @@ def budget_ranks(
         used += best_cost
 
 
+def _mode_spectra(x: Any) -> list[np.ndarray]:
+    """Every mode's squared singular values (one pass over a dask array)."""
+    if (native := native_routine(x, "mode_spectra")) is not None:
+        spectra: list[np.ndarray] = native(x)
+        return spectra
+    prepared = PreparedTensor(x)
+    return [mode_spectrum(prepared.y, n, xp=prepared.xp) for n in range(prepared.y.ndim)]
+
+
 def select_ranks(
     x: Any, *, tol: float | None = None, energy: float | None = None, budget: int | None = None
 ) -> tuple[int, ...]:
@@ -139,8 +149,8 @@ def select_ranks(
         raise ValueError(f"give exactly one of tol=, energy= or budget=, got {given or 'none'}")
     if tol is not None:
         return sthosvd(x, tol=check_tol(tol)).ranks
-    prepared = PreparedTensor(x)
-    shape = tuple(int(s) for s in prepared.y.shape)
+    get_namespace(x, names=("x",))  # a clear TypeError for what is not an array
+    shape = tuple(int(s) for s in x.shape)
     if budget is not None:
         if isinstance(budget, bool) or not hasattr(budget, "__index__"):
             raise TypeError(f"budget must be an int number of parameters, got {budget!r}")
@@ -156,7 +166,7 @@ def select_ranks(
         or not 0 < energy <= 1
     ):
         raise ValueError(f"energy={energy!r} must be a fraction in (0, 1]")
-    spectra = [mode_spectrum(prepared.y, n, xp=prepared.xp) for n in range(len(shape))]
+    spectra = _mode_spectra(x)
     if budget is not None:
         return budget_ranks([spectra], [shape], int(budget))[0]
     assert energy is not None
