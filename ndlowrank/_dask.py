@@ -112,9 +112,23 @@ def _prepare(x: Any, first: Callable[[Any], Any] | None = None, *, name: str = "
     return _Prepared(y, scale, norm2, out_dtype), value
 
 
+def _whole_mode(t: Any, mode: int) -> Any:
+    """``t`` rechunked so that each chunk spans all of ``mode``, chunks no larger than before.
+
+    Then a chunk's own Gram matrix is a term of the whole one: the Gram matrix is a sum over
+    chunks, with no pairs of chunks to bring together.
+    """
+    if t.numblocks[mode] == 1:
+        return t
+    largest = math.prod(max(c) for c in t.chunks) * t.dtype.itemsize
+    limit = max(largest, t.shape[mode] * t.dtype.itemsize)
+    chunks = {k: (-1 if k == mode else "auto") for k in range(t.ndim)}
+    return t.rechunk(chunks, block_size_limit=limit)
+
+
 def _gram(t: Any, mode: int) -> Any:
-    """Lazy float64 Gram matrix of the mode-``mode`` unfolding: a reduction over chunks."""
-    t64 = t.astype(np.float64)
+    """Lazy float64 Gram matrix of the mode-``mode`` unfolding: a sum over chunks."""
+    t64 = _whole_mode(t, mode).astype(np.float64)
     others = [k for k in range(t.ndim) if k != mode]
     return da.tensordot(t64, t64, axes=(others, others))
 
@@ -219,7 +233,9 @@ def _sthosvd_factors(
             first = _mode_statistic(core, n, solver, rank, options).compute()
         if solver == "randomized":
             assert rank is not None
-            factors[n] = _randomized_factor(core, n, rank, first, power_iters=options.power_iters, dtype=dtype)
+            factors[n] = _randomized_factor(
+                core, n, rank, first, power_iters=options.power_iters, dtype=dtype
+            )
         else:
             factors[n], _ = _leading(first, rank=rank, budget=budget, dtype=dtype)
         core = _project(core, factors[n], n)
@@ -322,7 +338,9 @@ def hooi(
     dtype = np.dtype(prepared.y.dtype)
     y, norm2 = prepared.y, prepared.squared_norm
     if init == "hosvd" and factors is None:
-        factors = [_leading(g, rank=r, budget=None, dtype=dtype)[0] for g, r in zip(first, ranks, strict=True)]
+        factors = [
+            _leading(g, rank=r, budget=None, dtype=dtype)[0] for g, r in zip(first, ranks, strict=True)
+        ]
         first = None
     elif factors is None:
         options = _Sketching(0, 0, np.random.default_rng(0))
@@ -343,8 +361,8 @@ def hooi(
                 first = None
                 if iteration == 0 and n == 0:
                     # the start's captured energy ‖core‖² is tr(Uᵀ G U) with the start's factor
-                    start = factors[0].astype(np.float64)
-                    best_error = error = relative_error(float(np.sum(start * (gram @ start))))
+                    old = factors[0].astype(np.float64)
+                    best_error = error = relative_error(float(np.sum(old * (gram @ old))))
                 factors[n], values = _leading(gram, rank=ranks[n], budget=None, dtype=dtype)
             previous, error = error, relative_error(float(np.sum(values[: ranks[-1]])))
             sweeps.set_postfix(error=f"{error:.3e}")
