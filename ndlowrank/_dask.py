@@ -53,7 +53,7 @@ from ._validation import validate_ranks
 from .decompose import _check_order, _check_solver, _ranks_or_tol
 from .tucker import TuckerTensor
 
-__all__ = ["hooi", "hosvd", "mode_spectra", "sthosvd"]
+__all__ = ["hooi", "hosvd", "mode_spectra", "sketches", "sthosvd"]
 
 # float64 squares of entries up to 2**±200 neither overflow nor underflow
 _SAFE_EXPONENT = 200
@@ -151,16 +151,31 @@ def _leading(
     return _fix_signs(np.ascontiguousarray(vectors[:, :rank]), xp=npx).astype(dtype), values
 
 
-def _khatri_rao_sketch(t: Any, mode: int, width: int, rng: np.random.Generator) -> Any:
-    """Lazy ``t₍ₘₒ𝒹ₑ₎ Ω`` with ``Ω`` the Khatri-Rao product of one Gaussian matrix per other mode."""
+def _khatri_rao_sketch(t: Any, mode: int, omegas: Sequence[np.ndarray]) -> Any:
+    """Lazy ``t₍ₘₒ𝒹ₑ₎ Ω``, ``Ω`` the Khatri-Rao product of ``omegas`` (one per other mode, in order)."""
     letters = "abcdefghijklmnopqrstuvwxy"
     if t.ndim > len(letters):
         raise ValueError(f"the dask randomized sketch supports up to {len(letters)} modes, got {t.ndim}")
     index = letters[: t.ndim]
     others = [k for k in range(t.ndim) if k != mode]
-    omegas = [da.from_array(rng.standard_normal((t.shape[k], width)).astype(t.dtype)) for k in others]
     spec = f"{index}," + ",".join(f"{index[k]}z" for k in others) + f"->{index[mode]}z"
-    return da.einsum(spec, t, *omegas)
+    return da.einsum(spec, t, *(da.from_array(o.astype(t.dtype)) for o in omegas))
+
+
+def sketches(
+    x: Any, omegas: Sequence[Sequence[np.ndarray]], phis: Sequence[np.ndarray]
+) -> tuple[_Prepared, list[np.ndarray], np.ndarray]:
+    """Every factor sketch and the core sketch of :func:`ndlowrank.tucker_sketch`, in one pass."""
+
+    def lazy(y: Any) -> tuple[list[Any], Any]:
+        factor_sketches = [_khatri_rao_sketch(y, n, omegas[n]) for n in range(y.ndim)]
+        core = y
+        for n, phi in enumerate(phis):
+            core = _project(core, phi, n)
+        return factor_sketches, core
+
+    prepared, (factor_sketches, core) = _prepare(x, lazy)
+    return prepared, [np.asarray(v) for v in factor_sketches], np.asarray(core)
 
 
 def _power_step(t: Any, mode: int, basis: np.ndarray) -> Any:
@@ -202,7 +217,8 @@ def _mode_statistic(t: Any, mode: int, solver: str, rank: int | None, options: _
         return _gram(t, mode)
     assert rank is not None
     width = min(rank + options.oversample, t.shape[mode], math.prod(t.shape) // t.shape[mode])
-    return _khatri_rao_sketch(t, mode, width, options.rng)
+    omegas = [options.rng.standard_normal((size, width)) for k, size in enumerate(t.shape) if k != mode]
+    return _khatri_rao_sketch(t, mode, omegas)
 
 
 @dataclass

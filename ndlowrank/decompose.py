@@ -31,7 +31,7 @@ from .tucker import TuckerTensor
 
 __all__ = ["METHODS", "hooi", "hosvd", "sthosvd", "tucker"]
 
-METHODS = ("sthosvd", "hosvd", "hooi", "randomized")
+METHODS = ("sthosvd", "hosvd", "hooi", "randomized", "sketch")
 
 # entries are rescaled when the largest magnitude leaves [2**-_SAFE_EXPONENT, 2**_SAFE_EXPONENT]
 _SAFE_EXPONENT = 24
@@ -384,8 +384,9 @@ def tucker(
         Relative error bound ``‖x − t‖ ≤ tol · ‖x‖``, guaranteed by every method that
         accepts it: ``"sthosvd"`` chooses the ranks; ``"hooi"`` starts from that
         ST-HOSVD and only improves on it. ``"hosvd"`` and ``"randomized"`` need ``ranks``.
-    method : {"sthosvd", "hosvd", "hooi", "randomized"}, default "sthosvd"
-        ``"randomized"`` is :func:`sthosvd` with ``solver="randomized"``.
+    method : {"sthosvd", "hosvd", "hooi", "randomized", "sketch"}, default "sthosvd"
+        ``"randomized"`` is :func:`sthosvd` with ``solver="randomized"``; ``"sketch"`` is
+        :func:`ndlowrank.tucker_sketch`, which reads ``x`` once.
     **options
         Passed to the method's function (``solver``, ``order``, ``max_iter``, ``seed``, ...).
 
@@ -409,6 +410,12 @@ def tucker(
         if ranks is None or tol is not None:
             raise ValueError('method="randomized" needs ranks= and no tol=; it cannot choose ranks from tol=')
         return sthosvd(x, ranks, solver="randomized", **options)
+    if method == "sketch":
+        from .sketch import tucker_sketch  # imported here: sketch builds on this module
+
+        if ranks is None or tol is not None:
+            raise ValueError('method="sketch" needs ranks= and no tol=; it cannot choose ranks from tol=')
+        return tucker_sketch(x, ranks, **options)
     if tol is not None and ranks is not None:
         raise ValueError("give exactly one of ranks= (fixed ranks) or tol= (a relative error bound)")
     if method == "hosvd":
