@@ -51,6 +51,7 @@ from ._backend import compute_dtype, eigh
 from ._subspace import _fix_signs, rank_for_budget
 from ._validation import validate_ranks
 from .decompose import _check_order, _check_solver, _ranks_or_tol
+from .tenalg import multi_mode_product
 from .tucker import TuckerTensor
 
 __all__ = ["hooi", "hosvd", "mode_spectra", "sketches", "sthosvd"]
@@ -152,14 +153,46 @@ def _leading(
 
 
 def _khatri_rao_sketch(t: Any, mode: int, omegas: Sequence[np.ndarray]) -> Any:
-    """Lazy ``t₍ₘₒ𝒹ₑ₎ Ω``, ``Ω`` the Khatri-Rao product of ``omegas`` (one per other mode, in order)."""
+    """Lazy ``t₍ₘₒ𝒹ₑ₎ Ω``, ``Ω`` the Khatri-Rao product of ``omegas`` (one per other mode, in order).
+
+    Each chunk contributes its own term, with the rows of ``omegas`` it meets; the terms
+    are summed over the other modes' blocks. ``Ω`` is never formed.
+    """
     letters = "abcdefghijklmnopqrstuvwxy"
     if t.ndim > len(letters):
         raise ValueError(f"the dask randomized sketch supports up to {len(letters)} modes, got {t.ndim}")
     index = letters[: t.ndim]
     others = [k for k in range(t.ndim) if k != mode]
     spec = f"{index}," + ",".join(f"{index[k]}z" for k in others) + f"->{index[mode]}z"
-    return da.einsum(spec, t, *(da.from_array(o.astype(t.dtype)) for o in omegas))
+    width = omegas[0].shape[1]
+    # the chunk's term keeps every mode (the others as size 1) so that the terms line up
+    term_shape = [1] * t.ndim + [width]
+
+    def term(chunk: np.ndarray, block_info: Any = None) -> np.ndarray:
+        location = block_info[0]["array-location"]
+        rows = [o[slice(*location[k])].astype(chunk.dtype) for k, o in zip(others, omegas, strict=True)]
+        out = np.einsum(spec, chunk, *rows, optimize=True)
+        term_shape[mode] = chunk.shape[mode]
+        return out.reshape(term_shape)
+
+    chunks = [t.chunks[mode] if k == mode else (1,) * t.numblocks[k] for k in range(t.ndim)]
+    terms = t.map_blocks(term, chunks=(*chunks, (width,)), new_axis=t.ndim, dtype=t.dtype)
+    return terms.sum(axis=tuple(others))
+
+
+def _core_sketch(t: Any, phis: Sequence[np.ndarray]) -> Any:
+    """Lazy ``t ×ₙ Φ_nᵀ`` over every mode: a sum of one small term per chunk."""
+    sizes = tuple(int(p.shape[1]) for p in phis)
+
+    def term(chunk: np.ndarray, block_info: Any = None) -> np.ndarray:
+        location = block_info[0]["array-location"]
+        rows = [p[slice(*span)].astype(chunk.dtype) for p, span in zip(phis, location, strict=True)]
+        return np.asarray(multi_mode_product(chunk, rows, transpose=True)).reshape((1,) * t.ndim + sizes)
+
+    blocks = [(1,) * count for count in t.numblocks]
+    new_axes = list(range(t.ndim, 2 * t.ndim))
+    terms = t.map_blocks(term, chunks=(*blocks, *((s,) for s in sizes)), new_axis=new_axes, dtype=t.dtype)
+    return terms.sum(axis=tuple(range(t.ndim)))
 
 
 def sketches(
@@ -168,11 +201,7 @@ def sketches(
     """Every factor sketch and the core sketch of :func:`ndlowrank.tucker_sketch`, in one pass."""
 
     def lazy(y: Any) -> tuple[list[Any], Any]:
-        factor_sketches = [_khatri_rao_sketch(y, n, omegas[n]) for n in range(y.ndim)]
-        core = y
-        for n, phi in enumerate(phis):
-            core = _project(core, phi, n)
-        return factor_sketches, core
+        return [_khatri_rao_sketch(y, n, omegas[n]) for n in range(y.ndim)], _core_sketch(y, phis)
 
     prepared, (factor_sketches, core) = _prepare(x, lazy)
     return prepared, [np.asarray(v) for v in factor_sketches], np.asarray(core)

@@ -84,7 +84,7 @@ def non_negative_tucker(
     if norm2 == 0:
         return _zero_result(prepared, ranks)
     core, factors = _start(y, ranks, init, seed, norm2, xp=xp)
-    tiny = float(xp.finfo(y.dtype).tiny)
+    tiny = float(xp.finfo(y.dtype).smallest_normal)
     error = math.inf
     for iteration in range(max_iter):
         for n in range(len(ranks)):

@@ -86,6 +86,8 @@ def tucker_sketch(
     """
     get_namespace(x, names=("x",))  # a clear TypeError for what is not an array
     shape = tuple(int(s) for s in x.shape)
+    if len(shape) < 2:
+        raise ValueError(f"x has shape {shape}; tucker_sketch needs at least 2 modes")
     ranks = validate_ranks(ranks, shape)
     widths = _widths(width, [2 * r + 1 for r in ranks], shape, ranks, "width")
     core_widths = _widths(core_width, [2 * k + 1 for k in widths], shape, widths, "core_width")

@@ -194,6 +194,10 @@ def test_distributed_scheduler():
         _assert_same(nl.hooi(lazy, (3, 4, 2)), nl.hooi(x, (3, 4, 2)), rtol=1e-8)
 
 
+# 24 MiB in float64, chunks of 0.75 MiB, a limit of 6 MiB
+MEMORY_CASE = ((128, 128, 192), (32, 32, 96), 6 * 2**20)
+
+
 def _generated(shape, chunks, seed=0):
     """A lazily generated low-rank-plus-noise tensor: each chunk is made when it is read."""
     rng = np.random.default_rng(seed)
@@ -212,9 +216,8 @@ def _generated(shape, chunks, seed=0):
 
 @pytest.mark.parametrize("method", ["sthosvd"])
 def test_tensor_larger_than_the_memory_limit(method):
-    shape, chunks = (128, 128, 192), (32, 32, 64)  # 24 MiB in float64, chunks of 0.5 MiB
+    shape, chunks, limit = MEMORY_CASE
     x = _generated(shape, chunks)
-    limit = 6 * 2**20
     assert x.nbytes >= 4 * limit
     nl.sthosvd(x[:8, :8, :8], 2)  # imports done before measuring
     tracemalloc.start()

@@ -1,0 +1,145 @@
+"""TensorLy parity: each test beside the TensorLy test or function it is ported from.
+
+TensorLy's own results are the reference wherever both libraries define the same thing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ndlowrank as nl
+
+from _helpers import assert_close, import_peer
+
+
+def _tensorly():
+    tl = import_peer("tensorly")
+    tl.set_backend("numpy")
+    return tl
+
+
+# -- tensorly/tenalg/tests/test_n_mode_product.py::test_mode_dot (vector case) -------------
+
+
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), data=st.data())
+def test_mode_product_with_a_vector_matches_tensorly(backend, shape, data):
+    tl = _tensorly()
+    mode = data.draw(st.integers(0, len(shape) - 1))
+    rng = np.random.default_rng(len(shape))
+    x, v = rng.standard_normal(shape), rng.standard_normal(shape[mode])
+    out = nl.mode_product(backend.asarray(x), backend.asarray(v), mode)
+    assert_close(out, tl.tenalg.mode_dot(x, v, mode), backend=backend, rtol=1e-10, atol=1e-12)
+
+
+def test_mode_product_vector_of_wrong_length():
+    with pytest.raises(ValueError, match="vector of length 4; contracting mode 1 needs length 3"):
+        nl.mode_product(np.ones((2, 3)), np.ones(4), 1)
+
+
+# -- tensorly/tests/test_tucker_tensor.py::test_tucker_mode_dot ----------------------------
+
+
+@pytest.mark.parametrize("vector", [False, True])
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_tucker_mode_product_matches_tensorly(backend, mode, vector):
+    tl = _tensorly()
+    from tensorly.tucker_tensor import tucker_mode_dot
+
+    t = nl.random_tucker((5, 4, 3), (2, 3, 2), seed=mode)
+    shape = (t.shape[mode],) if vector else (6, t.shape[mode])
+    m = np.random.default_rng(0).standard_normal(shape)
+    ours = nl.tucker_mode_product(nl.TuckerTensor(*_moved(t, backend)), backend.asarray(m), mode)
+    theirs = tl.tucker_to_tensor(tucker_mode_dot((t.core, list(t.factors)), m, mode))
+    assert ours.ranks == (t.ranks[:mode] + t.ranks[mode + 1 :] if vector else t.ranks)
+    assert_close(ours.to_dense(), theirs, backend=backend, rtol=1e-10, atol=1e-12)
+
+
+def _moved(t, backend):
+    return backend.asarray(np.asarray(t.core)), [backend.asarray(np.asarray(f)) for f in t.factors]
+
+
+def test_tucker_mode_product_transpose_and_delta_scale():
+    t = nl.random_tucker((5, 4), (2, 2), seed=1)
+    m = np.random.default_rng(2).standard_normal((4, 7))
+    np.testing.assert_allclose(
+        nl.tucker_mode_product(t, m, -1, transpose=True).to_dense(), t.to_dense() @ m, rtol=1e-12
+    )
+    d = nl.tucker_delta((5, 4), 2, init="orthogonal", scale=3.0, seed=0, dtype="float64")
+    d.core[...] = 1.0
+    np.testing.assert_allclose(nl.tucker_mode_product(d, m.T, 1).to_dense(), d.to_dense() @ m, rtol=1e-12)
+    with pytest.raises(TypeError, match="TuckerTensor"):
+        nl.tucker_mode_product(np.ones((2, 2)), m, 0)
+
+
+# -- tensorly/random/tests/test_base.py::test_random_tucker --------------------------------
+
+
+def test_random_tucker_like_tensorly(backend):
+    t = nl.random_tucker(
+        (6, 5, 4), (2, 3, 4), orthogonal=True, seed=0, backend=backend.xp, device=backend.device
+    )
+    assert t.shape == (6, 5, 4) and t.ranks == (2, 3, 4)
+    for factor in t.factors:
+        assert_close(factor.T @ factor, np.eye(factor.shape[1]), rtol=0, atol=1e-12)
+    positive = nl.random_tucker(
+        (6, 5, 4), 2, non_negative=True, seed=0, backend=backend.xp, device=backend.device
+    )
+    assert bool(backend.xp.all(positive.to_dense() >= 0))
+    again = nl.random_tucker(
+        (6, 5, 4), (2, 3, 4), orthogonal=True, seed=0, backend=backend.xp, device=backend.device
+    )
+    assert_close(again.core, t.core, backend=backend, rtol=0)
+
+
+def test_random_tucker_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="exclude each other"):
+        nl.random_tucker((3, 3), 2, orthogonal=True, non_negative=True)
+    with pytest.raises(ValueError, match=r"ranks\[1\]=4"):
+        nl.random_tucker((3, 3), (2, 4))
+
+
+# -- tensorly/decomposition/tests/test_tucker.py::test_non_negative_tucker -----------------
+
+
+@pytest.mark.parametrize("init", ["svd", "random"])
+def test_non_negative_tucker_ported(backend, init):
+    tl = _tensorly()
+    from tensorly.decomposition import non_negative_tucker
+
+    reference = nl.random_tucker((3, 4, 3), (3, 4, 3), non_negative=True, seed=0)
+    x = reference.to_dense()
+    t = nl.non_negative_tucker(backend.asarray(x), (3, 4, 3), init=init, max_iter=40, seed=0)
+    assert all(bool(backend.xp.all(f >= 0)) for f in (t.core, *t.factors))
+    dense = np.asarray(nl._backend.to_numpy(t.to_dense()))
+    error = np.linalg.norm(x - dense) / np.linalg.norm(x)
+    assert error < 1.0 and np.abs(x - dense).max() < 1.0  # TensorLy's tol_norm_2 and tol_max_abs
+    # same algorithm, same start ("svd"), same number of iterations: errors close to TensorLy's
+    if init == "svd":
+        theirs = tl.tucker_to_tensor(non_negative_tucker(x, [3, 4, 3], n_iter_max=40, init="svd", tol=0.0))
+        their_error = np.linalg.norm(x - theirs) / np.linalg.norm(x)
+        assert error <= 1.5 * their_error + 1e-6
+    single = nl.non_negative_tucker(backend.asarray(x), 3, max_iter=2)
+    assert single.ranks == (3, 3, 3)
+
+
+def test_non_negative_tucker_error_never_increases():
+    x = np.abs(np.random.default_rng(0).standard_normal((8, 7, 6)))
+    errors = []
+    nl.non_negative_tucker(
+        x, (3, 3, 2), init="random", seed=1, max_iter=60, tol=0.0, callback=lambda i, e: errors.append(e)
+    )
+    assert len(errors) == 60
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(errors, errors[1:]))
+    final = nl.non_negative_tucker(x, (3, 3, 2), init="random", seed=1, max_iter=60, tol=0.0)
+    measured = np.linalg.norm(x - final.to_dense()) / np.linalg.norm(x)
+    assert measured == pytest.approx(errors[-1], rel=1e-8)
+
+
+def test_non_negative_tucker_refuses_negative_input():
+    with pytest.raises(ValueError, match="negative entries"):
+        nl.non_negative_tucker(-np.ones((3, 3)), 1)
+    with pytest.raises(ValueError, match="unknown init"):
+        nl.non_negative_tucker(np.ones((3, 3)), 1, init="nndsvd")
