@@ -11,42 +11,10 @@ from hypothesis import strategies as st
 
 import ndlowrank as nl
 
-from _helpers import import_peer
+from _helpers import MEMORY_CASE, counted_dask, generated_dask, import_peer, low_rank_tensor
 
 da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
-
-
-class CountingSource:
-    """An in-memory array that counts the chunk reads dask makes from it."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array
-        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
-        self.reads = 0
-
-    def __getitem__(self, key):
-        out = self.array[key]
-        if out.size:
-            self.reads += 1
-        return out
-
-
-def _low_rank(shape=(20, 16, 12), ranks=(3, 4, 2), noise=1e-3, seed=0):
-    rng = np.random.default_rng(seed)
-    factors = [rng.standard_normal((i, r)) for i, r in zip(shape, ranks, strict=True)]
-    x = nl.tucker_to_tensor(rng.standard_normal(ranks), factors)
-    return x + noise * rng.standard_normal(shape)
-
-
-def _counted(x, chunks=(7, 5, 6)):
-    source = CountingSource(x)
-    lazy = da.from_array(source, chunks=chunks)
-
-    def passes() -> float:
-        return source.reads / lazy.npartitions
-
-    return lazy, passes
 
 
 def _assert_same(actual: nl.TuckerTensor, expected: nl.TuckerTensor, rtol=1e-9):
@@ -70,8 +38,8 @@ def _assert_same(actual: nl.TuckerTensor, expected: nl.TuckerTensor, rtol=1e-9):
     ],
 )
 def test_same_result_as_numpy(method, options):
-    x = _low_rank()
-    lazy, _ = _counted(x)
+    x = low_rank_tensor()
+    lazy, _ = counted_dask(x)
     _assert_same(method(lazy, **options), method(x, **options), rtol=1e-8)
 
 
@@ -90,7 +58,7 @@ def test_sthosvd_matches_numpy_for_any_chunking(shape, chunk, seed):
 
 
 def test_float32_stays_float32_and_matches_float64_reference():
-    x = _low_rank().astype(np.float32)
+    x = low_rank_tensor().astype(np.float32)
     t = nl.sthosvd(da.from_array(x, chunks=6), (3, 4, 2))
     assert t.core.dtype == np.float32 and all(f.dtype == np.float32 for f in t.factors)
     reference = nl.sthosvd(x.astype(np.float64), (3, 4, 2))
@@ -98,7 +66,7 @@ def test_float32_stays_float32_and_matches_float64_reference():
 
 
 def test_tol_guarantee_and_select_ranks():
-    x = _low_rank(noise=0.05)
+    x = low_rank_tensor(noise=0.05)
     lazy = da.from_array(x, chunks=5)
     t = nl.sthosvd(lazy, tol=0.1)
     assert np.linalg.norm(x - t.to_dense()) <= 0.1 * np.linalg.norm(x)
@@ -119,15 +87,15 @@ def test_tol_guarantee_and_select_ranks():
     ],
 )
 def test_passes_over_the_data(call, expected):
-    lazy, passes = _counted(_low_rank())
+    lazy, passes = counted_dask(low_rank_tensor())
     call(lazy)
     assert passes() == expected
 
 
 @pytest.mark.parametrize("init", ["sthosvd", "hosvd", "given"])
 def test_hooi_passes(init):
-    x = _low_rank(noise=0.3)
-    lazy, passes = _counted(x)
+    x = low_rank_tensor(noise=0.3)
+    lazy, passes = counted_dask(x)
     start = nl.sthosvd(x, 2) if init == "given" else init
     sweeps = []
     nl.hooi(lazy, 2, init=start, max_iter=4, tol=0.0, callback=lambda i, e: sweeps.append(e))
@@ -137,7 +105,7 @@ def test_hooi_passes(init):
 
 
 def test_randomized_error_close_to_sthosvd():
-    x = _low_rank(noise=0.01)
+    x = low_rank_tensor(noise=0.01)
     t = nl.sthosvd(da.from_array(x, chunks=6), (3, 4, 2), solver="randomized", seed=1)
     best = nl.sthosvd(x, (3, 4, 2))
     error = np.linalg.norm(x - t.to_dense())
@@ -146,16 +114,16 @@ def test_randomized_error_close_to_sthosvd():
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_nan_is_found_in_the_first_pass():
-    x = _low_rank()
+    x = low_rank_tensor()
     x[3, 2, 1] = np.nan
-    lazy, passes = _counted(x)
+    lazy, passes = counted_dask(x)
     with pytest.raises(ValueError, match="NaN or Inf"):
         nl.sthosvd(lazy, 2)
     assert passes() == 1
 
 
 def test_bad_arguments_read_nothing():
-    lazy, passes = _counted(_low_rank())
+    lazy, passes = counted_dask(low_rank_tensor())
     with pytest.raises(ValueError, match=r"ranks\[1\]=99"):
         nl.sthosvd(lazy, (2, 99, 2))
     with pytest.raises(ValueError, match=r'solver="svd" is not available for dask.*solver="auto"'):
@@ -168,8 +136,8 @@ def test_bad_arguments_read_nothing():
 
 
 def test_extreme_magnitudes_are_rescaled():
-    x = _low_rank() * 1e250
-    lazy, passes = _counted(x)
+    x = low_rank_tensor() * 1e250
+    lazy, passes = counted_dask(x)
     t = nl.sthosvd(lazy, (3, 4, 2))
     assert passes() == 3 + 1 + 1  # one extra pass after the rescale
     reference = nl.sthosvd(x / 1e250, (3, 4, 2))
@@ -183,7 +151,7 @@ def test_zero_tensor():
 
 def test_distributed_scheduler():
     distributed = import_peer("dask.distributed")
-    x = _low_rank()
+    x = low_rank_tensor()
     with (
         distributed.LocalCluster(
             n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
@@ -194,31 +162,11 @@ def test_distributed_scheduler():
         _assert_same(nl.hooi(lazy, (3, 4, 2)), nl.hooi(x, (3, 4, 2)), rtol=1e-8)
 
 
-# 24 MiB in float64, chunks of 0.75 MiB, a limit of 6 MiB
-MEMORY_CASE = ((128, 128, 192), (32, 32, 96), 6 * 2**20)
-
-
-def _generated(shape, chunks, seed=0):
-    """A lazily generated low-rank-plus-noise tensor: each chunk is made when it is read."""
-    rng = np.random.default_rng(seed)
-    core, factors = rng.standard_normal((4, 4, 4)), [rng.standard_normal((i, 4)) for i in shape]
-
-    def block(block_info=None):
-        location = block_info[None]["array-location"]
-        parts = [f[start:stop] for f, (start, stop) in zip(factors, location, strict=True)]
-        noise = np.random.default_rng([seed, *(start for start, _ in location)])
-        low = nl.tucker_to_tensor(core, parts)
-        return low + 0.01 * noise.standard_normal(low.shape)
-
-    blocks = tuple((c,) * (i // c) for i, c in zip(shape, chunks, strict=True))
-    return da.map_blocks(block, chunks=blocks, dtype=np.float64, meta=np.empty((0, 0, 0)))
-
-
 @pytest.mark.parametrize("method", ["sthosvd"])
 def test_tensor_larger_than_the_memory_limit(method):
     shape, chunks, limit = MEMORY_CASE
-    x = _generated(shape, chunks)
-    assert x.nbytes >= 4 * limit
+    x = generated_dask(shape, chunks)
+    assert x.nbytes >= 3 * limit
     nl.sthosvd(x[:8, :8, :8], 2)  # imports done before measuring
     tracemalloc.start()
     try:

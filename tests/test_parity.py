@@ -5,6 +5,8 @@ TensorLy's own results are the reference wherever both libraries define the same
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -132,7 +134,7 @@ def test_non_negative_tucker_error_never_increases():
         x, (3, 3, 2), init="random", seed=1, max_iter=60, tol=0.0, callback=lambda i, e: errors.append(e)
     )
     assert len(errors) == 60
-    assert all(b <= a * (1 + 1e-12) for a, b in zip(errors, errors[1:]))
+    assert all(b <= a * (1 + 1e-12) for a, b in itertools.pairwise(errors))
     final = nl.non_negative_tucker(x, (3, 3, 2), init="random", seed=1, max_iter=60, tol=0.0)
     measured = np.linalg.norm(x - final.to_dense()) / np.linalg.norm(x)
     assert measured == pytest.approx(errors[-1], rel=1e-8)
