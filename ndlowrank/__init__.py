@@ -11,6 +11,7 @@ from .decompose import hooi, hosvd, sthosvd, tucker
 from .delta import TuckerDelta, tucker_delta
 from .init import INITS
 from .nonnegative import non_negative_tucker
+from .partial import masked_tucker, partial_tucker
 from .random import random_tucker
 from .ranks import select_ranks, validate_ranks
 from .sketch import tucker_sketch
@@ -31,9 +32,11 @@ __all__ = [
     "fold",
     "hooi",
     "hosvd",
+    "masked_tucker",
     "mode_product",
     "multi_mode_product",
     "non_negative_tucker",
+    "partial_tucker",
     "random_tucker",
     "select_ranks",
     "sthosvd",

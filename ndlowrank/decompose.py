@@ -389,6 +389,8 @@ def tucker(
         :func:`ndlowrank.tucker_sketch`, which reads ``x`` once.
     **options
         Passed to the method's function (``solver``, ``order``, ``max_iter``, ``seed``, ...).
+        ``mask=`` (with ``method="hooi"``) fits only the observed entries:
+        :func:`ndlowrank.masked_tucker`.
 
     Returns
     -------
@@ -404,6 +406,12 @@ def tucker(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method={method!r}; known methods: {list(METHODS)}")
+    if "mask" in options:
+        from .partial import masked_tucker  # imported here: partial builds on this module
+
+        if ranks is None or tol is not None or method != "hooi":
+            raise ValueError('mask= needs method="hooi" and ranks=, and no tol=')
+        return masked_tucker(x, ranks, options.pop("mask"), **options)
     if method == "sthosvd":
         return sthosvd(x, ranks, tol=tol, **options)
     if method == "randomized":

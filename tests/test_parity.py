@@ -145,3 +145,68 @@ def test_non_negative_tucker_refuses_negative_input():
         nl.non_negative_tucker(-np.ones((3, 3)), 1)
     with pytest.raises(ValueError, match="unknown init"):
         nl.non_negative_tucker(np.ones((3, 3)), 1, init="nndsvd")
+
+
+# -- tensorly/decomposition/tests/test_tucker.py::test_partial_tucker ----------------------
+
+
+def test_partial_tucker_ported(backend):
+    rng = np.random.default_rng(1234)
+    x = rng.random((3, 4, 3))
+    core, factors = nl.partial_tucker(backend.asarray(x), [4, 3], modes=[1, 2], max_iter=200)
+    assert_close(nl.multi_mode_product(core, factors, [1, 2]), x, backend=backend, rtol=0, atol=1e-10)
+    core, factors = nl.partial_tucker(backend.asarray(x), [3, 1], modes=[1, 2], max_iter=100)
+    assert [tuple(f.shape) for f in factors] == [(4, 3), (3, 1)]
+    assert tuple(core.shape) == (3, 3, 1)
+
+
+def test_partial_tucker_matches_tensorly_error():
+    _tensorly()
+    from tensorly.decomposition import partial_tucker
+
+    x = np.random.default_rng(5).random((6, 7, 5))
+    core, factors = nl.partial_tucker(x, [3, 2], modes=[0, 2], max_iter=100, tol=1e-10)
+    ours = np.linalg.norm(x - nl.multi_mode_product(core, factors, [0, 2]))
+    (tcore, tfactors), _ = partial_tucker(x, rank=[3, 2], modes=[0, 2], n_iter_max=100, tol=1e-10)
+    theirs = np.linalg.norm(x - nl.multi_mode_product(tcore, tfactors, [0, 2]))
+    assert ours <= theirs * (1 + 1e-6)
+
+
+def test_partial_tucker_refuses_bad_modes_and_dask():
+    with pytest.raises(ValueError, match="each once"):
+        nl.partial_tucker(np.ones((3, 3)), 1, modes=[0, 0])
+    da = pytest.importorskip("dask.array")
+    with pytest.raises(TypeError, match=r"does not take dask arrays.*x.compute"):
+        nl.partial_tucker(da.ones((3, 3), chunks=2), 1, modes=[0])
+
+
+# -- tensorly/decomposition/tests/test_tucker.py::test_masked_tucker -----------------------
+
+
+def test_masked_tucker_ported(backend):
+    rng = np.random.default_rng(1234)
+    x = rng.random((3, 3, 3))
+    ones = backend.asarray(np.ones((3, 3, 3)))
+    masked = nl.tucker(backend.asarray(x), (2, 2, 2), method="hooi", mask=ones)
+    plain = nl.tucker(backend.asarray(x), (2, 2, 2), method="hooi")
+    assert_close(masked.to_dense(), plain.to_dense(), backend=backend, rtol=0, atol=1e-3)
+    # mask an outlier: the decomposition ignores it
+    tensor = nl.random_tucker((5, 5, 5), (1, 1, 1), seed=1234).to_dense()
+    corrupted, mask = tensor.copy(), np.ones((5, 5, 5))
+    corrupted[0, 0, 0], mask[0, 0, 0] = 1.0, 0
+    t = nl.tucker(backend.asarray(corrupted), (1, 1, 1), method="hooi", mask=backend.asarray(mask))
+    assert_close(t.to_dense(), tensor, backend=backend, rtol=0, atol=1e-3)
+
+
+def test_masked_tucker_observed_error_never_increases():
+    rng = np.random.default_rng(3)
+    x = nl.random_tucker((8, 7, 6), (2, 2, 2), seed=3).to_dense() + 0.01 * rng.standard_normal((8, 7, 6))
+    mask = rng.random(x.shape) > 0.3
+    x[~mask] = np.nan  # values there are never read
+    errors = []
+    nl.masked_tucker(x, 2, mask, tol=0.0, max_iter=30, callback=lambda i, e: errors.append(e))
+    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(errors))
+    with pytest.raises(ValueError, match="mask has shape"):
+        nl.masked_tucker(x, 2, mask[:4])
+    with pytest.raises(ValueError, match='mask= needs method="hooi"'):
+        nl.tucker(x, 2, mask=mask)
