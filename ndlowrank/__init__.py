@@ -13,7 +13,7 @@ from .init import INITS
 from .nonnegative import non_negative_tucker
 from .partial import masked_tucker, partial_tucker
 from .random import random_tucker
-from .ranks import select_ranks, validate_ranks
+from .ranks import fraction_ranks, select_ranks, validate_ranks
 from .sketch import tucker_sketch
 from .tenalg import fold, mode_product, multi_mode_product, tucker_to_tensor, unfold
 from .tucker import TuckerTensor, tucker_mode_product
@@ -30,6 +30,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "fold",
+    "fraction_ranks",
     "hooi",
     "hosvd",
     "masked_tucker",

@@ -367,7 +367,7 @@ def _hooi_start(prepared: PreparedTensor, ranks: tuple[int, ...], init: Any, sol
 
 def tucker(
     x: Any,
-    ranks: int | Sequence[int] | None = None,
+    ranks: int | Sequence[int] | float | str | None = None,
     *,
     tol: float | None = None,
     method: str = "sthosvd",
@@ -378,8 +378,9 @@ def tucker(
     Parameters
     ----------
     x : array
-    ranks : int or sequence of int, optional
-        Fixed ranks; give this or ``tol``.
+    ranks : int, sequence of int, float or "same", optional
+        Fixed ranks; give this or ``tol``. A float or ``"same"`` is TensorLy's rule: ranks
+        that store that fraction of ``x``'s numbers (:func:`ndlowrank.fraction_ranks`).
     tol : float in (0, 1), optional
         Relative error bound ``‖x − t‖ ≤ tol · ‖x‖``, guaranteed by every method that
         accepts it: ``"sthosvd"`` chooses the ranks; ``"hooi"`` starts from that
@@ -406,6 +407,10 @@ def tucker(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method={method!r}; known methods: {list(METHODS)}")
+    if isinstance(ranks, (float, str)):
+        from .ranks import fraction_ranks  # imported here: ranks builds on this module
+
+        ranks = fraction_ranks(x.shape, ranks)
     if "mask" in options:
         from .partial import masked_tucker  # imported here: partial builds on this module
 

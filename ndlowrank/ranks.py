@@ -10,10 +10,10 @@ import numpy as np
 
 from ._backend import get_namespace, native_routine
 from ._subspace import mode_spectrum, rank_for_budget
-from ._validation import validate_ranks
+from ._validation import check_shape, validate_ranks
 from .decompose import PreparedTensor, check_tol, sthosvd
 
-__all__ = ["budget_ranks", "select_ranks", "validate_ranks"]
+__all__ = ["budget_ranks", "fraction_ranks", "select_ranks", "validate_ranks"]
 
 
 def _tucker_size(shape: Sequence[int], ranks: Sequence[int]) -> int:
@@ -91,6 +91,47 @@ def budget_ranks(
             return [tuple(r) for r in ranks]
         ranks[best[0]] = best[1]
         used += best_cost
+
+
+def fraction_ranks(shape: Sequence[int], fraction: float | str = "same") -> tuple[int, ...]:
+    """Ranks ``round(c · I_n)`` whose Tucker form stores ``fraction`` of the tensor's numbers.
+
+    TensorLy's ``rank="same"`` / float rule (``validate_tucker_rank``): ``c`` solves
+    ``c^N Π I_n + c Σ I_n² = fraction · Π I_n`` (core plus ``I_n × c I_n`` factors).
+
+    Parameters
+    ----------
+    shape : sequence of int
+    fraction : float > 0 or "same", default "same"
+        ``"same"`` is 1.0: as many stored numbers as the full tensor.
+
+    Returns
+    -------
+    tuple of int
+        Each rank in ``[1, I_n]``.
+
+    Examples
+    --------
+    >>> import ndlowrank as nl
+    >>> nl.fraction_ranks((10, 20, 30), 0.1)
+    (3, 6, 9)
+    """
+    from scipy.optimize import brentq  # imported here: only this rule needs it
+
+    sizes = check_shape(shape)
+    value = 1.0 if fraction == "same" else fraction
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not value > 0
+    ):
+        raise ValueError(f"fraction={fraction!r} must be a positive float or 'same'")
+    total = float(math.prod(sizes))
+    squares = float(sum(s * s for s in sizes))
+    c = brentq(
+        lambda c: total * c ** len(sizes) + squares * c - float(value) * total, 0.0, max(float(value), 1.0)
+    )
+    return tuple(min(size, max(1, round(size * c))) for size in sizes)
 
 
 def _mode_spectra(x: Any) -> list[np.ndarray]:

@@ -210,3 +210,25 @@ def test_masked_tucker_observed_error_never_increases():
         nl.masked_tucker(x, 2, mask[:4])
     with pytest.raises(ValueError, match='mask= needs method="hooi"'):
         nl.tucker(x, 2, mask=mask)
+
+
+# -- tensorly/tests/test_tucker_tensor.py::test_validate_tucker_rank -----------------------
+
+
+@pytest.mark.parametrize("fraction", ["same", 0.5, 0.1, 0.01, 2.0])
+@pytest.mark.parametrize("shape", [(10, 20, 30), (3, 4, 3), (16, 16, 3, 3)])
+def test_fraction_ranks_match_tensorly(shape, fraction):
+    _tensorly()
+    from tensorly.tucker_tensor import validate_tucker_rank
+
+    expected = tuple(
+        min(s, int(r)) for s, r in zip(shape, validate_tucker_rank(shape, fraction), strict=True)
+    )
+    assert nl.fraction_ranks(shape, fraction) == expected
+
+
+def test_tucker_takes_a_fraction():
+    x = np.random.default_rng(0).standard_normal((10, 20, 30))
+    assert nl.tucker(x, 0.1).ranks == nl.fraction_ranks(x.shape, 0.1) == (3, 6, 9)
+    with pytest.raises(ValueError, match="fraction='half'"):
+        nl.tucker(x, "half")
