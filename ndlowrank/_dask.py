@@ -18,11 +18,11 @@ results are in-memory numpy arrays. Each ``dask.compute`` reads every chunk of `
 ``x`` per call, for an ``N``-mode tensor:
 
 ==========================  ==============================================
-``hosvd``                   2
+``hosvd``                   ``N + 1``
 ``sthosvd``                 ``N + 1``
 ``sthosvd`` randomized      ``N · (1 + max(power_iters, 1)) + 1``
 ``hooi``                    ``N`` (start) ``+ N`` per sweep ``+ 1``
-``select_ranks``            1 (``energy``, ``budget``); ``N + 1`` (``tol``)
+``select_ranks``            ``N`` (``energy``, ``budget``); ``N + 1`` (``tol``)
 ``tucker_sketch``           1
 ==========================  ==============================================
 
@@ -58,6 +58,8 @@ __all__ = ["hooi", "hosvd", "mode_spectra", "sketches", "sthosvd"]
 
 # float64 squares of entries up to 2**±200 neither overflow nor underflow
 _SAFE_EXPONENT = 200
+# terms summed at once in a reduction tree
+_FAN_IN = 4
 
 
 @dataclass
@@ -114,30 +116,60 @@ def _prepare(x: Any, first: Callable[[Any], Any] | None = None, *, name: str = "
 
 
 def _whole_mode(t: Any, mode: int) -> Any:
-    """``t`` rechunked so that each chunk spans all of ``mode``, chunks no larger than before.
+    """``t`` rechunked so that each chunk spans all of ``mode``.
 
-    Then a chunk's own Gram matrix is a term of the whole one: the Gram matrix is a sum over
-    chunks, with no pairs of chunks to bring together.
+    Then a chunk's own Gram matrix is a term of the whole one. The new chunks are no larger
+    than the old ones, nor smaller than twice a term (``I_mode²`` float64 numbers), so the
+    terms never outweigh the data they summarise.
     """
     if t.numblocks[mode] == 1:
         return t
     largest = math.prod(max(c) for c in t.chunks) * t.dtype.itemsize
-    limit = max(largest, t.shape[mode] * t.dtype.itemsize)
+    limit = max(largest, 2 * t.shape[mode] ** 2 * 8)
     chunks = {k: (-1 if k == mode else "auto") for k in range(t.ndim)}
     return t.rechunk(chunks, block_size_limit=limit)
 
 
+def _sum_terms(t: Any, term: Callable[..., np.ndarray], keep: Sequence[int], tail: tuple[int, ...]) -> Any:
+    """Lazy sum of one small array per chunk of ``t``, summed over the blocks of all modes but ``keep``.
+
+    ``term(chunk, block_info)`` returns an array of shape ``(1 or chunk size per mode) + tail``,
+    the chunk size on the modes in ``keep``. The sum is a tree of fan-in 4, so a few terms are
+    held at a time.
+    """
+    blocks = [t.chunks[k] if k in keep else (1,) * t.numblocks[k] for k in range(t.ndim)]
+    new_axes = list(range(t.ndim, t.ndim + len(tail)))
+    terms = t.map_blocks(term, chunks=(*blocks, *((s,) for s in tail)), new_axis=new_axes, dtype=t.dtype)
+    summed = tuple(k for k in range(t.ndim) if k not in keep)
+    return terms.sum(axis=summed, split_every=_FAN_IN)
+
+
 def _gram(t: Any, mode: int) -> Any:
-    """Lazy float64 Gram matrix of the mode-``mode`` unfolding: a sum over chunks."""
-    t64 = _whole_mode(t, mode).astype(np.float64)
-    others = [k for k in range(t.ndim) if k != mode]
-    return da.tensordot(t64, t64, axes=(others, others))
+    """Lazy float64 Gram matrix of the mode-``mode`` unfolding: one term per chunk, summed."""
+    whole = _whole_mode(t, mode)
+    size = t.shape[mode]
+
+    def term(chunk: np.ndarray, block_info: Any = None) -> np.ndarray:
+        rows = np.moveaxis(chunk, mode, 0).reshape(size, -1)
+        return (rows @ rows.T).reshape((1,) * t.ndim + (size, size))
+
+    return _sum_terms(whole.astype(np.float64), term, (), (size, size))
 
 
 def _project(t: Any, factor: np.ndarray, mode: int) -> Any:
-    """Lazy ``t ×_mode factorᵀ`` for an in-memory ``factor`` of shape ``(I_mode, r)``."""
-    moved = da.tensordot(t, da.from_array(factor.astype(t.dtype)), axes=([mode], [0]))
-    return da.moveaxis(moved, -1, mode)
+    """Lazy ``t ×_mode factorᵀ`` for an in-memory ``factor`` of shape ``(I_mode, r)``.
+
+    Each chunk's term is its product with the rows of ``factor`` it meets; the terms are
+    summed over the blocks of ``mode``.
+    """
+    factor = factor.astype(t.dtype)
+
+    def term(chunk: np.ndarray, block_info: Any = None) -> np.ndarray:
+        rows = factor[slice(*block_info[0]["array-location"][mode])]
+        return np.expand_dims(np.tensordot(chunk, rows, axes=([mode], [0])), mode)
+
+    others = [k for k in range(t.ndim) if k != mode]
+    return da.moveaxis(_sum_terms(t, term, others, (factor.shape[1],)), -1, mode)
 
 
 def _leading(
@@ -165,19 +197,14 @@ def _khatri_rao_sketch(t: Any, mode: int, omegas: Sequence[np.ndarray]) -> Any:
     others = [k for k in range(t.ndim) if k != mode]
     spec = f"{index}," + ",".join(f"{index[k]}z" for k in others) + f"->{index[mode]}z"
     width = omegas[0].shape[1]
-    # the chunk's term keeps every mode (the others as size 1) so that the terms line up
-    term_shape = [1] * t.ndim + [width]
 
     def term(chunk: np.ndarray, block_info: Any = None) -> np.ndarray:
         location = block_info[0]["array-location"]
         rows = [o[slice(*location[k])].astype(chunk.dtype) for k, o in zip(others, omegas, strict=True)]
         out = np.einsum(spec, chunk, *rows, optimize=True)
-        term_shape[mode] = chunk.shape[mode]
-        return out.reshape(term_shape)
+        return out.reshape([chunk.shape[mode] if k == mode else 1 for k in range(t.ndim)] + [width])
 
-    chunks = [t.chunks[mode] if k == mode else (1,) * t.numblocks[k] for k in range(t.ndim)]
-    terms = t.map_blocks(term, chunks=(*chunks, (width,)), new_axis=t.ndim, dtype=t.dtype)
-    return terms.sum(axis=tuple(others))
+    return _sum_terms(t, term, (mode,), (width,))
 
 
 def _core_sketch(t: Any, phis: Sequence[np.ndarray]) -> Any:
@@ -189,10 +216,7 @@ def _core_sketch(t: Any, phis: Sequence[np.ndarray]) -> Any:
         rows = [p[slice(*span)].astype(chunk.dtype) for p, span in zip(phis, location, strict=True)]
         return np.asarray(multi_mode_product(chunk, rows, transpose=True)).reshape((1,) * t.ndim + sizes)
 
-    blocks = [(1,) * count for count in t.numblocks]
-    new_axes = list(range(t.ndim, 2 * t.ndim))
-    terms = t.map_blocks(term, chunks=(*blocks, *((s,) for s in sizes)), new_axis=new_axes, dtype=t.dtype)
-    return terms.sum(axis=tuple(range(t.ndim)))
+    return _sum_terms(t, term, (), sizes)
 
 
 def sketches(
@@ -317,11 +341,23 @@ def sthosvd(
     return prepared.finish(core.compute(), factors)
 
 
+def _all_grams(x: Any) -> tuple[_Prepared, list[np.ndarray]]:
+    """Every mode's Gram matrix of the full tensor, one pass each (the first with the checks).
+
+    One pass could feed them all, but it would hold each chunk until every mode's group of
+    chunks had used it: up to the whole tensor.
+    """
+    prepared, first = _prepare(x, lambda y: _gram(y, 0))
+    if prepared.is_zero:
+        return prepared, []
+    return prepared, [first, *(_gram(prepared.y, n).compute() for n in range(1, x.ndim))]
+
+
 def hosvd(x: Any, ranks: int | Sequence[int], *, solver: str = "auto") -> TuckerTensor:
-    """:func:`ndlowrank.hosvd` of a dask array: every Gram matrix in one pass, the core in another."""
+    """:func:`ndlowrank.hosvd` of a dask array: one pass per mode's Gram matrix, one for the core."""
     ranks = validate_ranks(ranks, tuple(x.shape))
     _dask_solver(solver, method="hosvd")
-    prepared, grams = _prepare(x, lambda y: [_gram(y, n) for n in range(y.ndim)])
+    prepared, grams = _all_grams(x)
     if prepared.is_zero:
         return prepared.zero(ranks)
     dtype = np.dtype(prepared.y.dtype)
@@ -375,7 +411,7 @@ def hooi(
         start = factors
         prepared, first = _prepare(x, lambda y: _gram(_project_all(y, start, skip=0), 0))
     elif init == "hosvd":
-        prepared, first = _prepare(x, lambda y: [_gram(y, n) for n in range(y.ndim)])
+        prepared, first = _all_grams(x)
     else:
         prepared, first = _prepare(x, lambda y: _gram(y, 0))
     if prepared.is_zero:
@@ -421,8 +457,10 @@ def hooi(
 
 
 def mode_spectra(x: Any) -> list[np.ndarray]:
-    """Squared singular values of every unfolding of a dask array (one pass), decreasing."""
-    prepared, grams = _prepare(x, lambda y: [_gram(y, n) for n in range(y.ndim)])
+    """Squared singular values of every unfolding of a dask array (one pass per mode), decreasing."""
+    prepared, grams = _all_grams(x)
+    if prepared.is_zero:
+        return [np.zeros(size) for size in x.shape]
     spectra = []
     for gram in grams:
         values = np.clip(np.linalg.eigvalsh(np.asarray(gram, dtype=np.float64))[::-1], 0.0, None)
