@@ -83,6 +83,12 @@ BENCHMARKS = [
         "dask arrays several times a memory limit: time, peak memory, passes, error",
     ),
     Benchmark(
+        "models",
+        ("benchmarks/bench_models.py",),
+        ("torch", "peft", "transformers", "diffusers"),
+        "whole real networks (tiny configs): training step and memory vs PEFT LoRA, per-call cost",
+    ),
+    Benchmark(
         "truncate",
         ("benchmarks/bench_truncate.py",),
         ("torch",),
