@@ -407,7 +407,7 @@ def tucker(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method={method!r}; known methods: {list(METHODS)}")
-    if isinstance(ranks, (float, str)):
+    if isinstance(ranks, float) or (isinstance(ranks, str) and ranks == "same"):
         from .ranks import fraction_ranks  # imported here: ranks builds on this module
 
         ranks = fraction_ranks(x.shape, ranks)

@@ -230,5 +230,8 @@ def test_fraction_ranks_match_tensorly(shape, fraction):
 def test_tucker_takes_a_fraction():
     x = np.random.default_rng(0).standard_normal((10, 20, 30))
     assert nl.tucker(x, 0.1).ranks == nl.fraction_ranks(x.shape, 0.1) == (3, 6, 9)
-    with pytest.raises(ValueError, match="fraction='half'"):
+    assert nl.tucker(x, "same").ranks == nl.fraction_ranks(x.shape, 1.0)
+    with pytest.raises(TypeError, match="ranks must be an int"):
         nl.tucker(x, "half")
+    with pytest.raises(ValueError, match="fraction='half'"):
+        nl.fraction_ranks(x.shape, "half")
