@@ -235,3 +235,21 @@ def test_tucker_takes_a_fraction():
         nl.tucker(x, "half")
     with pytest.raises(ValueError, match="fraction='half'"):
         nl.fraction_ranks(x.shape, "half")
+
+
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    rows=st.integers(0, 4),
+    data=st.data(),
+)
+def test_tucker_mode_product_identity(backend, shape, rows, data):
+    """``tucker_mode_product(t, M, n)`` equals ``mode_product(t.to_dense(), M, n)``; ``rows=0`` is a vector."""
+    mode = data.draw(st.integers(0, len(shape) - 1))
+    ranks = [data.draw(st.integers(1, size)) for size in shape]
+    t = nl.random_tucker(shape, ranks, seed=len(shape), backend=backend.xp, device=backend.device)
+    rng = np.random.default_rng(rows)
+    m = backend.asarray(rng.standard_normal((rows, shape[mode]) if rows else shape[mode]))
+    expected = nl.mode_product(t.to_dense(), m, mode)
+    assert_close(
+        nl.tucker_mode_product(t, m, mode).to_dense(), expected, backend=backend, rtol=1e-10, atol=1e-12
+    )
