@@ -20,7 +20,7 @@ results are in-memory numpy arrays. Each ``dask.compute`` reads every chunk of `
 ==========================  ==============================================
 ``hosvd``                   ``N + 1``
 ``sthosvd``                 ``N + 1``
-``sthosvd`` randomized      ``N · (1 + max(power_iters, 1)) + 1``
+``sthosvd`` randomized      ``N · (2 + power_iters) + 1``
 ``hooi``                    ``N`` (start) ``+ N`` per sweep ``+ 1``
 ``select_ranks``            ``N`` (``energy``, ``budget``); ``N + 1`` (``tol``)
 ``tucker_sketch``           1
@@ -243,7 +243,7 @@ def _randomized_factor(
 ) -> np.ndarray:
     """Range finder from ``sketch``, power iterations, then a Rayleigh-Ritz step, one pass each."""
     basis = np.linalg.qr(np.asarray(sketch, dtype=np.float64))[0]
-    for _ in range(max(power_iters, 1) - 1):
+    for _ in range(power_iters):
         basis = np.linalg.qr(np.asarray(_power_step(t, mode, basis).compute(), dtype=np.float64))[0]
     # basisᵀ t t ᵀ basis is the Gram matrix of the projected unfolding: its eigenvectors rotate the basis
     small = basis.T @ np.asarray(_power_step(t, mode, basis).compute(), dtype=np.float64)
