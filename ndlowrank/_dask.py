@@ -6,11 +6,14 @@ this module (through the dispatch table of :mod:`ndlowrank._backend`). The array
 gathered: every quantity read from it is a reduction over its chunks, evaluated by
 whatever dask scheduler is active (threads, or a ``dask.distributed`` client):
 
-- the Gram matrix ``x₍ₙ₎ x₍ₙ₎ᵀ`` of a mode-n unfolding is ``tensordot(x, x)`` over the
-  other modes, accumulated in float64 (``I_n × I_n``, small);
+- the Gram matrix ``x₍ₙ₎ x₍ₙ₎ᵀ`` of a mode-n unfolding is a sum of one float64 term per
+  chunk (``I_n × I_n``, small), once the chunks are re-split to span mode n;
 - a randomized sketch ``x₍ₙ₎ Ω`` uses a Khatri-Rao structured ``Ω`` (one small Gaussian
-  matrix per other mode), so the test matrix is never formed;
-- projections on factors are chunked ``tensordot`` s, left lazy until a reduction needs them.
+  matrix per other mode), so the test matrix is never formed: each chunk adds its term;
+- projections on factors are sums of per-chunk products, left lazy until a reduction
+  needs them.
+
+Every sum adds four terms at a time, so a pass holds a few chunks, never the tensor.
 
 The eigenproblems (``I_n × I_n``) and everything of the core's size run in numpy. The
 results are in-memory numpy arrays. Each ``dask.compute`` reads every chunk of ``x`` once
