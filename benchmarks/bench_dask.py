@@ -124,7 +124,11 @@ def sketch_vs_sthosvd(shape: tuple[int, ...], seeds: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 64 MiB tensor instead of 256 MiB")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a 32 MiB tensor under an 8 MiB limit instead of 128 MiB under 24 MiB",
+    )
     args = parser.parse_args(argv)
     shape, chunk, limit = (
         ((128, 128, 256), 64, 8 * 2**20) if args.quick else ((256, 256, 256), 64, 24 * 2**20)

@@ -1,4 +1,4 @@
-"""The ``ndlowrank`` command line: decompose, reconstruct, extract, info and demo.
+"""The ``ndlowrank`` command line: decompose, reconstruct, extract, convert, info and demo.
 
 Every subcommand reports bad input as one line on stderr and exits with status 2, with no
 traceback and no partial output file (files are written to a temporary name and renamed).
@@ -282,6 +282,33 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a PEFT / kohya / LyCORIS adapter to another of these formats, optionally resized."""
+    try:
+        from .nn import convert_adapters  # imported on use: it needs torch
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        raise UsageError("convert needs PyTorch: pip install torch") from None
+    ranks = None if args.ranks is None else (args.ranks[0] if len(args.ranks) == 1 else tuple(args.ranks))
+    try:
+        reports = convert_adapters(
+            args.input,
+            args.target,
+            format=args.to,
+            tol=args.tol,
+            ranks=ranks,
+            budget=args.budget,
+            prefix=args.prefix,
+        )
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    rows = [(r.name, str(r.old_ranks), str(r.new_ranks), f"{r.relative_change:.2e}") for r in reports]
+    print(_table(rows, ("layer", "exact ranks", "new ranks", "rel. change")))
+    print(f"converted {len(reports)} layers; wrote {args.target} ({args.to})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Pre-train a small conv net and adapt it with Tucker adapters (needs PyTorch)."""
     try:
@@ -349,6 +376,29 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, help="dense tensors to write (.safetensors, .npz or .pt)"
     )
     rec.set_defaults(run=cmd_reconstruct)
+
+    conv = sub.add_parser(
+        "convert",
+        help="convert a PEFT / diffusers / kohya / LyCORIS adapter to another format, optionally resized",
+    )
+    conv.add_argument(
+        "input", help="a PEFT adapter directory, or a diffusers / kohya / LyCORIS .safetensors file"
+    )
+    conv.add_argument("target", help="the PEFT directory or .safetensors file to write")
+    conv.add_argument(
+        "--to", required=True, choices=("peft", "diffusers", "kohya", "lycoris"), help="format of TARGET"
+    )
+    size = conv.add_mutually_exclusive_group()
+    size.add_argument("--tol", type=float, help="relative error bound per layer (default: exact to rounding)")
+    size.add_argument(
+        "--ranks", type=int, nargs="+", help="Tucker ranks: one for every mode, or one per mode"
+    )
+    size.add_argument("--budget", type=int, help="total adapter parameters, spread over the layers by energy")
+    conv.add_argument(
+        "--prefix",
+        help="key prefix of a diffusers / kohya / LyCORIS target (unet, lora_unet, lora_te, lycoris)",
+    )
+    conv.set_defaults(run=cmd_convert)
 
     demo = sub.add_parser(
         "demo", help="pre-train a small conv net on the CPU and adapt it with Tucker adapters"
