@@ -100,7 +100,7 @@ def _prepare(x: Any, first: Callable[[Any], Any] | None = None, *, name: str = "
     y = x if x.dtype == work else x.astype(work)
 
     def evaluate(y: Any) -> tuple[float, float, float, Any]:
-        squares = da.sum(y.astype(np.float64) ** 2)
+        squares = _sum_terms(y, _squares, (), ())
         # max and min propagate NaN, so they find non-finite entries and the largest magnitude
         high, low, norm2, value = dask.compute(da.max(y), da.min(y), squares, first(y) if first else None)
         return float(high), float(low), float(norm2), value
@@ -116,6 +116,12 @@ def _prepare(x: Any, first: Callable[[Any], Any] | None = None, *, name: str = "
         _, _, norm2, value = evaluate(y)
     out_dtype = np.dtype(x.dtype) if np.issubdtype(x.dtype, np.floating) else work
     return _Prepared(y, scale, norm2, out_dtype), value
+
+
+def _squares(chunk: np.ndarray, block_info: Any = None) -> np.ndarray:
+    """A chunk's sum of squares in float64; an overflow gives inf, which the caller rescales."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.sum(np.square(chunk, dtype=np.float64)).reshape((1,) * chunk.ndim)
 
 
 def _whole_mode(t: Any, mode: int) -> Any:
@@ -154,7 +160,8 @@ def _gram(t: Any, mode: int) -> Any:
 
     def term(chunk: np.ndarray, block_info: Any = None) -> np.ndarray:
         rows = np.moveaxis(chunk, mode, 0).reshape(size, -1)
-        return (rows @ rows.T).reshape((1,) * t.ndim + (size, size))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught and rescaled
+            return (rows @ rows.T).reshape((1,) * t.ndim + (size, size))
 
     return _sum_terms(whole.astype(np.float64), term, (), (size, size))
 

@@ -135,6 +135,8 @@ def test_bad_arguments_read_nothing():
     assert passes() == 0
 
 
+# the first pass's Gram sums may meet inf - inf in dask's own tree sum; that pass is redone rescaled
+@pytest.mark.filterwarnings("ignore:invalid value encountered in reduce:RuntimeWarning")
 def test_extreme_magnitudes_are_rescaled():
     x = low_rank_tensor() * 1e250
     lazy, passes = counted_dask(x)
