@@ -468,13 +468,13 @@ def test_linear_path_costs_are_the_documented_formulas():
     out, inp, r0, r1 = 32, 64, 4, 3
     tokens = 2 * 5  # input (2, 5, 64)
     build = out * inp * r0 + inp * r0 * r1  # A0 (G A1ᵀ)
-    branch = tokens * (inp * r1 + r1 * r0 + r0 * out)  # x A1, then Gᵀ, then A0ᵀ
+    branch = inp * r0 * r1 + tokens * (inp * r0 + r0 * out)  # G A1ᵀ, then x (G A1ᵀ)ᵀ, then A0ᵀ
     assert adapter.path_costs((2, 5, 64), training=False) == (float(build), float(branch))
     assert adapter.path_costs((2, 5, 64), training=True) == (
         float(3 * build + tokens * out * inp),
         float(3 * branch),
     )
-    assert (build, branch) == (8960, 10 * 332)
+    assert (build, branch) == (8960, 768 + 10 * 384)
 
 
 def test_conv_path_costs_are_the_documented_formulas():
@@ -538,13 +538,16 @@ def test_auto_follows_the_input_shape_the_mode_and_a_truncation_call_after_call(
                     seen.add(adapter.chosen_path(x))
                     assert adapter.chosen_path(x) == expected(x)
     assert seen == {"materialize", "factorized"}
-    edge = torch.empty(33, 64)  # without gradients, ranks 1 materialize here and ranks 8 do not
+    # without gradients a linear layer materializes from 64·64 / (64 + 64) = 32 tokens on, at any rank
+    below, above = torch.empty(31, 64), torch.empty(33, 64)
     with torch.no_grad():
-        assert adapter.chosen_path(edge) == expected(edge) == "factorized"
-    nlnn.truncate_adapters(model, ranks=1)  # new ranks: new costs
+        assert adapter.chosen_path(below) == expected(below) == "factorized"
+        assert adapter.chosen_path(above) == expected(above) == "materialize"
+    nlnn.truncate_adapters(model, ranks=1)  # new ranks: the choice is estimated again
     with torch.no_grad():
         assert adapter.ranks == (1, 1)
-        assert adapter.chosen_path(edge) == expected(edge) == "materialize"
+        assert adapter.chosen_path(below) == expected(below) == "factorized"
+        assert ((31, 64), False, (1, 1)) in adapter._auto_paths
     for size in range(1, 200):  # inputs of ever new shapes do not grow the memory without bound
         adapter.chosen_path(torch.empty(size, 64))
     assert len(adapter._auto_paths) <= 64

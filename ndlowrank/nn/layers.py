@@ -252,7 +252,8 @@ class LinearAdapter(TuckerAdapter):
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1, core = self._factors_and_core()
-        return self.base_layer(x) + F.linear(F.linear(self.dropout(x) @ a1, core), a0)
+        # G A1ᵀ (r0 × in) first: two products on the activations, as in LoRA, and one tiny one
+        return self.base_layer(x) + F.linear(F.linear(self.dropout(x), F.linear(core, a1)), a0)
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
         out, inp = self.weight.shape
@@ -266,7 +267,7 @@ def _linear_costs(
     """``(materialize, factorized)`` flops of a linear layer ``inp → out`` with ranks ``(r_out, r_in)``."""
     tokens = math.prod(input_shape) // inp
     build = out * inp * r_out + inp * r_out * r_in
-    branch = tokens * (inp * r_in + r_in * r_out + r_out * out)
+    branch = inp * r_out * r_in + tokens * (inp * r_out + r_out * out)  # G A1ᵀ, then x (G A1ᵀ)ᵀ, then A0
     if not training:
         return float(build), float(branch)
     # materialize also pays the full weight gradient (tokens · out · in)
@@ -289,7 +290,7 @@ class TransposedLinearAdapter(TuckerAdapter):
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1, core = self._factors_and_core()
-        return self.base_layer(x) + F.linear(self.dropout(x) @ a0 @ core, a1)
+        return self.base_layer(x) + F.linear(self.dropout(x) @ (a0 @ core), a1)  # A0 G (in × r1) first
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
         inp, out = self.weight.shape
