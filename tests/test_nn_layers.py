@@ -487,9 +487,23 @@ def test_conv_path_costs_are_the_documented_formulas():
     branch = batch * (in_pixels * 4 * 2 * 3 + out_pixels * 2 * 4 * 3 * 9 + out_pixels * 12 * 4)
     assert (build, branch) == (2160, 17520)
     assert adapter.path_costs((2, 8, 10, 9), training=False) == (2160.0, 17520.0)
-    assert adapter.path_costs((2, 8, 10, 9), training=True) == (3 * 2160.0 + 2 * 17520.0, 3 * 17520.0)
+    core = batch * out_pixels * 2 * 4 * 3 * 9  # the spatial core's convolution, run once more by materialize
+    assert adapter.path_costs((2, 8, 10, 9), training=True) == (3 * 2160.0 + 2 * 17520.0 + core, 3 * 17520.0)
     # an unbatched input counts as a batch of one
     assert adapter.path_costs((8, 10, 9), training=False) == (2160.0, 17520.0 / 2)
+
+
+def test_pointwise_conv_path_costs_are_the_documented_formulas():
+    adapter = nlnn.TuckerAdapter(nn.Conv2d(8, 6, 1, stride=2), (4, 3, 1, 1), seed=0)
+    # out=6, in=8, r0=4, r1=3; input (2, 8, 6, 5) gives 3 × 3 output pixels, the only ones read
+    batch, pixels = 2, 3 * 3
+    build = 6 * 8 * 4 + 4 * 8 * 3
+    branch = batch * pixels * (8 * 4 + 6 * 4) + 8 * 4 * 3  # x (A1 Gᵀ), then A0; A1 Gᵀ once
+    projections = batch * pixels * (8 * 3 + 6 * 4)
+    core = batch * pixels * 4 * 3
+    assert (build, branch, projections, core) == (288, 1104, 864, 216)
+    assert adapter.path_costs((2, 8, 6, 5), training=False) == (288.0, 1104.0)
+    assert adapter.path_costs((2, 8, 6, 5), training=True) == (3 * 288.0 + 2 * 864.0 + 3 * 216.0, 3 * 1104.0)
 
 
 def test_embedding_path_costs_are_the_documented_formulas():

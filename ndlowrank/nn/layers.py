@@ -353,15 +353,18 @@ class ConvAdapter(TuckerAdapter):
         in_pixels = math.prod(input_shape[-(self.weight.ndim - 2) :])
         out_pixels = math.prod(self.geometry.output_size(input_shape[-(self.weight.ndim - 2) :]))
         build = out * in_per_group * kernel * r0 + r0 * in_per_group * kernel * r1
-        branch = batch * (
-            in_pixels * in_per_group * groups * r1
-            + out_pixels * groups * r0 * r1 * kernel
-            + out_pixels * out * r0
-        )
+        pixels_read = out_pixels if self.geometry.pointwise else in_pixels  # a pointwise conv reads strided
+        core = batch * out_pixels * groups * r0 * r1 * kernel
+        projections = batch * (pixels_read * in_per_group * groups * r1 + out_pixels * out * r0)
+        if self.geometry.pointwise:  # the factorized branch folds the core into A1 first
+            branch = batch * out_pixels * (in_per_group * groups * r0 + out * r0) + in_per_group * r0 * r1
+        else:
+            branch = projections + core
         if not training:
             return float(build), float(branch)
-        # the fused path's backward runs the small convolutions about twice
-        return float(3 * build + 2 * branch), float(3 * branch)
+        # the fused path's backward runs each projection twice and the core three times (its
+        # two gradients and its output again); the factorized path runs its branch three times
+        return float(3 * build + 2 * projections + 3 * core), float(3 * branch)
 
 
 class EmbeddingAdapter(TuckerAdapter):
