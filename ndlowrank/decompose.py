@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ._backend import compute_dtype, device_of, get_namespace
 from ._subspace import SOLVERS, leading_subspace
-from ._validation import validate_ranks
+from ._validation import make_rng, validate_ranks
 from .tenalg import mode_product, multi_mode_product, unfold
 from .tucker import TuckerTensor
 
@@ -234,7 +234,7 @@ def sthosvd(
     if prepared.is_zero:
         return _zero_result(prepared, fixed or (1,) * len(shape))
     budget = None if tol is None else tol**2 * prepared.squared_norm() / len(shape)
-    rng = np.random.default_rng(seed)
+    rng = make_rng(seed)
     xp = prepared.xp
     core = prepared.y
     factors: list[Any] = [None] * len(shape)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._validation import validate_ranks
+from .._validation import check_scale, validate_ranks
 from ..decompose import sthosvd
 from ..init import KNOWN_INITS
 from ..tucker import TuckerTensor
@@ -49,6 +49,7 @@ class DeltaHost(nn.Module):
         """Create ``self.delta`` for ``self.weight``; ints in ``ranks`` are clipped to each mode's size."""
         if init not in KNOWN_INITS:
             raise ValueError(f"unknown init={init!r}; known inits: {sorted(KNOWN_INITS)}")
+        check_scale(scale, principal=init == "principal")
         weight = self.weight
         shape = tuple(weight.shape)
         ranks = validate_ranks(ranks, shape, clip=True)

@@ -29,7 +29,6 @@ leaves a truncated file in place of a good one.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,6 +40,11 @@ from torch import nn
 
 from .. import __version__
 from .._files import atomic_path
+from .._header import check_ranks_fit as _check_ranks
+from .._header import int_tuple as _int_tuple
+from .._header import json_object, scale_field
+from .._header import number as _number
+from .._header import string as _string
 from ..init import KNOWN_INITS
 from ._host import DeltaHost
 from .delta import TuckerDelta
@@ -271,37 +275,6 @@ def _read_file(path: str, where: str) -> tuple[dict[str, str], dict[str, torch.T
     return metadata, tensors
 
 
-def _int_tuple(value: Any, field: str, at: str) -> tuple[int, ...]:
-    if not (
-        isinstance(value, list)
-        and value
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-    ):
-        raise ValueError(f"{at}: {field} must be a non-empty list of positive ints, got {value!r}")
-    return tuple(value)
-
-
-def _number(value: Any, field: str, at: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{at}: {field} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _string(value: Any, field: str, at: str, choices: tuple[str, ...] | None = None) -> str:
-    if not isinstance(value, str) or (choices is not None and value not in choices):
-        expected = f"one of {list(choices)}" if choices is not None else "a string"
-        raise ValueError(f"{at}: {field} must be {expected}, got {value!r}")
-    return value
-
-
-def _check_ranks(field: str, ranks: tuple[int, ...], weight_shape: tuple[int, ...], at: str) -> None:
-    if len(ranks) != len(weight_shape):
-        raise ValueError(f"{at}: {field}={list(ranks)} has not one rank per mode of {list(weight_shape)}")
-    for n, (rank, size) in enumerate(zip(ranks, weight_shape, strict=True)):
-        if rank > size:
-            raise ValueError(f"{at}: {field}[{n}]={rank} exceeds dimension {size} of mode {n}")
-
-
 def _parse_target(entry: Any, where: str) -> _Target:
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: an adapter entry must be a JSON object, got {entry!r}")
@@ -342,7 +315,7 @@ def _parse_target(entry: Any, where: str) -> _Target:
         weight_shape=weight_shape,
         ranks=ranks,
         init=init,
-        scale=_number(entry["scale"], "scale", at),
+        scale=scale_field(entry["scale"], at, principal=init == "principal"),
         dropout=dropout,
         path=path,
         dtype=dtype,
@@ -351,12 +324,7 @@ def _parse_target(entry: Any, where: str) -> _Target:
 
 
 def _parse_header(text: str, where: str) -> list[_Target]:
-    try:
-        header = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: its {METADATA_KEY!r} metadata is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ValueError(f"{where}: its {METADATA_KEY!r} metadata must be a JSON object")
+    header = json_object(text, METADATA_KEY, where)
     kind = header.get("format")
     if kind != FILE_FORMAT:
         raise ValueError(
