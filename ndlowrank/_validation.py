@@ -8,7 +8,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_SCALE", "MIN_PRINCIPAL_SCALE", "check_scale", "check_seed", "check_shape", "make_rng", "validate_ranks"]
+__all__ = [
+    "MAX_SCALE",
+    "MIN_PRINCIPAL_SCALE",
+    "check_scale",
+    "check_seed",
+    "check_shape",
+    "make_rng",
+    "validate_ranks",
+]
 
 MAX_SCALE = 1e6
 """Largest ``|scale|`` of a delta: beyond it ``scale · ΔW`` leaves float16's range at modest ranks
@@ -166,7 +174,9 @@ def check_seed(seed: Any, *, generator: bool = True, name: str = "seed") -> Any:
     if seed is None or (generator and isinstance(seed, np.random.Generator)):
         return seed
     if not _is_int(seed) or int(seed) < 0:
-        allowed = "None, a non-negative int or a numpy Generator" if generator else "None or a non-negative int"
+        allowed = (
+            "None, a non-negative int or a numpy Generator" if generator else "None or a non-negative int"
+        )
         raise ValueError(f"{name} must be {allowed}, got {seed!r} ({type(seed).__name__})")
     return int(seed)
 

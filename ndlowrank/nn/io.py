@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .._files import atomic_path
+from .._files import write_atomically
 from .._header import check_ranks_fit as _check_ranks
 from .._header import int_tuple as _int_tuple
 from .._header import json_object, scale_field
@@ -173,12 +173,15 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
         If ``model`` has no adapters.
     IsADirectoryError, FileNotFoundError
         If ``path`` is a directory or its directory does not exist (naming the path).
+    OSError
+        If the file cannot be written (a full disk, a file size limit), naming the path.
 
     Notes
     -----
     The write is atomic: the file is written under a temporary name in the same directory,
     flushed to disk and renamed onto ``path``. If anything fails, the temporary file is
-    removed and a file already at ``path`` is left untouched.
+    removed and a file already at ``path`` is left untouched. Temporary files that a
+    killed save left behind are removed by the next save to the same path.
 
     Examples
     --------
@@ -218,8 +221,9 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
     metadata = {METADATA_KEY: json.dumps(header), "format": "pt"}
     tensors = {key: t.to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
 
-    with atomic_path(target) as temporary:
-        safetensors.torch.save_file(tensors, str(temporary), metadata=metadata)
+    write_atomically(
+        target, lambda temporary: safetensors.torch.save_file(tensors, str(temporary), metadata=metadata)
+    )
 
 
 # -- reading and validating a file -------------------------------------------------------
