@@ -331,7 +331,7 @@ def _adapter_rows(header: dict[str, Any], path: str) -> list[tuple[str, ...]]:
     targets = header.get("targets")
     if not isinstance(targets, list) or not targets:
         raise UsageError(f"{path}: 'targets' must be a non-empty list of adapter entries, got {targets!r}")
-    rows = []
+    rows: list[tuple[str, ...]] = []
     try:
         for entry in targets:
             if not isinstance(entry, dict):

@@ -157,6 +157,20 @@ class DeltaHost(nn.Module):
             raise ValueError("merging would put NaN or Inf into the base weight")
 
     @torch.no_grad()
+    def check_restorable(self) -> None:
+        """Raise ``ValueError`` if :meth:`restore_weight` would put NaN or Inf into the weight (nothing changes)."""
+        if not self.merged:
+            base = self.weight
+        elif self._original_weight is not None:
+            base = self._original_weight
+        else:
+            base = self.weight - self.delta_weight()
+        if not torch.isfinite(base + self._principal_start()).all():
+            raise ValueError(
+                "restoring the original weight would put NaN or Inf into it (does the delta hold NaN or Inf?)"
+            )
+
+    @torch.no_grad()
     def restore_weight(self) -> None:
         """Give the weight back its original value (undoing a merge and the principal init)."""
         self.unmerge()

@@ -204,6 +204,9 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
     adapters = list(iter_adapters(model))
     if not adapters:
         raise ValueError("the model has no adapters to save; add them with ndlowrank.nn.add_adapters")
+    meta = [name for name, adapter in adapters if any(p.is_meta for p in adapter.delta.parameters())]
+    if meta:
+        raise ValueError(f"adapters {meta} are on the meta device and hold no values; nothing to save")
     target = _fspath(path)
     if os.path.isdir(target):
         raise IsADirectoryError(f"cannot save adapters to {target!r}: it is a directory")
@@ -429,6 +432,19 @@ def _fresh_parameter(model: nn.Module, target: _Target, at: str) -> nn.Parameter
     return parameter
 
 
+def _check_not_meta(found: DeltaHost | nn.Module | nn.Parameter, at: str) -> None:
+    """A weight (or adapter) on the meta device has no storage: the file's values would be dropped."""
+    tensors = [found] if isinstance(found, nn.Parameter) else [found.weight]
+    if isinstance(found, DeltaHost):
+        tensors += list(found.delta.parameters())
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
+        raise ValueError(
+            f"{at}: the model's weight is on the meta device, which holds no values, so the file's would be "
+            "lost; materialise the model first (model.to_empty(device=...) and load its weights), then load "
+            "the adapters"
+        )
+
+
 def _plan(
     model: nn.Module, targets: list[_Target], tensors: Mapping[str, torch.Tensor], *, strict: bool, where: str
 ) -> list[tuple[_Target, DeltaHost | nn.Module | nn.Parameter]]:
@@ -452,6 +468,8 @@ def _plan(
             plan.append((target, _fresh_parameter(model, target, at)))
         else:
             plan.append((target, _fresh_layer(model, target, at)))
+    for target, found in plan:
+        _check_not_meta(found, f"{where}, adapter {target.name!r}")
     if strict:
         names = {t.name for t in targets}
         extra = [name for name in adapters if name not in names]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -81,6 +81,28 @@ def _suffix_match(pattern: str, name: str) -> bool:
     return re.fullmatch(rf"(.*\.)?({pattern})", name) is not None
 
 
+def _already_adapted(model: nn.Module, matches: Callable[[str], bool], what: str) -> None:
+    """Raise if ``what`` (a target that selects nothing adaptable) selects an adapter or what one holds."""
+    for name, adapter in iter_adapters(model):
+        covered = [name]
+        if isinstance(adapter, TuckerAdapter):  # the wrapped layer's parameters, by their user-facing names
+            covered += [f"{name}.{key}" if name else key for key, _ in adapter.base_layer.named_parameters()]
+        if any(matches(n) for n in covered):
+            raise ValueError(_adapted_message(what, name, adapter))
+
+
+def _adapted_message(what: str, name: str, adapter: nn.Module) -> str:
+    return (
+        f"{what} already has an adapter ({type(adapter).__name__} {name!r}); a weight takes one "
+        "adapter: remove it first (ndlowrank.nn.remove_adapters) or load trained values into it "
+        "(ndlowrank.nn.load_adapters)"
+    )
+
+
+def _suffix_of(target: str) -> Callable[[str], bool]:
+    return lambda name: name == target or name.endswith("." + target)
+
+
 def _targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
     """Names of the modules ``target_modules`` selects; every entry must select something."""
     candidates = [
@@ -91,19 +113,41 @@ def _targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]
     if isinstance(target_modules, str):
         chosen = [name for name in candidates if re.fullmatch(target_modules, name)]
         if not chosen:
+            regex = target_modules
+            _already_adapted(
+                model, lambda name: re.fullmatch(regex, name) is not None, f"target_modules={regex!r}"
+            )
             raise ValueError(f"target_modules={target_modules!r} (a regex) matches no module of the model")
-        return chosen
+        return _without_parameter_adapters(model, chosen)
     if not target_modules:
         raise ValueError(
             "target_modules is empty; name the modules to adapt (exact names, suffixes or a regex)"
         )
     chosen = []
-    for target in target_modules:
-        matched = [name for name in candidates if name == target or name.endswith("." + target)]
+    for k, target in enumerate(target_modules):
+        if not isinstance(target, str):
+            raise TypeError(
+                f"target_modules[{k}]={target!r} is a {type(target).__name__}; give module names as strings"
+            )
+        matched = [name for name in candidates if _suffix_of(target)(name)]
         if not matched:
+            _already_adapted(model, _suffix_of(target), f"target module {target!r}")
             raise ValueError(f"target module {target!r} matches no module of the model")
         chosen += [name for name in matched if name not in chosen]
-    return chosen
+    return _without_parameter_adapters(model, chosen)
+
+
+def _without_parameter_adapters(model: nn.Module, names: list[str]) -> list[str]:
+    """``names``, after checking that no parameter of these modules has a parameter adapter already."""
+    for name in names:
+        module = model.get_submodule(name)
+        if parametrize.is_parametrized(module):
+            parametrized: Any = module.parametrizations
+            for attribute, parametrizations in parametrized.items():
+                adapters = [p for p in parametrizations if isinstance(p, ParameterAdapter)]
+                if adapters:
+                    raise ValueError(_adapted_message(f"module {name!r}", f"{name}.{attribute}", adapters[0]))
+    return names
 
 
 def _is_internal(name: str) -> bool:
@@ -118,9 +162,14 @@ def _target_parameters(model: nn.Module, target_parameters: Sequence[str]) -> li
         raise TypeError("target_parameters must be a list of parameter names, e.g. ['attn.in_proj_weight']")
     candidates = [name for name, _ in model.named_parameters() if not _is_internal(name)]
     chosen: list[str] = []
-    for target in target_parameters:
-        matched = [name for name in candidates if name == target or name.endswith("." + target)]
+    for k, target in enumerate(target_parameters):
+        if not isinstance(target, str):
+            raise TypeError(
+                f"target_parameters[{k}]={target!r} is a {type(target).__name__}; give parameter names as strings"
+            )
+        matched = [name for name in candidates if _suffix_of(target)(name)]
         if not matched:
+            _already_adapted(model, _suffix_of(target), f"target parameter {target!r}")
             raise ValueError(f"target parameter {target!r} matches no parameter of the model")
         for name in matched:
             shape = tuple(model.get_parameter(name).shape)
@@ -321,6 +370,28 @@ def add_adapters(
     return model
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prepare_all(items: Iterable[tuple[str, T]], prepare: Callable[[T], R], *, verb: str) -> list[R]:
+    """All or nothing: run ``prepare`` on every item before the caller changes any.
+
+    ``prepare`` computes (or checks) what the change of one item needs without changing
+    anything; the caller commits the results only once every item is prepared. The first
+    failure is re-raised as the same exception type naming the item and saying that
+    nothing was ``verb`` (``merge_adapters``, ``remove_adapters`` and
+    ``truncate_adapters`` all work this way).
+    """
+    results = []
+    for name, item in items:
+        try:
+            results.append(prepare(item))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise type(exc)(f"{name!r}: {exc}; no adapter was {verb}") from None
+    return results
+
+
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Merge every adapter's ``ΔW`` into its weight; forward then runs at the base model's speed.
 
@@ -328,11 +399,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     or Inf, a ``ValueError`` names the adapter and no weight changes. Returns ``model``.
     """
     adapters = list(iter_adapters(model))
-    for name, adapter in adapters:  # all or nothing: check every layer before merging any
-        try:
-            adapter.check_mergeable()
-        except ValueError as exc:
-            raise ValueError(f"{name!r}: {exc}; no adapter was merged") from None
+    prepare_all(adapters, DeltaHost.check_mergeable, verb="merged")
     for _, adapter in adapters:
         adapter.merge()
     return model
@@ -359,7 +426,16 @@ def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
     -------
     nn.Module
         ``model`` without adapters; ``requires_grad`` of the base parameters is left as is.
+
+    Raises
+    ------
+    ValueError
+        If a weight would hold NaN or Inf after the removal (a delta that diverged), naming
+        the adapter. All or nothing: every adapter is checked before any is removed, so the
+        model is unchanged then.
     """
+    check = DeltaHost.check_mergeable if merge else DeltaHost.check_restorable
+    prepare_all(list(iter_adapters(model)), check, verb="removed")
     for name, module in list(model.named_modules()):
         if isinstance(module, TuckerAdapter):
             base = module.merged_base() if merge else module.restore_base()
