@@ -124,6 +124,20 @@ def resolve_backend(backend: str | ModuleType | None) -> ModuleType:
     return importlib.import_module(_BACKENDS[backend][0])
 
 
+def _refuse_numpy_subclass(array: Any, name: str) -> None:
+    """numpy subclasses whose arithmetic differs from an array's would give wrong numbers: refuse them by name."""
+    if isinstance(array, np.matrix):
+        raise TypeError(
+            f"{name} is a numpy.matrix, whose * and ** are matrix products and which is always 2-D; "
+            "pass np.asarray(x)"
+        )
+    if isinstance(array, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy masked array; decompositions ignore no entries, so fill the masked ones "
+            "first (x.filled(value)) or pass np.asarray(x) to use the data as is"
+        )
+
+
 def get_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> ModuleType:
     """Infer the array namespace shared by ``arrays``.
 
@@ -137,14 +151,16 @@ def get_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> ModuleT
     Raises
     ------
     TypeError
-        If an argument is not an array, or if the arrays come from different backends
-        (the message names both).
+        If an argument is not an array, is a ``numpy.matrix`` or a masked array (whose
+        arithmetic would give wrong results), or if the arrays come from different
+        backends (the message names both).
     """
     names = names or tuple(f"argument {i}" for i in range(len(arrays)))
     found: dict[str, str] = {}
     for name, array in zip(names, arrays, strict=True):
         if array is None:
             continue
+        _refuse_numpy_subclass(array, name)
         try:
             xp = array_api_compat.array_namespace(array)
         except TypeError as exc:
@@ -198,6 +214,11 @@ def resolve_dtype(xp: ModuleType, dtype: Any, *, default: str = "float32") -> An
     return resolved
 
 
+def _itemsize(dtype: Any) -> int:
+    size = getattr(dtype, "itemsize", None)
+    return int(size) if size is not None else 8
+
+
 def compute_dtype(xp: ModuleType, x: Any, *, name: str = "x") -> Any:
     """The dtype a decomposition of ``x`` works in.
 
@@ -207,16 +228,28 @@ def compute_dtype(xp: ModuleType, x: Any, *, name: str = "x") -> Any:
     Raises
     ------
     TypeError
-        For complex input, which the decompositions do not support.
+        For complex input and floats wider than float64 (numpy's float128), which the
+        decompositions do not support.
     """
     dtype = x.dtype
     if xp.isdtype(dtype, "complex floating"):
         raise TypeError(f"{name} has complex dtype {dtype}; only real input is supported")
+    if xp.isdtype(dtype, "real floating") and _itemsize(dtype) > 8:
+        raise TypeError(
+            f"{name} has dtype {dtype}, wider than float64, which the decompositions do not support "
+            "(it would be computed with less precision); cast it to float64"
+        )
     if xp.isdtype(dtype, "real floating"):
         if dtype == xp.float64 or dtype == xp.float32:
             return dtype
         return xp.float32
     return xp.asarray(0.0, device=device_of(x)).dtype
+
+
+def times_power_of_two(a: Any, exponent: int) -> Any:
+    """``a · 2**exponent``, exact, in two steps so that neither multiplier leaves float32's range."""
+    half = exponent // 2
+    return (a * 2.0**half) * 2.0 ** (exponent - half)
 
 
 def from_numpy(array: np.ndarray, xp: ModuleType, *, device: Any = None, dtype: Any = None) -> Any:

@@ -37,8 +37,8 @@ def _as_int(value: Any, what: str) -> int:
     return int(value)
 
 
-def check_shape(shape: Any, *, name: str = "shape") -> tuple[int, ...]:
-    """Validate a tensor shape: a non-empty sequence of positive ints.
+def check_shape(shape: Any, *, name: str = "shape", minimum: int = 1) -> tuple[int, ...]:
+    """Validate a tensor shape: a non-empty sequence of ints, each at least ``minimum`` (1, or 0 to allow empty modes).
 
     Raises
     ------
@@ -57,8 +57,8 @@ def check_shape(shape: Any, *, name: str = "shape") -> tuple[int, ...]:
     if not sizes:
         raise ValueError(f"{name} must have at least one mode, got {tuple(shape)}")
     for n, size in enumerate(sizes):
-        if size < 1:
-            raise ValueError(f"{name}[{n}]={size}: every mode must have size >= 1")
+        if size < minimum:
+            raise ValueError(f"{name}[{n}]={size}: every mode must have size >= {minimum}")
     return sizes
 
 

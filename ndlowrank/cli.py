@@ -198,7 +198,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
             t = sthosvd(x, chosen) if chosen is not None else sthosvd(x, tol=args.tol)
         except (ValueError, TypeError) as exc:
             raise UsageError(f"tensor {name!r}: {exc}") from None
-        error = float(np.linalg.norm(x - t.to_dense()) / np.linalg.norm(x))
+        reference = x.astype(np.float64)  # squares of float32 entries above 1.8e19 overflow
+        error = float(np.linalg.norm(reference - t.to_dense()) / np.linalg.norm(reference))
         out[f"{name}.core"] = np.asarray(t.core, dtype=np.float32)
         for n, factor in enumerate(t.factors):
             out[f"{name}.factors.{n}"] = np.asarray(factor, dtype=np.float32)

@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from ._backend import get_namespace
+from ._validation import check_shape
 
 __all__ = ["fold", "mode_product", "multi_mode_product", "tucker_to_tensor", "unfold"]
 
@@ -88,7 +89,7 @@ def fold(matrix: Any, mode: int, shape: Sequence[int]) -> Any:
     True
     """
     xp = get_namespace(matrix, names=("matrix",))
-    shape = tuple(int(s) for s in shape)
+    shape = check_shape(shape, minimum=0)
     mode = check_mode(mode, len(shape))
     moved = (shape[mode], *shape[:mode], *shape[mode + 1 :])
     expected = (shape[mode], math.prod(moved[1:]))
@@ -232,6 +233,11 @@ def multi_mode_product(
     >>> nl.multi_mode_product(core, factors, skip=1).shape
     (5, 3, 7)
     """
+    if matrices is None or hasattr(matrices, "shape") or not isinstance(matrices, Iterable):
+        raise TypeError(
+            f"matrices must be a sequence of 2-D arrays, one per mode, got {type(matrices).__name__}"
+            + ("; wrap a single matrix in a list" if hasattr(matrices, "shape") else "")
+        )
     matrices = list(matrices)
     names = ("x", *(f"matrices[{k}]" for k in range(len(matrices))))
     xp = get_namespace(x, *matrices, names=names)
