@@ -130,6 +130,20 @@ def test_merge_is_still_all_or_nothing():
     _assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("poisoned", ["5", "4.weight"])
+def test_unmerge_after_the_delta_diverged_changes_nothing(poisoned):
+    model = _adapted()
+    nlnn.merge_adapters(model)
+    _poison(model, poisoned)
+    before = _state(model)
+    with pytest.raises(
+        ValueError, match=rf"'{poisoned}': unmerging would put NaN or Inf.*; no adapter was unmerged"
+    ):
+        nlnn.unmerge_adapters(model)
+    _assert_unchanged(model, before)
+    assert all(adapter.merged for _, adapter in nlnn.iter_adapters(model))
+
+
 def test_prepare_all_names_the_item_and_keeps_the_type():
     def prepare(value: int) -> int:
         if value < 0:

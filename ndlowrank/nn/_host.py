@@ -157,6 +157,16 @@ class DeltaHost(nn.Module):
             raise ValueError("merging would put NaN or Inf into the base weight")
 
     @torch.no_grad()
+    def check_unmergeable(self) -> None:
+        """Raise ``ValueError`` if :meth:`unmerge` would put NaN or Inf into the weight (nothing changes)."""
+        if self.merged and self._original_weight is None:
+            if not torch.isfinite(self.weight - self.delta_weight()).all():
+                raise ValueError(
+                    "unmerging would put NaN or Inf into the base weight (the delta changed to NaN or Inf "
+                    "after the merge)"
+                )
+
+    @torch.no_grad()
     def check_restorable(self) -> None:
         """Raise ``ValueError`` if :meth:`restore_weight` would put NaN or Inf into the weight (nothing changes)."""
         if not self.merged:

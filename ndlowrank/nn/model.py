@@ -406,8 +406,14 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge_adapters`. Returns ``model``."""
-    for _, adapter in iter_adapters(model):
+    """Undo :func:`merge_adapters`. Returns ``model``.
+
+    All or nothing: if any unmerged weight would hold NaN or Inf (a delta that diverged
+    after the merge), a ``ValueError`` names the adapter and no weight changes.
+    """
+    adapters = list(iter_adapters(model))
+    prepare_all(adapters, DeltaHost.check_unmergeable, verb="unmerged")
+    for _, adapter in adapters:
         adapter.unmerge()
     return model
 
