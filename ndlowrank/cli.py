@@ -491,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except (UsageError, FileError) as exc:
         parser.exit(2, f"ndlowrank: error: {exc}\n")
+    except OSError as exc:  # a write that failed part way (a full disk), also in the demo's save
+        parser.exit(2, f"ndlowrank: error: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, "ndlowrank: interrupted\n")
     return 0

@@ -51,6 +51,11 @@ class DeltaHost(nn.Module):
             raise ValueError(f"unknown init={init!r}; known inits: {sorted(KNOWN_INITS)}")
         check_scale(scale, principal=init == "principal")
         weight = self.weight
+        if init == "principal" and weight.is_meta:
+            raise ValueError(
+                "init='principal' decomposes the weight, which is on the meta device and holds no values; "
+                "materialise the model first, or use another init"
+            )
         shape = tuple(weight.shape)
         ranks = validate_ranks(ranks, shape, clip=True)
         param_dtype = dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
