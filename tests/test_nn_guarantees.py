@@ -166,6 +166,8 @@ SECOND_CALLS = {
     "regex after parameter": (dict(target_parameters=["0.weight"]), dict(target_modules=r"\d")),
     "regex after module": (dict(target_modules=["5"]), dict(target_modules=r"5")),
     "suffix after module": (dict(target_modules=["2"]), dict(target_parameters=["2.bias"])),
+    "adapter's own core": (dict(target_modules=["2"]), dict(target_parameters=["2.delta.core"])),
+    "adapter's own factor": (dict(target_modules=["5"]), dict(target_parameters=["delta.factors.0"])),
 }
 
 

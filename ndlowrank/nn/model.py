@@ -87,6 +87,7 @@ def _already_adapted(model: nn.Module, matches: Callable[[str], bool], what: str
         covered = [name]
         if isinstance(adapter, TuckerAdapter):  # the wrapped layer's parameters, by their user-facing names
             covered += [f"{name}.{key}" if name else key for key, _ in adapter.base_layer.named_parameters()]
+            covered += [f"{name}.{key}" if name else key for key, _ in adapter.named_parameters()]
         if any(matches(n) for n in covered):
             raise ValueError(_adapted_message(what, name, adapter))
 
@@ -160,7 +161,10 @@ def _target_parameters(model: nn.Module, target_parameters: Sequence[str]) -> li
     """Names of the parameters ``target_parameters`` selects (exact names or dotted suffixes)."""
     if isinstance(target_parameters, str):
         raise TypeError("target_parameters must be a list of parameter names, e.g. ['attn.in_proj_weight']")
-    candidates = [name for name, _ in model.named_parameters() if not _is_internal(name)]
+    owned = {id(p) for _, adapter in iter_adapters(model) for p in adapter.parameters()}
+    candidates = [
+        name for name, p in model.named_parameters() if not _is_internal(name) and id(p) not in owned
+    ]
     chosen: list[str] = []
     for k, target in enumerate(target_parameters):
         if not isinstance(target, str):
