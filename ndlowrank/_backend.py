@@ -9,7 +9,7 @@ create arrays from nothing resolve a ``backend=`` argument with :func:`resolve_b
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
 
@@ -138,6 +138,28 @@ def _refuse_numpy_subclass(array: Any, name: str) -> None:
         )
 
 
+def require_arrays(**arrays: Any) -> None:
+    """Refuse ``None`` where an array is required (:func:`get_namespace` skips ``None``, as optional arrays)."""
+    for name, value in arrays.items():
+        if value is None:
+            raise TypeError(f"{name} must be an array (numpy, torch, cupy or any array-API array), got None")
+
+
+def array_sequence(values: Any, name: str) -> list[Any]:
+    """``values`` as a list: any iterable of arrays, but not ``None``, a string or one array."""
+    if (
+        values is None
+        or isinstance(values, str)
+        or hasattr(values, "shape")
+        or not isinstance(values, Iterable)
+    ):
+        hint = "; wrap a single array in a list" if hasattr(values, "shape") else ""
+        raise TypeError(
+            f"{name} must be a sequence of arrays, one per mode, got {type(values).__name__}{hint}"
+        )
+    return list(values)
+
+
 def get_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> ModuleType:
     """Infer the array namespace shared by ``arrays``.
 
@@ -258,7 +280,13 @@ def from_numpy(array: np.ndarray, xp: ModuleType, *, device: Any = None, dtype: 
     The values are cast from the numpy array, so the same numpy input gives the same
     numbers on every backend (up to the target dtype's rounding).
     """
-    out = xp.asarray(array, device=device)
+    try:
+        out = xp.asarray(array, device=device)
+    except (RuntimeError, ValueError, TypeError) as exc:  # each backend refuses a device its own way
+        detail = " ".join(str(exc).split())[:160]
+        raise ValueError(
+            f"device={device!r} is not a device of the {backend_name(xp)} backend ({detail})"
+        ) from None
     return out if dtype is None or out.dtype == dtype else xp.astype(out, dtype)
 
 

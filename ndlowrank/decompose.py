@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._backend import compute_dtype, device_of, get_namespace, times_power_of_two
+from ._backend import compute_dtype, device_of, get_namespace, require_arrays, times_power_of_two
 from ._subspace import SOLVERS, leading_subspace
 from ._validation import _is_int, make_rng, validate_ranks
 from .tenalg import mode_product, multi_mode_product, unfold
@@ -42,6 +42,7 @@ class PreparedTensor:
     """An input tensor ready for decomposition: working array, exact scale, output dtype."""
 
     def __init__(self, x: Any, name: str = "x") -> None:
+        require_arrays(**{name: x})
         xp = get_namespace(x, names=(name,))
         if x.ndim < 1:
             raise ValueError(f"{name} must have at least one mode, got a 0-D array")
@@ -287,6 +288,9 @@ def sthosvd(
     if solver == "randomized" and fixed is None:
         raise ValueError('solver="randomized" needs ranks=; it cannot choose ranks from tol=')
     modes = _check_order(order, len(shape))
+    for option, value in (("oversample", oversample), ("power_iters", power_iters)):
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"{option} must be a non-negative int, got {value!r}")
     rng = make_rng(seed)
     xp = prepared.xp
     if tol is not None:
@@ -302,8 +306,8 @@ def sthosvd(
             rank=None if fixed is None else fixed[n],
             budget=budget,
             solver=solver,
-            oversample=oversample,
-            power_iters=power_iters,
+            oversample=int(oversample),
+            power_iters=int(power_iters),
             rng=rng,
             xp=xp,
         )
@@ -371,6 +375,8 @@ def hooi(
     if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not tol >= 0:
         raise ValueError(f"tol must be a non-negative float, got {tol!r}")
     tol = float(tol)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(iteration, relative_error), got {callback!r}")
     if prepared.is_zero:
         return _zero_result(prepared, ranks)
     xp, y = prepared.xp, prepared.y
@@ -425,7 +431,9 @@ def _hooi_start(prepared: PreparedTensor, ranks: tuple[int, ...], init: Any, sol
         return [xp.astype(xp.linalg.qr(f)[0], y.dtype) for f in init.factors]
     starts = {"sthosvd": sthosvd, "hosvd": hosvd}
     if not isinstance(init, str) or init not in starts:
-        raise ValueError(f"unknown init={init!r}; use one of {list(starts)} or a TuckerTensor")
+        raise ValueError(
+            f"unknown init={init!r}; use one of {list(starts)}, a TuckerTensor or a list of factors"
+        )
     start = starts[init](y, ranks, solver=solver)
     return list(start.factors)
 

@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ._backend import backend_name, device_of, get_namespace
+from ._backend import array_sequence, backend_name, device_of, get_namespace, require_arrays
 from .tenalg import multi_mode_product
 
 __all__ = ["TuckerTensor"]
@@ -43,7 +43,8 @@ class TuckerTensor:
     """
 
     def __init__(self, core: Any, factors: Sequence[Any]) -> None:
-        factors = tuple(factors)
+        require_arrays(core=core)
+        factors = tuple(array_sequence(factors, "factors"))
         names = ("core", *(f"factors[{n}]" for n in range(len(factors))))
         self._xp = get_namespace(core, *factors, names=names)
         if self._xp.isdtype(core.dtype, "complex floating") or any(

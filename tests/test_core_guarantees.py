@@ -247,7 +247,7 @@ def test_fold_checks_its_shape(shape, error, pattern):
 
 @pytest.mark.parametrize("matrices", [None, 3, np.ones((5, 4))], ids=["None", "int", "one-array"])
 def test_multi_mode_product_needs_a_sequence_of_matrices(matrices):
-    with pytest.raises(TypeError, match="matrices must be a sequence of 2-D arrays"):
+    with pytest.raises(TypeError, match="matrices must be a sequence of arrays"):
         nl.multi_mode_product(np.ones((4, 3)), matrices)
 
 
@@ -256,3 +256,36 @@ def test_scale_of_principal_and_huge_scales_follow_one_rule():
         nl.tucker_delta((4, 3), 2, init="zero_factor", scale=1e308)
     d = nl.tucker_delta((4, 3), 2, init="zero_factor", scale=1e6, seed=0)
     assert math.isfinite(float(np.abs(d.to_dense()).max()))
+
+
+@pytest.mark.parametrize(
+    "call, pattern",
+    [
+        (lambda: nl.unfold(None, 0), "x must be an array"),
+        (lambda: nl.fold(None, 0, (2, 3)), "matrix must be an array"),
+        (lambda: nl.mode_product(np.ones((4, 3)), None, 0), "matrix must be an array"),
+        (lambda: nl.multi_mode_product(None, [np.ones((2, 4))]), "x must be an array"),
+        (lambda: nl.tucker_to_tensor(None, []), "core must be an array"),
+        (lambda: nl.tucker_to_tensor(np.ones((2, 2)), None), "factors must be a sequence of arrays"),
+        (lambda: nl.TuckerTensor(None, []), "core must be an array"),
+        (lambda: nl.TuckerTensor(np.ones((2, 2)), np.ones((3, 2))), "wrap a single array in a list"),
+        (lambda: nl.sthosvd(None, 2), "x must be an array"),
+        (lambda: nl.hooi(np.ones((4, 3)), 2, callback=3), "callback must be callable"),
+    ],
+)
+def test_missing_arrays_and_bad_callables_are_named(call, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        call()
+
+
+@pytest.mark.parametrize("option", ["oversample", "power_iters"])
+@pytest.mark.parametrize("value", [-1, 1.5, "a", True])
+def test_randomized_options_are_checked(option, value):
+    with pytest.raises(ValueError, match=rf"{option} must be a non-negative int"):
+        nl.sthosvd(np.ones((6, 5)), 2, solver="randomized", seed=0, **{option: value})
+
+
+def test_a_device_the_backend_does_not_have_is_named():
+    pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"device='tpu' is not a device of the torch backend"):
+        nl.tucker_delta((3, 3), 2, backend="torch", device="tpu")

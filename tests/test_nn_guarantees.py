@@ -309,3 +309,37 @@ def test_bad_seeds_are_named(seed):
         nl.sthosvd(torch.ones(4, 3, dtype=torch.float64), 2, solver="randomized", seed=seed)
     with pytest.raises(ValueError, match="seed must be"):
         nl.tucker_delta((4, 3), 2, seed=seed)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: nlnn.add_adapters(None, ["0"], 2),
+        lambda: nlnn.merge_adapters({}),
+        lambda: nlnn.unmerge_adapters(None),
+        lambda: nlnn.remove_adapters(None),
+        lambda: nlnn.truncate_adapters(None, ranks=1),
+        lambda: nlnn.save_adapters(None, "x.safetensors"),
+        lambda: list(nlnn.iter_adapters("model")),
+    ],
+)
+def test_a_model_that_is_not_a_module_is_named(call):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        call()
+
+
+@pytest.mark.parametrize(
+    "options, error, pattern",
+    [
+        (dict(target_modules="("), ValueError, r"target_modules='\(' is not a valid regular expression"),
+        (dict(rank_pattern={"(": 1}), ValueError, r"rank_pattern key '\(' is not a valid regular expression"),
+        (dict(rank_pattern=[1]), TypeError, "rank_pattern must be a mapping"),
+        (dict(rank_pattern={3: 1}), TypeError, "rank_pattern keys must be regex strings"),
+    ],
+)
+def test_bad_patterns_are_named(options, error, pattern):
+    model = _net()
+    before = _state(model)
+    with pytest.raises(error, match=pattern):
+        nlnn.add_adapters(model, options.pop("target_modules", ["0"]), 2, **options)
+    _assert_unchanged(model, before)

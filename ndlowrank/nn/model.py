@@ -69,11 +69,25 @@ def iter_adapters(model: nn.Module) -> Iterator[tuple[str, DeltaHost]]:
     (``"layer1.0.conv1"``), parameter adapters (:class:`ParameterAdapter`) by their
     parameter's path (``"attn.in_proj_weight"``).
     """
+    check_model(model)
     for name, module in model.named_modules():
         if isinstance(module, TuckerAdapter):
             yield name, module
     for name, adapter, _, _ in _parameter_adapters(model):
         yield name, adapter
+
+
+def check_model(model: Any) -> None:
+    """Refuse anything but an ``nn.Module`` by name (instead of an ``AttributeError`` deep inside)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _regex(pattern: str, what: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{what} is not a valid regular expression ({exc})") from None
 
 
 def _suffix_match(pattern: str, name: str) -> bool:
@@ -112,12 +126,11 @@ def _targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]
         if name and not isinstance(module, TuckerAdapter) and not _is_internal(name)
     ]
     if isinstance(target_modules, str):
-        chosen = [name for name in candidates if re.fullmatch(target_modules, name)]
+        compiled = _regex(target_modules, f"target_modules={target_modules!r}")
+        chosen = [name for name in candidates if compiled.fullmatch(name)]
         if not chosen:
-            regex = target_modules
-            _already_adapted(
-                model, lambda name: re.fullmatch(regex, name) is not None, f"target_modules={regex!r}"
-            )
+            matches = lambda name: compiled.fullmatch(name) is not None  # noqa: E731
+            _already_adapted(model, matches, f"target_modules={target_modules!r}")
             raise ValueError(f"target_modules={target_modules!r} (a regex) matches no module of the model")
         return _without_parameter_adapters(model, chosen)
     if not target_modules:
@@ -299,6 +312,16 @@ def add_adapters(
     >>> [(name, type(adapter).__name__) for name, adapter in nlnn.iter_adapters(layer)]  # read by attribute
     [('self_attn.out_proj.weight', 'ParameterAdapter'), ('linear1.weight', 'ParameterAdapter'), ('linear2.weight', 'ParameterAdapter')]
     """
+    check_model(model)
+    if rank_pattern is not None:
+        if not isinstance(rank_pattern, Mapping):
+            raise TypeError(
+                f"rank_pattern must be a mapping of regex to ranks, got {type(rank_pattern).__name__}"
+            )
+        for key in rank_pattern:
+            if not isinstance(key, str):
+                raise TypeError(f"rank_pattern keys must be regex strings, got {key!r}")
+            _regex(rf"(.*\.)?({key})", f"rank_pattern key {key!r}")  # as _suffix_match uses it
     if target_modules is None and not target_parameters:
         raise ValueError(
             "name the layers to adapt with target_modules= or the parameters with target_parameters="
