@@ -486,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"ndlowrank: error: -o {output} is the input file {source}; writing it would "
                     "overwrite the input: give another output file\n",
                 )
+    if getattr(args, "min_size", 0) < 0:
+        parser.exit(2, f"ndlowrank: error: --min-size {args.min_size} must be >= 0\n")
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

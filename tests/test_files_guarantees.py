@@ -356,3 +356,15 @@ def test_stale_temporaries_of_killed_writes_are_removed_by_the_next_write(tmp_pa
     os.utime(stale, (old, old))
     nlnn.save_adapters(nlnn.add_adapters(nn.Sequential(nn.Linear(4, 4)), ["0"], 2, seed=0), target)
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("command", ["decompose", "extract"])
+def test_negative_min_size_is_refused(command, tmp_path, capsys):
+    x = lowrank((24, 16), (4, 3), seed=0)
+    save_numpy({"w": x}, str(tmp_path / "w.safetensors"))
+    save_numpy({"w": x + 1}, str(tmp_path / "t.safetensors"))
+    inputs = [str(tmp_path / "w.safetensors")] + (
+        [str(tmp_path / "t.safetensors")] if command == "extract" else []
+    )
+    line = fails([command, *inputs, "-o", str(tmp_path / "o.safetensors"), "--min-size", "-5"], capsys)
+    assert "--min-size -5 must be >= 0" in line
