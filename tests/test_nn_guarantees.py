@@ -343,3 +343,25 @@ def test_bad_patterns_are_named(options, error, pattern):
     with pytest.raises(error, match=pattern):
         nlnn.add_adapters(model, options.pop("target_modules", ["0"]), 2, **options)
     _assert_unchanged(model, before)
+
+
+def test_nan_adapters_are_neither_saved_nor_loaded(tmp_path):
+    model = _adapted()
+    _poison(model, "4.weight")
+    with pytest.raises(ValueError, match=r"adapters \['4.weight'\] hold NaN or Inf"):
+        nlnn.save_adapters(model, tmp_path / "a.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    nlnn.save_adapters(_adapted(), tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(tmp_path / "a.safetensors")
+    tensors["5.factors.1"][0, 0] = math.inf
+    save_file(tensors, tmp_path / "b.safetensors", metadata=metadata)
+    fresh = _net()
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=r"tensors \['5.factors.1'\] hold NaN or Inf"):
+        nlnn.load_adapters(fresh, tmp_path / "b.safetensors")
+    _assert_unchanged(fresh, before)

@@ -170,7 +170,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
     Raises
     ------
     ValueError
-        If ``model`` has no adapters.
+        If ``model`` has no adapters, or an adapter holds NaN or Inf or is on the meta
+        device (a file that could not be loaded back).
     IsADirectoryError, FileNotFoundError
         If ``path`` is a directory or its directory does not exist (naming the path).
     OSError
@@ -207,6 +208,15 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
     meta = [name for name, adapter in adapters if any(p.is_meta for p in adapter.delta.parameters())]
     if meta:
         raise ValueError(f"adapters {meta} are on the meta device and hold no values; nothing to save")
+    diverged = [
+        name
+        for name, adapter in adapters
+        if not all(torch.isfinite(p).all() for p in adapter.delta.parameters())
+    ]
+    if diverged:
+        raise ValueError(
+            f"adapters {diverged} hold NaN or Inf (training diverged?), which load_adapters refuses; nothing was saved"
+        )
     target = _fspath(path)
     if os.path.isdir(target):
         raise IsADirectoryError(f"cannot save adapters to {target!r}: it is a directory")
@@ -497,6 +507,9 @@ def _plan(
     ]
     if not_float:
         raise ValueError(f"{where}: tensors {not_float} are not floating point")
+    not_finite = [key for key in expected if not bool(torch.isfinite(tensors[key]).all())]
+    if not_finite:
+        raise ValueError(f"{where}: tensors {not_finite} hold NaN or Inf")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected and strict:
         raise ValueError(f"{where}: unexpected tensors {unexpected} (pass strict=False to ignore them)")
@@ -649,7 +662,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str], *, strict: boo
         (truncated, garbage, other metadata), has an unsupported format version, or does
         not fit the model: a target that does not exist or has another type or weight
         shape, an existing adapter with other ranks, kind, scale or init, a merged adapter,
-        a missing tensor, a tensor of the wrong shape or a non-floating dtype, or (with
+        a missing tensor, a tensor of the wrong shape, a non-floating dtype or NaN or Inf, or (with
         ``strict``) unexpected tensors or adapters. The model is unchanged then, and also
         if building or copying fails later: every change is undone before re-raising.
 
