@@ -77,6 +77,12 @@ BENCHMARKS = [
         "adapter training-step time and peak memory vs PEFT LoRA and LyCORIS",
     ),
     Benchmark(
+        "models",
+        ("benchmarks/bench_models.py",),
+        ("torch", "peft", "transformers", "diffusers"),
+        "whole real networks (tiny configs): training step and memory vs PEFT LoRA, per-call cost",
+    ),
+    Benchmark(
         "truncate",
         ("benchmarks/bench_truncate.py",),
         ("torch",),

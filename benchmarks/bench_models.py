@@ -1,0 +1,400 @@
+"""Whole real networks: a Tucker-adapter training step vs PEFT LoRA's, and per-call overhead.
+
+Run ``python benchmarks/bench_models.py`` (``--quick`` for fewer repeats). Each model is a
+tiny configuration of the real architecture from its own library (transformers, diffusers,
+torchvision, timm), built with random weights from a fixed seed; a model whose library cannot
+be imported here is listed with the reason. For every model the same target layers get
+
+- PEFT LoRA, ``r=8, lora_alpha=8`` (``get_peft_model``), and
+- ndlowrank ``add_adapters(..., ranks=8)`` (an int rank is clipped to each mode: ``(8, 8)`` on a
+  linear weight, ``(8, 8, 3, 3)`` on a 3×3 kernel), default init and ``path="auto"``.
+
+One *training step* is the forward on a fixed batch, a scalar loss (the mean square of the
+output), its backward, and the adapter gradients reset to ``None``; no optimizer. The table
+gives the medians of interleaved runs, the ratio to PEFT LoRA's, the trainable parameters of
+each and the peak extra memory of a step; then the merged model's forward under ``no_grad``
+against the base model's.
+
+The second table isolates the fixed cost per adapted layer: a training step of single small
+layers (where the work is a few microseconds) for the frozen layer, PEFT LoRA and ndlowrank.
+The results go to the ``bench_models`` section of ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import os
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import interleaved_medians, load_window, machine, today, versions, write_section
+from benchmarks.bench_adapters import Holder, cpu_peak_extra_bytes
+from ndlowrank import nn as nlnn
+
+MiB = 2**20
+RANK = 8
+TARGET_VS_PEFT = 1.0  # every model
+TARGET_GEOMEAN = 0.85  # the geometric mean over the models
+
+
+@dataclass
+class ModelCase:
+    """A real architecture in a tiny configuration, the layers to adapt and one batch."""
+
+    name: str
+    library: str
+    build: Callable[[], tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]]
+    targets: list[str]
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    return LlamaForCausalLM(config), lambda model: model(input_ids=ids).logits
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=512, n_positions=128, n_embd=128, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0
+    )
+    config.attn_pdrop = 0.0
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    return GPT2LMHeadModel(config), lambda model: model(input_ids=ids).logits
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=512,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    return BertModel(config), lambda model: model(input_ids=ids).last_hidden_state
+
+
+def _unet():
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    context = torch.randn(2, 8, 32, generator=generator)
+    timestep = torch.tensor([10, 500])
+    return model, lambda m: m(sample, timestep, encoder_hidden_states=context).sample
+
+
+def _torchvision(name: str):
+    def build():
+        models = importlib.import_module("torchvision.models")
+        model = getattr(models, name)(num_classes=10)
+        batch = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        return model, lambda m: m(batch)
+
+    return build
+
+
+def _timm(name: str, **options: Any):
+    def build():
+        timm = importlib.import_module("timm")
+        model = timm.create_model(name, pretrained=False, num_classes=10, **options)
+        batch = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        return model, lambda m: m(batch)
+
+    return build
+
+
+CASES = [
+    ModelCase(
+        "LLaMA (2 layers, hidden 128), 4×64 tokens",
+        "transformers",
+        _llama,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
+    ModelCase(
+        "GPT-2 (2 layers, hidden 128), 4×64 tokens", "transformers", _gpt2, ["c_attn", "c_proj", "c_fc"]
+    ),
+    ModelCase(
+        "BERT (2 layers, hidden 128), 4×64 tokens", "transformers", _bert, ["query", "key", "value", "dense"]
+    ),
+    ModelCase(
+        "UNet2DConditionModel (32/64 channels), 2×4×16×16",
+        "diffusers",
+        _unet,
+        ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"],
+    ),
+    ModelCase("resnet18, 4×3×64×64", "torchvision", _torchvision("resnet18"), ["conv1", "conv2"]),
+    ModelCase(
+        "mobilenet_v3_small, 4×3×64×64",
+        "torchvision",
+        _torchvision("mobilenet_v3_small"),
+        ["block.0.0", "block.1.0", "block.2.0", "fc1", "fc2"],
+    ),
+    ModelCase("timm efficientnet_b0, 4×3×64×64", "timm", _timm("efficientnet_b0"), ["conv_pw", "conv_pwl"]),
+    ModelCase(
+        "timm vit_tiny (patch 8), 4×3×64×64",
+        "timm",
+        _timm("vit_tiny_patch16_224", img_size=64, patch_size=8),
+        ["qkv", "proj", "fc1", "fc2"],
+    ),
+]
+
+
+@dataclass
+class Row:
+    case: ModelCase
+    unavailable: str = ""
+    times: dict[str, float] | None = None
+    trainable: dict[str, int] | None = None
+    peaks: dict[str, int] | None = None
+    merged: dict[str, float] | None = None
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _step(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor]) -> Callable[[], None]:
+    params = _trainable(model)
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        forward(model).float().square().mean().backward()
+
+    return step
+
+
+def run_model(case: ModelCase, repeats: int) -> Row:
+    from peft import LoraConfig, get_peft_model
+
+    try:
+        torch.manual_seed(0)
+        base, forward = case.build()
+    except Exception as error:  # the library is missing or broken here: reported, not fatal
+        return Row(case, unavailable=f"{case.library}: {type(error).__name__}: {str(error)[:80]}")
+    base.train()
+    models: dict[str, nn.Module] = {}
+    try:
+        models["peft"] = get_peft_model(
+            copy.deepcopy(base), LoraConfig(r=RANK, lora_alpha=RANK, target_modules=case.targets)
+        )
+        models["ndlowrank"] = nlnn.add_adapters(copy.deepcopy(base), case.targets, RANK, seed=0)
+    except Exception as error:
+        return Row(case, unavailable=f"{type(error).__name__}: {str(error)[:120]}")
+    steps = {name: _step(model, forward) for name, model in models.items()}
+    times = interleaved_medians(steps, repeats)
+    trainable = {name: sum(p.numel() for p in _trainable(model)) for name, model in models.items()}
+    peaks = {name: cpu_peak_extra_bytes(step) for name, step in steps.items()}
+
+    merged_model = nlnn.add_adapters(copy.deepcopy(base), case.targets, RANK, seed=0)
+    nlnn.merge_adapters(merged_model)
+    frozen = copy.deepcopy(base).requires_grad_(False)
+    for model in (merged_model, frozen):
+        model.eval()
+
+    def inference(model: nn.Module) -> Callable[[], None]:
+        def call() -> None:
+            with torch.no_grad():
+                forward(model)
+
+        return call
+
+    merged = interleaved_medians({"base": inference(frozen), "merged": inference(merged_model)}, repeats)
+    row = Row(case, times=times, trainable=trainable, peaks=peaks, merged=merged)
+    print(
+        f"  step: ndlowrank {times['ndlowrank'] * 1e3:.2f} ms, PEFT LoRA {times['peft'] * 1e3:.2f} ms "
+        f"({times['ndlowrank'] / times['peft']:.2f}x); merged forward {merged['merged'] / merged['base']:.2f}x base",
+        flush=True,
+    )
+    return row
+
+
+# -- per-call overhead on small layers -------------------------------------------------------
+
+
+SMALL_LAYERS = [
+    ("SE-style Conv2d(64, 16, 1) on a 1×1 map, batch 8", lambda: nn.Conv2d(64, 16, 1), (8, 64, 1, 1)),
+    ("Conv2d(16, 16, 3, padding=1) on 8×8, batch 8", lambda: nn.Conv2d(16, 16, 3, padding=1), (8, 16, 8, 8)),
+    ("Linear(64, 64), batch 8", lambda: nn.Linear(64, 64), (8, 64)),
+]
+
+
+CALLS = 20  # calls per timing of a small layer, so the timer's resolution does not matter
+
+
+def _layer_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    params = _trainable(model)
+
+    def step() -> None:
+        x.grad = None
+        for p in params:
+            p.grad = None
+        model(x).square().mean().backward()
+
+    return step
+
+
+def _repeated(fn: Callable[[], None]) -> Callable[[], None]:
+    def call() -> None:
+        for _ in range(CALLS):
+            fn()
+
+    return call
+
+
+def run_small(repeats: int) -> list[tuple[str, dict[str, float]]]:
+    from peft import LoraConfig, get_peft_model
+
+    rows = []
+    for title, make, shape in SMALL_LAYERS:
+        torch.manual_seed(0)
+        layer = make()
+        x = torch.randn(shape, requires_grad=True)
+        models = {
+            "frozen": Holder(copy.deepcopy(layer)).requires_grad_(False),
+            "peft": get_peft_model(
+                Holder(copy.deepcopy(layer)), LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["layer"])
+            ),
+            "ndlowrank": nlnn.add_adapters(Holder(copy.deepcopy(layer)), ["layer"], RANK, seed=0),
+        }
+
+        times = interleaved_medians(
+            {name: _repeated(_layer_step(m, x)) for name, m in models.items()}, repeats
+        )
+        rows.append((title, {name: t / CALLS for name, t in times.items()}))
+        print(
+            f"  {title}: " + ", ".join(f"{name} {t * 1e6:.0f} us" for name, t in rows[-1][1].items()),
+            flush=True,
+        )
+    return rows
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def report(rows: list[Row], small: list[tuple[str, dict[str, float]]], repeats: int, load: str) -> str:
+    lines = [
+        "## Whole models vs PEFT LoRA (CPU)",
+        "",
+        f"Written by `python benchmarks/bench_models.py` on {today()}. Machine: {machine()}; torch threads: "
+        f"{torch.get_num_threads()}; load average (1 min) {load}. Libraries: "
+        f"{versions('ndlowrank', 'torch', 'peft', 'transformers', 'diffusers', 'torchvision', 'timm')}.",
+        "",
+        f"Medians of {repeats} interleaved runs. A training step is forward, mean-square loss, backward, "
+        f"adapter gradients reset (no optimizer), model in train mode with dropout off. PEFT LoRA r={RANK}, "
+        f"lora_alpha={RANK}; ndlowrank `add_adapters(model, targets, {RANK})` (the int rank clipped per mode, "
+        "so a 3×3 conv gets (8, 8, 3, 3)), default init, `path='auto'`; both on the same targets of copies of "
+        "the same seeded model. Peak memory as in the adapters section (torch.profiler's allocator events). "
+        f"Targets: every model ≤ {TARGET_VS_PEFT}× PEFT LoRA's step, the geometric mean ≤ {TARGET_GEOMEAN}×.",
+        "",
+        "| model | targets | step vs PEFT LoRA | ndlowrank step (ms) | PEFT LoRA step (ms) "
+        "| trainable: ndlowrank / PEFT | peak memory vs PEFT | merged forward vs base |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for row in rows:
+        targets = ", ".join(f"`{t}`" for t in row.case.targets)
+        if row.times is None:
+            lines.append(f"| {row.case.name} | {targets} | not run: {row.unavailable} | – | – | – | – | – |")
+            continue
+        assert row.trainable is not None and row.peaks is not None and row.merged is not None
+        ratio = row.times["ndlowrank"] / row.times["peft"]
+        ratios.append(ratio)
+        mark = "" if ratio <= TARGET_VS_PEFT else " **(above target)**"
+        lines.append(
+            f"| {row.case.name} | {targets} | {ratio:.2f}×{mark} | {row.times['ndlowrank'] * 1e3:.2f} "
+            f"| {row.times['peft'] * 1e3:.2f} | {row.trainable['ndlowrank']:,} / {row.trainable['peft']:,} "
+            f"| {row.peaks['ndlowrank'] / row.peaks['peft']:.2f}× "
+            f"| {row.merged['merged'] / row.merged['base']:.2f}× |"
+        )
+    if ratios:
+        geomean = statistics.geometric_mean(ratios)
+        verdict = "meets" if geomean <= TARGET_GEOMEAN else "misses"
+        lines += [
+            "",
+            f"Geometric mean of the step ratios over the {len(ratios)} models that ran: {geomean:.2f}× "
+            f"PEFT LoRA's ({verdict} the ≤ {TARGET_GEOMEAN}× target).",
+        ]
+    lines += [
+        "",
+        "### Fixed cost per adapted layer",
+        "",
+        f"Training step of one small layer (the mean of {CALLS} calls per timing, medians of interleaved runs); "
+        "the extra cost over the frozen layer is what an adapter adds per call.",
+        "",
+        "| layer | frozen (µs) | PEFT LoRA (µs) | ndlowrank (µs) | extra over frozen: ndlowrank / PEFT |",
+        "|---|---|---|---|---|",
+    ]
+    for title, times in small:
+        extra = (times["ndlowrank"] - times["frozen"]) / (times["peft"] - times["frozen"])
+        lines.append(
+            f"| {title} | {times['frozen'] * 1e6:.0f} | {times['peft'] * 1e6:.0f} "
+            f"| {times['ndlowrank'] * 1e6:.0f} | {extra:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="5 repeats instead of 15")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per contender")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 15)
+    torch.set_num_threads(args.threads)
+    print(f"cpu, torch threads {torch.get_num_threads()}, {repeats} repeats", flush=True)
+    load_before = os.getloadavg()[0]
+    rows = []
+    for case in CASES:
+        print(case.name, flush=True)
+        rows.append(run_model(case, repeats))
+        if rows[-1].unavailable:
+            print(f"  not run: {rows[-1].unavailable}", flush=True)
+    print("small layers", flush=True)
+    small = run_small(repeats)
+    write_section("bench_models", report(rows, small, repeats, load_window(load_before)))
+    print("wrote the bench_models section of benchmarks/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
