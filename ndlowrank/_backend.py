@@ -250,12 +250,17 @@ def compute_dtype(xp: ModuleType, x: Any, *, name: str = "x") -> Any:
     Raises
     ------
     TypeError
-        For complex input and floats wider than float64 (numpy's float128), which the
-        decompositions do not support.
+        For complex input, floats wider than float64 (numpy's float128) and non-numeric
+        dtypes (object, string, datetime, structured), which the decompositions do not
+        support.
     """
     dtype = x.dtype
     if xp.isdtype(dtype, "complex floating"):
         raise TypeError(f"{name} has complex dtype {dtype}; only real input is supported")
+    if not xp.isdtype(dtype, ("bool", "integral", "real floating")):
+        raise TypeError(
+            f"{name} has dtype {dtype}, which is not numeric; pass real numbers (floats, ints or bools)"
+        )
     if xp.isdtype(dtype, "real floating") and _itemsize(dtype) > 8:
         raise TypeError(
             f"{name} has dtype {dtype}, wider than float64, which the decompositions do not support "

@@ -46,6 +46,8 @@ class PreparedTensor:
         xp = get_namespace(x, names=(name,))
         if x.ndim < 1:
             raise ValueError(f"{name} must have at least one mode, got a 0-D array")
+        if getattr(x, "is_meta", False):
+            raise ValueError(f"{name} is on the meta device, which holds no values; materialise it first")
         if math.prod(x.shape) == 0:
             raise ValueError(f"{name} has shape {tuple(x.shape)}: every mode must have size >= 1")
         work = compute_dtype(xp, x, name=name)

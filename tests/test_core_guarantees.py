@@ -111,8 +111,12 @@ def test_extract_of_values_whose_core_overflows_is_an_error(tmp_path, capsys):
             "wider than float64",
         ),
         (lambda: np.ones((4, 5), dtype=np.complex64), "complex"),
+        (lambda: np.ones((4, 5), dtype=object), "not numeric"),
+        (lambda: np.ones((4, 5), dtype="datetime64[s]"), "not numeric"),
+        (lambda: np.ones((4, 5), dtype=[("a", float)]), "not numeric"),
+        (lambda: np.full((4, 5), "a"), "not numeric"),
     ],
-    ids=["matrix", "masked", "masked-3d", "float128", "complex"],
+    ids=["matrix", "masked", "masked-3d", "float128", "complex", "object", "datetime", "structured", "str"],
 )
 @pytest.mark.parametrize("function", ["sthosvd", "hosvd", "hooi", "select_ranks", "unfold"])
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # numpy.matrix's own
@@ -127,7 +131,7 @@ def test_unsupported_arrays_are_refused_by_name(make, pattern, function):
         "select_ranks": lambda: nl.select_ranks(x, energy=0.9),
         "unfold": lambda: nl.unfold(x, 0),
     }
-    if function == "unfold" and pattern in ("wider than float64", "complex"):
+    if function == "unfold" and pattern in ("wider than float64", "complex", "not numeric"):
         pytest.skip("unfold only moves entries; it takes any dtype")
     with pytest.raises(TypeError, match=pattern):
         calls[function]()
@@ -289,3 +293,9 @@ def test_a_device_the_backend_does_not_have_is_named():
     pytest.importorskip("torch")
     with pytest.raises(ValueError, match=r"device='tpu' is not a device of the torch backend"):
         nl.tucker_delta((3, 3), 2, backend="torch", device="tpu")
+
+
+def test_meta_tensor_is_refused_by_name():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="x is on the meta device"):
+        nl.sthosvd(torch.ones(3, 4, device="meta"), 2)
