@@ -83,7 +83,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     chosen = [
         name
         for name, x in tensors.items()
-        if np.issubdtype(x.dtype, np.floating) and x.ndim >= 2 and x.size >= args.min_size
+        if np.issubdtype(x.dtype, np.floating) and x.ndim >= 2 and x.size >= max(args.min_size, 1)
     ]
     if not chosen:
         raise UsageError(f"{args.input}: no floating tensor with >= 2 modes and >= {args.min_size} elements")
@@ -155,9 +155,14 @@ def _paired_differences(args: argparse.Namespace) -> dict[str, np.ndarray]:
         x = tuned[name]
         if not np.issubdtype(x.dtype, np.floating) or x.ndim < 2 or x.size < args.min_size:
             continue
-        difference = tuned[name].astype(np.float32) - base[name].astype(np.float32)
-        if not np.isfinite(difference).all():
+        if not (np.isfinite(base[name]).all() and np.isfinite(tuned[name]).all()):
             raise UsageError(f"tensor {name!r}: BASE or TUNED holds NaN or Inf")
+        exact = tuned[name].astype(np.float64) - base[name].astype(np.float64)
+        if exact.size and not np.abs(exact).max() <= np.finfo(np.float32).max:
+            raise UsageError(
+                f"tensor {name!r}: TUNED − BASE exceeds float32's range (3.4e38), which adapters hold"
+            )
+        difference = exact.astype(np.float32)
         if np.any(difference):
             differences[name] = difference
     if not differences:

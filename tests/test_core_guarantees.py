@@ -299,3 +299,16 @@ def test_meta_tensor_is_refused_by_name():
     torch = pytest.importorskip("torch")
     with pytest.raises(ValueError, match="x is on the meta device"):
         nl.sthosvd(torch.ones(3, 4, device="meta"), 2)
+
+
+def test_extract_of_a_difference_beyond_float32_says_so(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    from ndlowrank.cli import main
+
+    save_file({"w": np.full((40, 30), -3e38, np.float32)}, str(tmp_path / "base.safetensors"))
+    save_file({"w": np.full((40, 30), 3e38, np.float32)}, str(tmp_path / "tuned.safetensors"))
+    with pytest.raises(SystemExit):
+        main(["extract", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "-o",
+              str(tmp_path / "a.safetensors"), "-q", "--min-size", "10"])  # fmt: skip
+    assert "TUNED − BASE exceeds float32's range" in capsys.readouterr().err
