@@ -264,6 +264,8 @@ def _factors_entries(header: dict[str, Any], path: str) -> tuple[dict[str, dict[
             if dtype not in ("float16", "float32", "float64"):
                 raise ValueError(f"{at}: dtype must be float16, float32 or float64, got {dtype!r}")
             error = number(entry.get("relative_error"), "relative_error", at)
+            if error < 0:
+                raise ValueError(f"{at}: relative_error must be >= 0, got {error!r}")
             entries[name] = {"shape": shape, "ranks": ranks, "dtype": dtype, "relative_error": error}
     except ValueError as exc:
         raise UsageError(str(exc)) from None

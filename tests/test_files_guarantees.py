@@ -162,6 +162,10 @@ FACTORS_EDITS = {
         r"relative_error must be a finite number",
     ),
     "relative_error string": (lambda h: _entry(h).update(relative_error="0.1"), r"relative_error must be"),
+    "relative_error negative": (
+        lambda h: _entry(h).update(relative_error=-0.1),
+        r"relative_error must be >= 0",
+    ),
     "shape wrong": (lambda h: _entry(h).update(shape=[24, 16, 3]), r"ranks=\[.*\] has not one rank per mode"),
     "shape negative": (lambda h: _entry(h).update(shape=[24, -16, 3, 3]), r"shape must be a non-empty list"),
     "ranks too large": (lambda h: _entry(h).update(ranks=[4, 3, 2, 9]), r"ranks\[3\]=9 exceeds dimension 3"),
