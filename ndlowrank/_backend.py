@@ -129,12 +129,12 @@ def _refuse_numpy_subclass(array: Any, name: str) -> None:
     if isinstance(array, np.matrix):
         raise TypeError(
             f"{name} is a numpy.matrix, whose * and ** are matrix products and which is always 2-D; "
-            "pass np.asarray(x)"
+            f"pass np.asarray({name})"
         )
     if isinstance(array, np.ma.MaskedArray):
         raise TypeError(
-            f"{name} is a numpy masked array; decompositions ignore no entries, so fill the masked ones "
-            "first (x.filled(value)) or pass np.asarray(x) to use the data as is"
+            f"{name} is a numpy masked array, whose mask ndlowrank would ignore; fill the masked entries "
+            f"first ({name}.filled(value)) or pass np.asarray({name}) to use the data as is"
         )
 
 
