@@ -151,7 +151,7 @@ def _process_alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process (or no such process id)
         return False
     except OSError:  # it exists but belongs to someone else
         return True

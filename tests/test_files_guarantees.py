@@ -350,13 +350,14 @@ def test_stale_temporaries_of_killed_writes_are_removed_by_the_next_write(tmp_pa
     recent = tmp_path / f".out.safetensors.{dead}-ba9876543210.tmp"  # too young: maybe still being written
     running = tmp_path / f".out.safetensors.{alive}-aaaaaaaaaaaa.tmp"  # its writer is alive
     other = tmp_path / f".other.safetensors.{dead}-0123456789ab.tmp"  # another target's
+    impossible = tmp_path / f".out.safetensors.{10**30}-0123456789ab.tmp"  # no process has that id
     foreign = tmp_path / ".out.safetensors.notours.tmp"  # not our naming
-    for path in (stale, recent, running, other, foreign):
+    for path in (stale, recent, running, other, foreign, impossible):
         path.write_bytes(b"partial")
-    for path in (stale, running, other, foreign):
+    for path in (stale, running, other, foreign, impossible):
         os.utime(path, (old, old))
     write_tensors(target, {"w": np.ones(3, np.float32)})
-    assert not stale.exists()
+    assert not stale.exists() and not impossible.exists()
     assert all(p.exists() for p in (recent, running, other, foreign))
     assert remove_stale_temporaries(target) == []
     # a killed save_adapters is cleaned up the same way
