@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from . import __version__
 from ._files import FileError, read_metadata, read_tensors, write_tensors
 from ._header import check_ranks_fit, int_tuple, json_object, number, scale_field, string
 from ._subspace import mode_spectrum
-from .decompose import METHODS, sthosvd, tucker
+from .decompose import METHODS, ToleranceWarning, sthosvd, tucker
 from .ranks import budget_ranks
 from .tenalg import tucker_to_tensor
 
@@ -472,6 +473,11 @@ def _same_file(output: str, source: str) -> bool:
         return False
 
 
+def _warning_line(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """Show a warning as one ``ndlowrank: warning: ...`` line on stderr (no source line)."""
+    print(f"ndlowrank: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 on success, 2 on bad input)."""
     parser = _parser()
@@ -497,7 +503,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"ndlowrank: error: --min-size {args.min_size} must be >= 0\n")
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return run(args)
+        with warnings.catch_warnings():  # restores the warning machinery on the way out
+            warnings.simplefilter("default", ToleranceWarning)
+            warnings.showwarning = _warning_line
+            return run(args)
     except (UsageError, FileError) as exc:
         parser.exit(2, f"ndlowrank: error: {exc}\n")
     except OSError as exc:  # a write that failed part way (a full disk), also in the demo's save

@@ -27,6 +27,7 @@ from test_cli import fails, lowrank, run  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ndlowrank import nn as nlnn  # noqa: E402
+from ndlowrank.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -377,3 +378,22 @@ def test_negative_min_size_is_refused(command, tmp_path, capsys):
     )
     line = fails([command, *inputs, "-o", str(tmp_path / "o.safetensors"), "--min-size", "-5"], capsys)
     assert "--min-size -5 must be >= 0" in line
+
+
+def test_a_tolerance_below_float32_is_one_warning_line(tmp_path, capsys):
+    save_numpy({"w": lowrank((24, 16, 3, 3), (4, 3, 2, 2), seed=0), "v": lowrank((40, 30), (3, 3), seed=1)},
+               str(tmp_path / "w.safetensors"))  # fmt: skip
+    capsys.readouterr()
+    argv = [
+        "decompose",
+        str(tmp_path / "w.safetensors"),
+        "-o",
+        str(tmp_path / "f.safetensors"),
+        "-q",
+        "--tol",
+        "1e-7",
+    ]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err  # one line, once for both tensors
+    assert err[0].startswith("ndlowrank: warning: tol=1e-07 is below what float32 can reach"), err
