@@ -287,12 +287,14 @@ def add_adapters(
     Raises
     ------
     ValueError
-        A target that matches nothing, a parameter with fewer than 2 modes, a rank that
+        A target that matches nothing or already has an adapter (a weight takes one, also
+        across calls), an invalid regex, a parameter with fewer than 2 modes, a rank that
         does not fit a weight (naming the target, mode, rank and size), a bad option, or
         ``dropout > 0`` with a target module that gets a parameter adapter.
         The model is unchanged then.
     TypeError
-        A target whose type cannot be adapted (naming the type and the supported ones).
+        A target whose type cannot be adapted (naming the type and the supported ones), a
+        target name that is not a string, or a ``model`` that is not an ``nn.Module``.
 
     Examples
     --------
