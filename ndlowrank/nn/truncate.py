@@ -123,6 +123,13 @@ def truncate_adapters(
     list of TruncationReport
         Per delta: name, old ranks, new ranks, relative change of ``ΔW``.
 
+    Raises
+    ------
+    ValueError
+        For a bad request, or a delta that holds NaN or Inf (naming it). All or nothing:
+        every delta is truncated on the side before any changes, so the model is
+        unchanged then.
+
     Notes
     -----
     The new cores and factors are new ``nn.Parameter`` objects (their shapes change):
