@@ -365,3 +365,16 @@ def test_nan_adapters_are_neither_saved_nor_loaded(tmp_path):
     with pytest.raises(ValueError, match=r"tensors \['5.factors.1'\] hold NaN or Inf"):
         nlnn.load_adapters(fresh, tmp_path / "b.safetensors")
     _assert_unchanged(fresh, before)
+
+
+@pytest.mark.parametrize(
+    "targets", [dict(target_modules=["0"]), dict(target_modules=None, target_parameters=["4.weight"])]
+)
+def test_principal_init_on_a_meta_weight_is_refused(targets):
+    with torch.device("meta"):
+        model = _net()
+    with pytest.raises(
+        ValueError, match="init='principal' decomposes the weight, which is on the meta device"
+    ):
+        nlnn.add_adapters(model, targets.pop("target_modules"), 2, init="principal", **targets)
+    assert not list(nlnn.iter_adapters(model))
