@@ -149,7 +149,7 @@ def check_scale(scale: Any, *, principal: bool = False, name: str = "scale") -> 
     except OverflowError:  # an int beyond float's range, such as 10**400
         value = math.inf
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {scale!r}")
+        raise ValueError(f"{name} must be a finite number, got {scale!r}")
     if abs(value) > MAX_SCALE:
         raise ValueError(
             f"{name}={value!r} is too large: |{name}| <= {MAX_SCALE:g} keeps {name} · ΔW representable; "

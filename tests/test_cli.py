@@ -453,7 +453,7 @@ def test_demo(tmp_path, capsys):
     assert trainable["task B: new head only"] == 32 * 4 + 4
     assert trainable["task B: new head only"] < trainable["task B: Tucker adapters (rank 8) + new head"]
     assert trainable["task B: Tucker adapters (rank 8) + new head"] < trainable["task B: full fine-tune"]
-    assert f"The adapters were saved to {path}" in out
+    assert f"The adapters and the new head were saved to {path}" in out
     model = nlnn.load_adapters(_demo._network(), path)
     assert {name: adapter.kind for name, adapter in nlnn.iter_adapters(model)} == {
         "0": "conv",

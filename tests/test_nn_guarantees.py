@@ -203,8 +203,8 @@ def test_attention_out_proj_takes_one_adapter_across_calls():
 @pytest.mark.parametrize(
     "targets, error, pattern",
     [
-        (dict(target_modules=[0]), TypeError, r"target_modules\[0\]=0 is a int"),
-        (dict(target_modules=["0", None]), TypeError, r"target_modules\[1\]=None"),
+        (dict(target_modules=[0]), TypeError, r"target_modules entries must be .*, got 0 \(int\)"),
+        (dict(target_modules=["0", None]), TypeError, r"target_modules entries must be .*, got None"),
         (dict(target_modules=None, target_parameters=[b"0.weight"]), TypeError, r"target_parameters\[0\]"),
     ],
 )

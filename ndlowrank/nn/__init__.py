@@ -7,6 +7,7 @@ the array-API core (:func:`ndlowrank.tucker_delta`, :func:`ndlowrank.sthosvd`).
 from .delta import TuckerDelta
 from .io import adapter_state_dict, load_adapters, save_adapters
 from .layers import PATHS, ConvAdapter, EmbeddingAdapter, LinearAdapter, TuckerAdapter, supported_layers
+from .manage import AdaptersDisabled, disable_adapters, enable_adapters, set_adapter_scale
 from .model import (
     add_adapters,
     iter_adapters,
@@ -15,26 +16,41 @@ from .model import (
     remove_adapters,
     unmerge_adapters,
 )
+from .modules_to_save import TrainedCopy, iter_trained_copies
+from .named import active_adapters, adapter_names, add_weighted_adapter, delete_adapter, set_active_adapter
 from .parameters import ParameterAdapter
+from .targets import select_targets
 from .truncate import TruncationReport, truncate_adapters
 
 __all__ = [
     "PATHS",
+    "AdaptersDisabled",
     "ConvAdapter",
     "EmbeddingAdapter",
     "LinearAdapter",
     "ParameterAdapter",
+    "TrainedCopy",
     "TruncationReport",
     "TuckerAdapter",
     "TuckerDelta",
+    "active_adapters",
+    "adapter_names",
     "adapter_state_dict",
     "add_adapters",
+    "add_weighted_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "enable_adapters",
     "iter_adapters",
+    "iter_trained_copies",
     "load_adapters",
     "mark_only_adapters_trainable",
     "merge_adapters",
     "remove_adapters",
     "save_adapters",
+    "select_targets",
+    "set_active_adapter",
+    "set_adapter_scale",
     "supported_layers",
     "truncate_adapters",
     "unmerge_adapters",

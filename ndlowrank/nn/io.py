@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -46,10 +48,21 @@ from .._header import json_object, scale_field
 from .._header import number as _number
 from .._header import string as _string
 from ..init import KNOWN_INITS
-from ._host import DeltaHost
+from ._host import DEFAULT_ADAPTER, DeltaHost, check_adapter_name
 from .delta import TuckerDelta
 from .layers import _ADAPTERS, PATHS, TuckerAdapter, _adapter_class
-from .model import _is_internal, _set_submodule, iter_adapters, mark_only_adapters_trainable
+from .model import _is_internal, _set_submodule, iter_adapters, mark_only_adapters_trainable, runs_at_once
+from .modules_to_save import (
+    ModuleEntry,
+    is_module_entry,
+    load_module,
+    parse_module_entry,
+    plan_modules,
+    trained_entries,
+    trained_state,
+    unsaved_trainable,
+)
+from .named import chosen_adapter
 from .parameters import ParameterAdapter, attach_parameter_adapter, remove_parameter_adapter
 
 __all__ = ["adapter_state_dict", "load_adapters", "save_adapters"]
@@ -82,7 +95,7 @@ def _is_principal(adapter: DeltaHost) -> bool:
     return hasattr(adapter, "principal_core")
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, *, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """The trainable tensors of every adapter in ``model``, keyed by adapter name.
 
     Parameters
@@ -100,7 +113,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         ``"principal"`` adapter also its start, ``f"{name}.principal_core"`` and
         ``f"{name}.principal_factor_{n}"``. The tensors are detached and contiguous, on
         the adapters' device and in their dtype; like ``Module.state_dict`` they may share
-        memory with the parameters.
+        memory with the parameters. Modules trained in full (``modules_to_save``) add
+        their trained copy's ``state_dict`` as ``f"{name}.{key}"``.
 
     Examples
     --------
@@ -110,8 +124,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     >>> {key: tuple(t.shape) for key, t in nlnn.adapter_state_dict(model).items()}
     {'0.core': (2, 2), '0.factors.0': (4, 2), '0.factors.1': (8, 2)}
     """
+    with chosen_adapter(model, adapter_name) as adapters:
+        return _state(adapters, model)
+
+
+def _state(adapters: list[tuple[str, DeltaHost]], model: nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for name, adapter in iter_adapters(model):
+    for name, adapter in adapters:
         prefix = _prefix(name)
         state[f"{prefix}core"] = adapter.delta.core.detach().contiguous()
         for n, factor in enumerate(adapter.delta.factors):
@@ -119,6 +138,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if _is_principal(adapter):
             for buffer in _principal_names(adapter.weight.ndim):
                 state[prefix + buffer] = getattr(adapter, buffer).detach().contiguous()
+    state.update(trained_state(model))
     return state
 
 
@@ -150,7 +170,7 @@ def _safetensors() -> Any:
     return safetensors
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
+def save_adapters(model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str | None = None) -> None:
     """Save every adapter of ``model`` (tensors and config) to one safetensors file.
 
     The file holds :func:`adapter_state_dict` and, in its metadata, a JSON config with the
@@ -177,6 +197,13 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
     OSError
         If the file cannot be written (a full disk, a file size limit), naming the path.
 
+    Warns
+    -----
+    UserWarning
+        If ``model`` has trainable parameters that the file does not hold (a head unfrozen
+        by hand rather than listed in ``modules_to_save``): loading the file would not
+        restore them.
+
     Notes
     -----
     The write is atomic: the file is written under a temporary name in the same directory,
@@ -202,7 +229,11 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
     >>> torch.equal(restored(x), model(x))
     True
     """
-    adapters = list(iter_adapters(model))
+    with chosen_adapter(model, adapter_name) as adapters:
+        _save(model, adapters, path)
+
+
+def _save(model: nn.Module, adapters: list[tuple[str, DeltaHost]], path: str | os.PathLike[str]) -> None:
     if not adapters:
         raise ValueError("the model has no adapters to save; add them with ndlowrank.nn.add_adapters")
     meta = [name for name, adapter in adapters if any(p.is_meta for p in adapter.delta.parameters())]
@@ -229,14 +260,23 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
         "format": FILE_FORMAT,
         "format_version": FORMAT_VERSION,
         "ndlowrank_version": __version__,
-        "targets": [_adapter_config(name, adapter) for name, adapter in adapters],
+        "targets": [*(_adapter_config(name, adapter) for name, adapter in adapters), *trained_entries(model)],
     }
     metadata = {METADATA_KEY: json.dumps(header), "format": "pt"}
-    tensors = {key: t.to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
+    tensors = {key: t.to("cpu").contiguous() for key, t in _state(adapters, model).items()}
 
     write_atomically(
         target, lambda temporary: safetensors.torch.save_file(tensors, str(temporary), metadata=metadata)
     )
+    unsaved = unsaved_trainable(model)
+    if unsaved:
+        shown = ", ".join(unsaved[:5]) + (f" and {len(unsaved) - 5} more" if len(unsaved) > 5 else "")
+        warnings.warn(
+            f"trainable parameters {shown} are not in the adapter file, so loading it will not restore "
+            "them; to save a module trained in full, pass it to add_adapters(..., modules_to_save=[...])",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 # -- reading and validating a file -------------------------------------------------------
@@ -340,7 +380,7 @@ def _parse_target(entry: Any, where: str) -> _Target:
     )
 
 
-def _parse_header(text: str, where: str) -> list[_Target]:
+def _parse_header(text: str, where: str) -> tuple[list[_Target], list[ModuleEntry]]:
     header = json_object(text, METADATA_KEY, where)
     kind = header.get("format")
     if kind != FILE_FORMAT:
@@ -360,12 +400,13 @@ def _parse_header(text: str, where: str) -> list[_Target]:
     entries = header.get("targets")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{where}: 'targets' must be a non-empty list, got {entries!r}")
-    targets = [_parse_target(entry, where) for entry in entries]
-    names = [t.name for t in targets]
+    targets = [_parse_target(entry, where) for entry in entries if not is_module_entry(entry)]
+    modules = [parse_module_entry(entry, where) for entry in entries if is_module_entry(entry)]
+    names = [*(t.name for t in targets), *(m.name for m in modules)]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"{where}: adapters {duplicates} appear more than once")
-    return targets
+    return targets, modules
 
 
 def _check_existing(adapter: DeltaHost, target: _Target, at: str) -> None:
@@ -393,6 +434,10 @@ def _check_existing(adapter: DeltaHost, target: _Target, at: str) -> None:
         raise ValueError(
             f"{at}: the model's adapter has init={adapter.init!r} but the file's has init={target.init!r}; "
             "a 'principal' adapter changes the base weight, so both must be 'principal' or neither"
+        )
+    if adapter.disabled:
+        raise ValueError(
+            f"{at}: the model's adapter is disabled; call ndlowrank.nn.enable_adapters(model) first"
         )
     if adapter.merged:
         raise ValueError(
@@ -456,10 +501,20 @@ def _check_not_meta(found: DeltaHost | nn.Module | nn.Parameter, at: str) -> Non
 
 
 def _plan(
-    model: nn.Module, targets: list[_Target], tensors: Mapping[str, torch.Tensor], *, strict: bool, where: str
+    model: nn.Module,
+    targets: list[_Target],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    strict: bool,
+    where: str,
+    modules: tuple[ModuleEntry, ...] = (),
+    adapter_name: str | None = None,
+    runs: bool = True,
 ) -> list[tuple[_Target, DeltaHost | nn.Module | nn.Parameter]]:
     """Check the file against the model: ``(target, existing adapter or what to adapt)`` per adapter."""
-    adapters = dict(iter_adapters(model))
+    hosts = dict(iter_adapters(model))
+    # the layers that hold the adapter loaded into (every adapted layer when it is not named)
+    adapters = {n: h for n, h in hosts.items() if adapter_name is None or adapter_name in h.adapter_names}
     layers = [name for name, adapter in adapters.items() if isinstance(adapter, TuckerAdapter)]
     layers += [t.name for t in targets if t.kind in _LAYER_KINDS]
     plan: list[tuple[_Target, DeltaHost | nn.Module | nn.Parameter]] = []
@@ -468,6 +523,10 @@ def _plan(
         if target.name in adapters:
             _check_existing(adapters[target.name], target, at)
             plan.append((target, adapters[target.name]))
+            continue
+        if target.name in hosts and adapter_name is not None:  # another named adapter on this layer
+            _check_addable(hosts[target.name], target, adapter_name, at, runs=runs)
+            plan.append((target, hosts[target.name]))
             continue
         owner = next((n for n in layers if n != target.name and target.name.startswith(_prefix(n))), None)
         if owner is not None:
@@ -510,7 +569,9 @@ def _plan(
     not_finite = [key for key in expected if not bool(torch.isfinite(tensors[key]).all())]
     if not_finite:
         raise ValueError(f"{where}: tensors {not_finite} hold NaN or Inf")
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(
+        set(tensors) - set(expected) - {key for entry in modules for key in entry.tensor_names()}
+    )
     if unexpected and strict:
         raise ValueError(f"{where}: unexpected tensors {unexpected} (pass strict=False to ignore them)")
     return plan
@@ -519,10 +580,10 @@ def _plan(
 # -- changing the model, keeping what undoes each change -----------------------------------
 
 
-def _copy_trained(adapter: DeltaHost, target: _Target, tensors: Mapping[str, torch.Tensor]) -> None:
+def _copy_trained(delta: TuckerDelta, target: _Target, tensors: Mapping[str, torch.Tensor]) -> None:
     prefix = _prefix(target.name)
-    adapter.delta.core.copy_(tensors[f"{prefix}core"])
-    for n, factor in enumerate(adapter.delta.factors):
+    delta.core.copy_(tensors[f"{prefix}core"])
+    for n, factor in enumerate(delta.factors):
         factor.copy_(tensors[f"{prefix}factors.{n}"])
 
 
@@ -563,7 +624,7 @@ def _load_existing(
             weight.add_(adapter._principal_start())
             _restore_buffers(adapter, {name: value.clone() for name, value in zip(names, new, strict=True)})
             weight.sub_(adapter._principal_start())
-    _copy_trained(adapter, target, tensors)
+    _copy_trained(adapter.delta, target, tensors)
 
 
 def _build(
@@ -572,13 +633,15 @@ def _build(
     base: nn.Module | nn.Parameter,
     tensors: Mapping[str, torch.Tensor],
     undo: Undo,
-) -> None:
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> DeltaHost:
     """Put a new adapter on ``base`` (a layer or a parameter of ``model``) as the file describes it."""
     weight: torch.Tensor = base if isinstance(base, nn.Parameter) else base.weight  # type: ignore[assignment]
     options: dict[str, Any] = {
         "scale": target.scale,
         "dtype": target.dtype,
         "seed": 0,  # the values are overwritten; a fixed seed leaves torch's global RNG alone
+        "adapter_name": adapter_name,
     }
     principal = target.principal_ranks is not None
     ranks = list(target.principal_ranks if target.principal_ranks is not None else target.ranks)
@@ -602,7 +665,7 @@ def _build(
                 device=weight.device,
                 seed=0,
             )
-    _copy_trained(adapter, target, tensors)
+    _copy_trained(adapter.delta, target, tensors)
     if isinstance(base, nn.Parameter):
         owner_name, _, attribute = target.name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
@@ -612,6 +675,35 @@ def _build(
     else:
         _set_submodule(model, target.name, adapter)
         undo.append(partial(_set_submodule, model, target.name, base))
+    return adapter
+
+
+def _check_addable(host: DeltaHost, target: _Target, adapter_name: str, at: str, *, runs: bool) -> None:
+    """A layer with other adapters can take the file's adapter under ``adapter_name``."""
+    found: dict[str, Any] = {"kind": host.kind, "weight shape": tuple(host.weight.shape)}
+    wanted: dict[str, Any] = {"kind": target.kind, "weight shape": target.weight_shape}
+    for field, value in wanted.items():
+        if found[field] != value:
+            raise ValueError(
+                f"{at}: the model's adapter has {field} {found[field]} but the file's has {value}"
+            )
+    try:
+        host.check_can_add(adapter_name, target.init)
+        if runs:
+            host.check_active([*host.active_adapters, adapter_name], adding=adapter_name)
+    except ValueError as exc:
+        raise ValueError(f"{at}: {exc}") from None
+
+
+def _add_named(
+    host: DeltaHost, target: _Target, tensors: Mapping[str, torch.Tensor], undo: Undo, adapter_name: str
+) -> None:
+    """Add the file's adapter to a layer that holds other adapters, under ``adapter_name``."""
+    host.add_adapter(
+        adapter_name, list(target.ranks), init=target.init, scale=target.scale, dtype=target.dtype, seed=0
+    )
+    undo.append(partial(host.delete_adapter, adapter_name))
+    _copy_trained(host.delta_of(adapter_name), target, tensors)
 
 
 def _restore_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
@@ -619,7 +711,9 @@ def _restore_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
         parameter.requires_grad_(flag)
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> nn.Module:
+def load_adapters(
+    model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True, adapter_name: str | None = None
+) -> nn.Module:
     """Load adapters saved by :func:`save_adapters` into ``model`` (in place) and return it.
 
     The whole file is checked against the model before anything changes. Then, per adapter
@@ -686,19 +780,64 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str], *, strict: boo
     target_path = _fspath(path)
     where = f"adapter file {target_path!r}"
     metadata, tensors = _read_file(target_path, where)
-    targets = _parse_header(metadata[METADATA_KEY], where)
-    plan = _plan(model, targets, tensors, strict=strict, where=where)
+    targets, modules = _parse_header(metadata[METADATA_KEY], where)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    # whether the loaded adapter runs, decided before the context below points hosts at it
+    runs = adapter_name is None or runs_at_once(model, adapter_name)
+    with chosen_adapter(model, adapter_name, must_exist=False) if adapter_name else nullcontext():
+        return _load(
+            model, targets, modules, tensors, strict=strict, where=where, adapter_name=adapter_name, runs=runs
+        )
+
+
+def _load(
+    model: nn.Module,
+    targets: list[_Target],
+    modules: list[ModuleEntry],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    strict: bool,
+    where: str,
+    adapter_name: str | None,
+    runs: bool,
+) -> nn.Module:
+    plan = _plan(
+        model,
+        targets,
+        tensors,
+        strict=strict,
+        where=where,
+        modules=tuple(modules),
+        adapter_name=adapter_name,
+        runs=runs,
+    )
+    adapted = [*(t.name for t in targets), *(name for name, _ in iter_adapters(model))]
+    module_plan = plan_modules(model, modules, adapted, tensors, strict=strict, where=where)
 
     undo: Undo = []
     try:
         with torch.no_grad():
             built = False
             for target, found in plan:
-                if isinstance(found, DeltaHost):
+                if (
+                    isinstance(found, DeltaHost)
+                    and adapter_name is not None
+                    and adapter_name not in found.adapter_names
+                ):
+                    _add_named(found, target, tensors, undo, adapter_name)
+                    if runs:
+                        found.set_active([*found.active_adapters, adapter_name])
+                    built = True
+                elif isinstance(found, DeltaHost):
                     _load_existing(found, target, tensors, undo)
                 else:
-                    _build(model, target, found, tensors, undo)
+                    adapter = _build(model, target, found, tensors, undo, adapter_name or DEFAULT_ADAPTER)
+                    if not runs:  # beside other adapters: runs once made active
+                        adapter.set_active(None)
                     built = True
+            for entry, module in module_plan:
+                built |= load_module(model, entry, module, tensors, undo, _set_submodule)
             if built:
                 undo.append(partial(_restore_flags, [(p, p.requires_grad) for p in model.parameters()]))
                 mark_only_adapters_trainable(model)

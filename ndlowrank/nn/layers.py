@@ -19,7 +19,7 @@ from torch import nn
 
 from ..tenalg import multi_mode_product
 from ._conv import ConvGeometry, FusedTuckerConv, conv_delta, factorized_branch
-from ._host import DeltaHost
+from ._host import DEFAULT_ADAPTER, DeltaHost
 
 __all__ = ["PATHS", "ConvAdapter", "EmbeddingAdapter", "LinearAdapter", "TuckerAdapter", "supported_layers"]
 
@@ -73,6 +73,8 @@ class TuckerAdapter(DeltaHost):
         also for a bfloat16/float16 layer; pass the layer's dtype to match it.
     seed : int, optional
         Seed of the random init; without it, torch's global generator seeds it.
+    adapter_name : str, default "default"
+        Name of the adapter (more can be added with :meth:`add_adapter`).
     """
 
     kind: ClassVar[str] = ""
@@ -94,6 +96,7 @@ class TuckerAdapter(DeltaHost):
         path: str = "auto",
         dtype: torch.dtype | None = None,
         seed: int | None = None,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         super().__init__()
         _adapter_class(base_layer)  # type check for direct subclass use
@@ -109,13 +112,14 @@ class TuckerAdapter(DeltaHost):
         self.path, self.dropout_p = path, float(dropout)
         self._auto_paths: dict[tuple[Any, ...], str] = {}  # path="auto"'s choice per input shape and mode
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._init_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed)
+        self._init_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed, adapter_name=adapter_name)
         self._after_init()
         self.train(base_layer.training)  # an adapter on a model in eval mode starts in eval mode
 
-    # -- what subclasses supply ------------------------------------------------------
-    def _after_init(self) -> None:
-        """Layer-specific adjustments of a fresh delta (e.g. an embedding's padding row)."""
+    # -- what subclasses supply (and _after_init) ------------------------------------
+    def _forward_summed(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer with ``W + ΣΔW`` of the active adapters (a materialize path that sums them)."""
+        return self._forward_materialize(x)
 
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -137,6 +141,28 @@ class TuckerAdapter(DeltaHost):
         """The base layer's weight (merged or not)."""
         return self.base_layer.weight
 
+    def __getattr__(self, name: str) -> Any:
+        """Read the base layer's attributes through the adapter (``in_features``, ``bias``, ``kernel_size``, ...).
+
+        Code that inspects a layer (transformers, torchvision, user models) keeps working
+        on the adapted layer. Only reading is forwarded: the adapter's own attributes
+        (``delta``, ``scale``, ``dropout``, ``path``, ...) take precedence, and setting an
+        attribute sets it on the adapter.
+        """
+        modules = self.__dict__.get("_modules", {})
+        if name != "delta" and name in modules:  # the common case first: forward reads its modules
+            return modules[name]
+        try:
+            return super().__getattr__(name)
+        except AttributeError as error:
+            base = modules.get("base_layer")
+            if base is None or name.startswith("__"):
+                raise
+            try:
+                return getattr(base, name)
+            except AttributeError:
+                raise error from None
+
     def chosen_path(self, x: torch.Tensor) -> str:
         """The path a call on ``x`` takes."""
         if self.path != "auto":
@@ -157,8 +183,10 @@ class TuckerAdapter(DeltaHost):
         return path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled or self.active_adapter is None:
             return self.base_layer(x)
+        if self.__dict__["_also_active"]:  # several adapters: the layer with W + ΔW₁ + ΔW₂ ...
+            return self._forward_summed(x)
         if self.chosen_path(x) == "materialize":
             return self._forward_materialize(x)
         return self._forward_factorized(x)
@@ -168,9 +196,9 @@ class TuckerAdapter(DeltaHost):
         self.restore_weight()
         return self.base_layer
 
-    def merged_base(self) -> nn.Module:
-        """The base layer with ``ΔW`` merged in for good (the fine-tuned weight)."""
-        self.merge_for_good()
+    def merged_base(self, names: Sequence[str] | None = None) -> nn.Module:
+        """The base layer with ``ΔW`` merged in for good (the fine-tuned weight); ``names``: of these adapters."""
+        self.merge_for_good(names)
         return self.base_layer
 
     def config(self) -> dict[str, Any]:
@@ -193,7 +221,7 @@ class LinearAdapter(TuckerAdapter):
 
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.base_layer
-        return F.linear(x, self.weight + self.delta_weight(), layer.bias)
+        return F.linear(x, self.weight + self.total_delta_weight(), layer.bias)
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in self.delta.factors)
@@ -238,6 +266,10 @@ class ConvAdapter(TuckerAdapter):
         return FusedTuckerConv.apply(
             self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, self.spatial_core(), self.geometry
         )
+
+    def _forward_summed(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.base_layer
+        return layer._conv_forward(x, self.weight + self.total_delta_weight(), layer.bias)
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
@@ -314,7 +346,7 @@ class EmbeddingAdapter(TuckerAdapter):
 
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.base_layer
-        weight = self.weight + self.delta_weight()
+        weight = self.weight + self.total_delta_weight()
         return F.embedding(
             x, weight, max_norm=layer.max_norm, norm_type=layer.norm_type, sparse=False, **self._options()
         )

@@ -11,10 +11,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._validation import validate_ranks
-from ._host import DeltaHost
+from ._host import DEFAULT_ADAPTER, DeltaHost, check_adapter_name
 from .delta import TuckerDelta, layer_seed
 from .layers import TuckerAdapter, _adapter_class
+from .modules_to_save import TrainedCopy, iter_trained_copies
 from .parameters import ParameterAdapter, attach_parameter_adapter, detach_parameter_adapter
+from .targets import Targets, _candidates, _is_internal, _select, select_targets
 
 __all__ = [
     "add_adapters",
@@ -67,7 +69,8 @@ def iter_adapters(model: nn.Module) -> Iterator[tuple[str, DeltaHost]]:
 
     Layer adapters (:class:`TuckerAdapter`) are named by their module path
     (``"layer1.0.conv1"``), parameter adapters (:class:`ParameterAdapter`) by their
-    parameter's path (``"attn.in_proj_weight"``).
+    parameter's path (``"attn.in_proj_weight"``). Each comes once, whatever named adapters
+    it holds (``adapter.adapter_names``); ``adapter.delta`` is its active one's delta.
     """
     check_model(model)
     for name, module in model.named_modules():
@@ -95,60 +98,56 @@ def _suffix_match(pattern: str, name: str) -> bool:
     return re.fullmatch(rf"(.*\.)?({pattern})", name) is not None
 
 
-def _already_adapted(model: nn.Module, matches: Callable[[str], bool], what: str) -> None:
-    """Raise if ``what`` (a target that selects nothing adaptable) selects an adapter or what one holds."""
+def _already_adapted(model: nn.Module, matches: Callable[[str], bool], what: str, adapter_name: str) -> None:
+    """Raise if ``what`` (a target that selects nothing adaptable) selects an adapter that holds ``adapter_name``."""
     for name, adapter in iter_adapters(model):
+        if adapter_name not in adapter.adapter_names:
+            continue
         covered = [name]
         if isinstance(adapter, TuckerAdapter):  # the wrapped layer's parameters, by their user-facing names
             covered += [f"{name}.{key}" if name else key for key, _ in adapter.base_layer.named_parameters()]
             covered += [f"{name}.{key}" if name else key for key, _ in adapter.named_parameters()]
         if any(matches(n) for n in covered):
-            raise ValueError(_adapted_message(what, name, adapter))
+            raise ValueError(_adapted_message(what, name, adapter, adapter_name))
 
 
-def _adapted_message(what: str, name: str, adapter: nn.Module) -> str:
+def _select_modules(
+    model: nn.Module, target_modules: Targets, exclude_modules: Targets | None, adapter_name: str
+) -> list[str]:
+    """:func:`select_targets`, saying so when a target selects nothing because it already has this adapter."""
+    try:
+        return select_targets(
+            model, target_modules, exclude_modules=exclude_modules, adapter_name=adapter_name
+        )
+    except ValueError as exc:
+        if "matches no module" not in str(exc):
+            raise
+        if isinstance(target_modules, str):
+            compiled = re.compile(target_modules)
+            _already_adapted(
+                model,
+                lambda n: compiled.fullmatch(n) is not None,
+                f"target_modules={target_modules!r}",
+                adapter_name,
+            )
+        elif isinstance(target_modules, Sequence):
+            for entry in target_modules:
+                if isinstance(entry, str):
+                    _already_adapted(model, _suffix_of(entry), f"target module {entry!r}", adapter_name)
+        raise
+
+
+def _adapted_message(what: str, name: str, adapter: nn.Module, adapter_name: str | None = None) -> str:
+    named = f" named {adapter_name!r}" if adapter_name is not None else ""
     return (
-        f"{what} already has an adapter ({type(adapter).__name__} {name!r}); a weight takes one "
-        "adapter: remove it first (ndlowrank.nn.remove_adapters) or load trained values into it "
-        "(ndlowrank.nn.load_adapters)"
+        f"{what} already has an adapter{named} ({type(adapter).__name__} {name!r}); a weight takes one "
+        "adapter of each name and one kind of adapter: remove it first (ndlowrank.nn.remove_adapters), load "
+        "trained values into it (ndlowrank.nn.load_adapters) or add another one under another adapter_name"
     )
 
 
 def _suffix_of(target: str) -> Callable[[str], bool]:
     return lambda name: name == target or name.endswith("." + target)
-
-
-def _targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
-    """Names of the modules ``target_modules`` selects; every entry must select something."""
-    candidates = [
-        name
-        for name, module in model.named_modules()
-        if name and not isinstance(module, TuckerAdapter) and not _is_internal(name)
-    ]
-    if isinstance(target_modules, str):
-        compiled = _regex(target_modules, f"target_modules={target_modules!r}")
-        chosen = [name for name in candidates if compiled.fullmatch(name)]
-        if not chosen:
-            matches = lambda name: compiled.fullmatch(name) is not None  # noqa: E731
-            _already_adapted(model, matches, f"target_modules={target_modules!r}")
-            raise ValueError(f"target_modules={target_modules!r} (a regex) matches no module of the model")
-        return _without_parameter_adapters(model, chosen)
-    if not target_modules:
-        raise ValueError(
-            "target_modules is empty; name the modules to adapt (exact names, suffixes or a regex)"
-        )
-    chosen = []
-    for k, target in enumerate(target_modules):
-        if not isinstance(target, str):
-            raise TypeError(
-                f"target_modules[{k}]={target!r} is a {type(target).__name__}; give module names as strings"
-            )
-        matched = [name for name in candidates if _suffix_of(target)(name)]
-        if not matched:
-            _already_adapted(model, _suffix_of(target), f"target module {target!r}")
-            raise ValueError(f"target module {target!r} matches no module of the model")
-        chosen += [name for name in matched if name not in chosen]
-    return _without_parameter_adapters(model, chosen)
 
 
 def _without_parameter_adapters(model: nn.Module, names: list[str]) -> list[str]:
@@ -164,20 +163,23 @@ def _without_parameter_adapters(model: nn.Module, names: list[str]) -> list[str]
     return names
 
 
-def _is_internal(name: str) -> bool:
-    """A module or parameter that belongs to an adapter or a parametrization, not to the user's model."""
-    parts = name.split(".")
-    return "base_layer" in parts or "parametrizations" in parts
+def _target_parameters(
+    model: nn.Module,
+    target_parameters: Sequence[str],
+    hosts: Mapping[str, DeltaHost] | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> list[str]:
+    """Names of the parameters ``target_parameters`` selects (exact names or dotted suffixes).
 
-
-def _target_parameters(model: nn.Module, target_parameters: Sequence[str]) -> list[str]:
-    """Names of the parameters ``target_parameters`` selects (exact names or dotted suffixes)."""
+    ``hosts``: parameter adapters that may take another named adapter, candidates too.
+    """
     if isinstance(target_parameters, str):
         raise TypeError("target_parameters must be a list of parameter names, e.g. ['attn.in_proj_weight']")
     owned = {id(p) for _, adapter in iter_adapters(model) for p in adapter.parameters()}
     candidates = [
         name for name, p in model.named_parameters() if not _is_internal(name) and id(p) not in owned
     ]
+    candidates += [name for name, host in (hosts or {}).items() if isinstance(host, ParameterAdapter)]
     chosen: list[str] = []
     for k, target in enumerate(target_parameters):
         if not isinstance(target, str):
@@ -186,10 +188,12 @@ def _target_parameters(model: nn.Module, target_parameters: Sequence[str]) -> li
             )
         matched = [name for name in candidates if _suffix_of(target)(name)]
         if not matched:
-            _already_adapted(model, _suffix_of(target), f"target parameter {target!r}")
+            _already_adapted(model, _suffix_of(target), f"target parameter {target!r}", adapter_name)
             raise ValueError(f"target parameter {target!r} matches no parameter of the model")
         for name in matched:
-            shape = tuple(model.get_parameter(name).shape)
+            shape = tuple(
+                (hosts[name].weight if hosts and name in hosts else model.get_parameter(name)).shape
+            )
             if len(shape) < 2:
                 raise ValueError(
                     f"parameter {name!r} has shape {shape}: a Tucker delta needs at least 2 modes"
@@ -221,19 +225,42 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def runs_at_once(model: nn.Module, adapter_name: str) -> bool:
+    """Whether a new adapter named ``adapter_name`` runs when added: on a model without adapters, or if that name runs."""
+    hosts = [host for _, host in iter_adapters(model)]
+    return not hosts or any(adapter_name in host.active_adapters for host in hosts)
+
+
 def mark_only_adapters_trainable(model: nn.Module) -> None:
-    """Freeze every parameter of ``model`` except the adapters' cores and factors."""
-    adapter_params = {id(p) for _, adapter in iter_adapters(model) for p in adapter.delta.parameters()}
-    adapter_params |= {id(p) for m in model.modules() if isinstance(m, TuckerDelta) for p in m.parameters()}
+    """Freeze every parameter of ``model`` except the adapters' cores and factors and the trained copies (``modules_to_save``).
+
+    Of several named adapters, only those that run stay trainable (as in PEFT; see
+    :func:`~ndlowrank.nn.set_active_adapter`). Standalone ``TuckerDelta`` modules are trainable.
+    """
+    hosts = [host for _, host in iter_adapters(model)]
+    owned = {id(host.delta_of(name)) for host in hosts for name in host.adapter_names}
+    adapter_params = {
+        id(p) for h in hosts for name in h.active_adapters for p in h.delta_of(name).parameters()
+    }
+    adapter_params |= {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, TuckerDelta) and id(m) not in owned
+        for p in m.parameters()
+    }
+    adapter_params |= {
+        id(p) for _, wrapper in iter_trained_copies(model) for p in wrapper.trained_module.parameters()
+    }
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in adapter_params)
 
 
 def add_adapters(
     model: nn.Module,
-    target_modules: str | Sequence[str] | None,
+    target_modules: Targets | None,
     ranks: Ranks,
     *,
+    exclude_modules: Targets | None = None,
     init: str = "zero_core",
     scale: float = 1.0,
     dropout: float = 0.0,
@@ -242,6 +269,8 @@ def add_adapters(
     dtype: torch.dtype | None = None,
     seed: int | None = None,
     target_parameters: Sequence[str] | None = None,
+    modules_to_save: Targets | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> nn.Module:
     """Put Tucker adapters on the target layers (and parameters) of ``model``; train only the adapters.
 
@@ -249,11 +278,13 @@ def add_adapters(
     ----------
     model : nn.Module
         Changed in place and returned.
-    target_modules : str, sequence of str or None
-        Layers to wrap in :class:`TuckerAdapter`. A sequence selects modules by exact name or
-        dotted suffix (``["conv1", "layer1.0.conv2"]``); a string is a regular expression
-        matched against the full module name (``r".*\\.conv\\d"``). Every entry must match at
-        least one module. ``None`` when only ``target_parameters`` are adapted.
+    target_modules : str, sequence of str and module types, or None
+        Layers to wrap in :class:`TuckerAdapter`. A sequence selects modules by exact name,
+        dotted suffix (``["conv1", "layer1.0.conv2"]``) or type (``[nn.Conv2d]``); a string
+        is a regular expression matched against the full module name (``r".*\\.conv\\d"``),
+        or ``"all-linear"``: every linear layer except the output head. Every entry must
+        match at least one module (see :func:`select_targets`). ``None`` when only
+        ``target_parameters`` are adapted.
         An ``nn.Linear`` that its parent reads by attribute instead of calling it (the
         ``out_proj`` of ``nn.MultiheadAttention``, ``linear1``/``linear2`` of
         ``nn.TransformerEncoderLayer``; the table is :data:`READ_BY_ATTRIBUTE`) gets a
@@ -263,6 +294,9 @@ def add_adapters(
     ranks : int or sequence of int
         Ranks of every adapter. An int is clipped to each mode's size (``8`` works on a
         depthwise 1×3×3 kernel); a sequence must fit every targeted weight.
+    exclude_modules : str, sequence of str and module types, optional
+        Modules taken out of ``target_modules``' selection, written the same way (a string
+        is a regex); as PEFT's ``exclude_modules``.
     init, scale, dropout, path, dtype
         As for :class:`TuckerAdapter`. ``dropout`` and ``path`` apply to layer adapters only:
         ``path`` is ignored by parameter adapters, and ``dropout > 0`` with a target module
@@ -278,6 +312,18 @@ def add_adapters(
         dotted suffix (``["attn.in_proj_weight"]``): each gets a :class:`ParameterAdapter`
         registered as a ``torch.nn.utils.parametrize`` parametrization, so the module
         sees ``W + ΔW`` wherever it uses the parameter.
+    modules_to_save : str, sequence of str and module types, optional
+        Modules trained in full beside the adapters (a new classification head, norms),
+        selected like ``target_modules``: each is replaced by a
+        :class:`~ndlowrank.nn.TrainedCopy` that keeps the original and runs a trainable copy,
+        which :func:`save_adapters` writes into the adapter file and :func:`load_adapters`
+        restores. A module cannot be both adapted and trained in full.
+    adapter_name : str, default "default"
+        Name of the adapter (several named adapters can share a model, as in PEFT). On a
+        model without adapters it is the active one. On a model with adapters, targets that
+        already hold other adapters get this one beside them, inactive unless that name
+        already runs: choose what runs with :func:`set_active_adapter` (see
+        :mod:`ndlowrank.nn.named`).
 
     Returns
     -------
@@ -328,8 +374,21 @@ def add_adapters(
         raise ValueError(
             "name the layers to adapt with target_modules= or the parameters with target_parameters="
         )
-    names = [] if target_modules is None else _targets(model, target_modules)
-    parameter_names = [] if not target_parameters else _target_parameters(model, target_parameters)
+    if target_modules is None and exclude_modules is not None:
+        raise ValueError("exclude_modules narrows target_modules; pass target_modules too")
+    check_adapter_name(adapter_name)
+    # adapters that may take this named adapter beside theirs
+    hosts = {n: h for n, h in iter_adapters(model) if adapter_name not in h.adapter_names}
+    runs = runs_at_once(model, adapter_name)
+    names = (
+        []
+        if target_modules is None
+        else _select_modules(model, target_modules, exclude_modules, adapter_name)
+    )
+    _without_parameter_adapters(model, [name for name in names if name not in hosts])
+    parameter_names = (
+        [] if not target_parameters else _target_parameters(model, target_parameters, hosts, adapter_name)
+    )
     for name in parameter_names:
         owner_name = name.rpartition(".")[0]
         if owner_name in names:
@@ -339,7 +398,7 @@ def add_adapters(
             )
     # a Linear that its parent reads by attribute gets a parameter adapter on its weight,
     # with the ranks (rank_pattern) of its module name
-    routed = {f"{name}.weight": name for name in names if _read_by_parent(model, name)}
+    routed = {f"{name}.weight": name for name in names if name not in hosts and _read_by_parent(model, name)}
     if routed and dropout > 0:
         module_name = next(iter(routed.values()))
         raise ValueError(
@@ -349,13 +408,31 @@ def add_adapters(
         )
     names = [name for name in names if f"{name}.weight" not in routed]
     parameter_names = [*routed, *parameter_names]
+    # modules trained in full already (for another named adapter) are shared, not wrapped again
+    saved = (
+        []
+        if modules_to_save is None
+        else _select(_candidates(model, copies=True), modules_to_save, "modules_to_save")
+    )
+    _check_saved(saved, [*names, *parameter_names])
     for name in names:
         try:
-            _adapter_class(model.get_submodule(name))
+            if name not in hosts:
+                _adapter_class(model.get_submodule(name))
         except TypeError as exc:
             raise TypeError(f"module {name!r}: {exc}") from None
     weights: list[torch.Tensor] = [model.get_submodule(n).weight for n in names]  # type: ignore[misc]
-    weights += [model.get_parameter(n) for n in parameter_names]
+    weights += [hosts[n].weight if n in hosts else model.get_parameter(n) for n in parameter_names]
+    for name in [*names, *parameter_names]:
+        if name in hosts:
+            try:
+                hosts[name].check_can_add(adapter_name, init)
+                if runs:
+                    hosts[name].check_active(
+                        [*hosts[name].active_adapters, adapter_name], adding=adapter_name
+                    )
+            except ValueError as exc:
+                raise ValueError(f"{name!r}: {exc}") from None
     for name, weight in zip([*names, *parameter_names], weights, strict=True):
         try:  # every rank is checked before any principal init changes a weight
             validate_ranks(
@@ -367,7 +444,7 @@ def add_adapters(
     options: dict[str, Any] = {"init": init, "scale": scale, "dtype": dtype}
     built: list[tuple[str, DeltaHost]] = []
     try:
-        for name in names:
+        for name in [n for n in names if n not in hosts]:
             layer = model.get_submodule(name)
             adapter: DeltaHost = TuckerAdapter(
                 layer,
@@ -375,26 +452,39 @@ def add_adapters(
                 seed=layer_seed(seed, name),
                 dropout=dropout,
                 path=path,
+                adapter_name=adapter_name,
                 **options,
             )
             built.append((name, adapter))
-        for name in parameter_names:
+        for name in [n for n in parameter_names if n not in hosts]:
             parameter = model.get_parameter(name)
             parameter_ranks = _ranks_for(routed.get(name, name), ranks, rank_pattern)
-            adapter = ParameterAdapter(parameter, parameter_ranks, seed=layer_seed(seed, name), **options)
+            adapter = ParameterAdapter(
+                parameter, parameter_ranks, seed=layer_seed(seed, name), adapter_name=adapter_name, **options
+            )
             built.append((name, adapter))
     except (ValueError, TypeError) as exc:
         with torch.no_grad():  # undo the principal init's change of the base weights, bit for bit
             for weight, snapshot in zip(weights, snapshots, strict=False):
                 weight.copy_(snapshot)
         raise type(exc)(f"{name!r}: {exc}") from None
+    for name in [n for n in [*names, *parameter_names] if n in hosts]:
+        ranks_here = _ranks_for(routed.get(name, name), ranks, rank_pattern)
+        hosts[name].add_adapter(adapter_name, ranks_here, seed=layer_seed(seed, name), **options)
+        if runs:
+            hosts[name].set_active([*hosts[name].active_adapters, adapter_name])
     for name, adapter in built:
+        if not runs:
+            adapter.set_active(None)
         if isinstance(adapter, TuckerAdapter):
             _set_submodule(model, name, adapter)
         else:
             owner_name, _, attribute = name.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             attach_parameter_adapter(owner, attribute, adapter)  # type: ignore[arg-type]
+    for name in saved:
+        if not isinstance(model.get_submodule(name), TrainedCopy):
+            _set_submodule(model, name, TrainedCopy(model.get_submodule(name)))
     mark_only_adapters_trainable(model)
     return model
 
@@ -419,6 +509,18 @@ def prepare_all(items: Iterable[tuple[str, T]], prepare: Callable[[T], R], *, ve
         except (ValueError, TypeError, RuntimeError) as exc:
             raise type(exc)(f"{name!r}: {exc}; no adapter was {verb}") from None
     return results
+
+
+def _check_saved(saved: list[str], adapted: list[str]) -> None:
+    """Modules trained in full may not hold, be or sit inside an adapter, nor each other."""
+    for name in saved:
+        inside = [other for other in [*adapted, *saved] if other != name and other.startswith(f"{name}.")]
+        clash = [other for other in adapted if other == name or name.startswith(f"{other}.")]
+        if inside or clash:
+            raise ValueError(
+                f"modules_to_save selects {name!r}, which overlaps {(inside or clash)[0]!r}; a module is "
+                "either adapted or trained in full, once"
+            )
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
@@ -447,15 +549,22 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
+def remove_adapters(
+    model: nn.Module, merge: bool = True, *, adapter_names: Sequence[str] | None = None
+) -> nn.Module:
     """Take every adapter out: a plain model with the original module types and ``state_dict`` keys.
 
     Parameters
     ----------
     model : nn.Module
     merge : bool, default True
-        Keep the fine-tuned weights (``W + ΔW``). With ``False`` the original weights come
-        back (undoing a merge and a principal init).
+        Keep the fine-tuned weights (``W + ΔW``, and the trained copies of
+        ``modules_to_save``). With ``False`` the original weights and modules come back
+        (undoing a merge and a principal init).
+    adapter_names : sequence of str, optional
+        With ``merge``, the named adapters whose deltas are merged, summed where a layer
+        holds several (PEFT's ``merge_and_unload(adapter_names=...)``); the active ones by
+        default. Every name must be an adapter of ``model``.
 
     Returns
     -------
@@ -469,12 +578,24 @@ def remove_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
         the adapter. All or nothing: every adapter is checked before any is removed, so the
         model is unchanged then.
     """
-    check = DeltaHost.check_mergeable if merge else DeltaHost.check_restorable
-    prepare_all(list(iter_adapters(model)), check, verb="removed")
+    if adapter_names is not None:
+        if not merge:
+            raise ValueError("adapter_names chooses the adapters to merge; pass merge=True, or leave it out")
+        known = {name for _, adapter in iter_adapters(model) for name in adapter.adapter_names}
+        unknown = [name for name in adapter_names if name not in known]
+        if unknown:
+            raise ValueError(
+                f"adapter_names {unknown} are not adapters of the model; its adapters: {sorted(known)}"
+            )
+    prepare_all(
+        list(iter_adapters(model)), lambda host: host.check_removable(merge, adapter_names), verb="removed"
+    )
     for name, module in list(model.named_modules()):
         if isinstance(module, TuckerAdapter):
-            base = module.merged_base() if merge else module.restore_base()
+            base = module.merged_base(adapter_names) if merge else module.restore_base()
             _set_submodule(model, name, base)
     for _, _, owner, attribute in list(_parameter_adapters(model)):
-        detach_parameter_adapter(owner, attribute, merge=merge)
+        detach_parameter_adapter(owner, attribute, merge=merge, names=adapter_names)
+    for name, wrapper in list(iter_trained_copies(model)):
+        _set_submodule(model, name, wrapper.trained_module if merge else wrapper.original_module)
     return model

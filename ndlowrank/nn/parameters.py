@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._host import DeltaHost
+from ._host import DEFAULT_ADAPTER, DeltaHost
 
 __all__ = [
     "ParameterAdapter",
@@ -31,7 +31,7 @@ class ParameterAdapter(DeltaHost):
     ----------
     parameter : nn.Parameter
         The parameter (2-D to any number of modes) the delta changes.
-    ranks, init, scale, dtype, seed
+    ranks, init, scale, dtype, seed, adapter_name
         As for :class:`~ndlowrank.nn.TuckerAdapter`.
     """
 
@@ -46,6 +46,7 @@ class ParameterAdapter(DeltaHost):
         scale: float = 1.0,
         dtype: torch.dtype | None = None,
         seed: int | None = None,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         super().__init__()
         if not isinstance(parameter, torch.Tensor) or parameter.ndim < 2:
@@ -54,7 +55,7 @@ class ParameterAdapter(DeltaHost):
         # a plain reference, not a registered parameter: the parametrization owns it
         self.__dict__["_weight"] = parameter
         self.parameter_order: list[str] = []
-        self._init_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed)
+        self._init_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed, adapter_name=adapter_name)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -62,8 +63,10 @@ class ParameterAdapter(DeltaHost):
         return self.__dict__["_weight"]
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        """``original + ΔW`` (just ``original`` once merged)."""
-        return original if self.merged else original + self.delta_weight()
+        """``original + ΔW`` (just ``original`` once merged, or while disabled)."""
+        if self.merged or self.disabled or self.active_adapter is None:
+            return original
+        return original + self.total_delta_weight()
 
     def extra_repr(self) -> str:
         return f"ranks={self.ranks}, init={self.init!r}, scale={self.scale}, merged={self.merged}"
@@ -82,12 +85,14 @@ def attach_parameter_adapter(module: nn.Module, name: str, adapter: ParameterAda
     assert parametrizations[name].original is adapter.weight
 
 
-def detach_parameter_adapter(module: nn.Module, name: str, *, merge: bool) -> None:
-    """Remove the parametrization of ``module.<name>``, leaving ``W + ΔW`` (``merge``) or the original ``W``."""
+def detach_parameter_adapter(
+    module: nn.Module, name: str, *, merge: bool, names: Sequence[str] | None = None
+) -> None:
+    """Remove the parametrization of ``module.<name>``, leaving ``W + ΔW`` (``merge``; of the adapters ``names``) or ``W``."""
     parametrizations: Any = module.parametrizations
     adapter = next(p for p in parametrizations[name] if isinstance(p, ParameterAdapter))
     if merge:
-        adapter.merge_for_good()
+        adapter.merge_for_good(names)
     else:
         adapter.restore_weight()
     remove_parameter_adapter(module, name)

@@ -39,12 +39,14 @@ class TruncationReport:
 def _iter_deltas(model: nn.Module) -> Iterator[tuple[str, TuckerDelta, DeltaHost | None]]:
     """Every Tucker delta of ``model``: those of adapters (by adapter name) and standalone ``TuckerDelta`` modules."""
     owned = set()
+    hosts = {}  # the host of every named adapter's delta, so a merged host is unmerged around it
     for name, host in iter_adapters(model):
         owned.add(id(host.delta))
+        hosts.update({id(host.delta_of(n)): host for n in host.adapter_names})
         yield name, host.delta, host
     for name, module in model.named_modules():
         if isinstance(module, TuckerDelta) and id(module) not in owned:
-            yield name, module, None
+            yield name, module, hosts.get(id(module))
 
 
 def _orthonormal_form(delta: TuckerDelta) -> tuple[torch.Tensor, list[torch.Tensor]]:
