@@ -378,3 +378,14 @@ def test_principal_init_on_a_meta_weight_is_refused(targets):
     ):
         nlnn.add_adapters(model, targets.pop("target_modules"), 2, init="principal", **targets)
     assert not list(nlnn.iter_adapters(model))
+
+
+def test_a_second_name_is_welcome_the_same_name_is_refused():
+    model = nlnn.add_adapters(_net(), ["0"], 2, seed=0, target_parameters=["4.weight"])
+    nlnn.add_adapters(model, ["0"], 2, seed=1, adapter_name="b", target_parameters=["4.weight"])
+    assert model[0].adapter_names == ["default", "b"]
+    for targets in (dict(target_modules=["0"]), dict(target_modules=None, target_parameters=["4.weight"])):
+        before = _state(model)
+        with pytest.raises(ValueError, match="already has an adapter named 'b'"):
+            nlnn.add_adapters(model, targets.pop("target_modules"), 2, adapter_name="b", **targets)
+        _assert_unchanged(model, before)
