@@ -88,6 +88,12 @@ BENCHMARKS = [
         ("torch",),
         "truncate_adapters vs forming ΔW and decomposing it",
     ),
+    Benchmark(
+        "interop",
+        ("benchmarks/bench_interop.py",),
+        ("torch", "peft", "lycoris", "safetensors"),
+        "PEFT / kohya / LyCORIS files: size, load time, import + re-compress time and error",
+    ),
 ]
 NAMES = [b.name for b in BENCHMARKS]
 

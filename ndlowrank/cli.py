@@ -1,4 +1,4 @@
-"""The ``ndlowrank`` command line: decompose, reconstruct, extract, info and demo.
+"""The ``ndlowrank`` command line: decompose, reconstruct, extract, convert, info and demo.
 
 Every subcommand reports bad input as one line on stderr and exits with status 2, with no
 traceback and no partial output file (files are written to a temporary name and renamed).
@@ -369,6 +369,33 @@ def _adapter_rows(header: dict[str, Any], path: str) -> list[tuple[str, ...]]:
     return rows
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a PEFT / kohya / LyCORIS adapter to another of these formats, optionally resized."""
+    try:
+        from .nn import convert_adapters  # imported on use: it needs torch
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        raise UsageError("convert needs PyTorch: pip install torch") from None
+    ranks = None if args.ranks is None else (args.ranks[0] if len(args.ranks) == 1 else tuple(args.ranks))
+    try:
+        reports = convert_adapters(
+            args.input,
+            args.target,
+            format=args.to,
+            tol=args.tol,
+            ranks=ranks,
+            budget=args.budget,
+            prefix=args.prefix,
+        )
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    rows = [(r.name, str(r.old_ranks), str(r.new_ranks), f"{r.relative_change:.2e}") for r in reports]
+    print(_table(rows, ("layer", "exact ranks", "new ranks", "rel. change")))
+    print(f"converted {len(reports)} layers; wrote {args.target} ({args.to})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Pre-train a small conv net and adapt it with Tucker adapters (needs PyTorch)."""
     try:
@@ -437,6 +464,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     rec.set_defaults(run=cmd_reconstruct)
 
+    conv = sub.add_parser(
+        "convert",
+        help="convert a PEFT / diffusers / kohya / LyCORIS adapter to another format, optionally resized",
+    )
+    conv.add_argument(
+        "input", help="a PEFT adapter directory, or a diffusers / kohya / LyCORIS .safetensors file"
+    )
+    conv.add_argument("target", help="the PEFT directory or .safetensors file to write")
+    conv.add_argument(
+        "--to", required=True, choices=("peft", "diffusers", "kohya", "lycoris"), help="format of TARGET"
+    )
+    size = conv.add_mutually_exclusive_group()
+    size.add_argument("--tol", type=float, help="relative error bound per layer (default: exact to rounding)")
+    size.add_argument(
+        "--ranks", type=int, nargs="+", help="Tucker ranks: one for every mode, or one per mode"
+    )
+    size.add_argument("--budget", type=int, help="total adapter parameters, spread over the layers by energy")
+    conv.add_argument(
+        "--prefix",
+        help="key prefix of a diffusers / kohya / LyCORIS target (unet, lora_unet, lora_te, lycoris)",
+    )
+    conv.set_defaults(run=cmd_convert)
+
     demo = sub.add_parser(
         "demo", help="pre-train a small conv net on the CPU and adapt it with Tucker adapters"
     )
@@ -456,7 +506,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 INPUT_ARGUMENTS = ("input", "base", "tuned", "file")
-"""Arguments of the subcommands that name files they read; ``-o`` may be none of them."""
+"""Arguments of the subcommands that name files they read; no output may be one of them."""
+
+OUTPUT_ARGUMENTS = ("output", "target")
+"""Arguments that name what a subcommand writes (``-o``, and ``convert``'s TARGET)."""
 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
@@ -492,12 +545,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.exit(
                 2, f"ndlowrank: error: -o {output}: the directory {Path(output).parent} does not exist\n"
             )
+    for destination in [str(getattr(args, name)) for name in OUTPUT_ARGUMENTS if getattr(args, name, None)]:
         for source in _inputs(args):
-            if _same_file(output, source):
+            if _same_file(destination, source):
                 parser.exit(
                     2,
-                    f"ndlowrank: error: -o {output} is the input file {source}; writing it would "
-                    "overwrite the input: give another output file\n",
+                    f"ndlowrank: error: the output {destination} is the input file {source}; writing it "
+                    "would overwrite the input: give another output file\n",
                 )
     if getattr(args, "min_size", 0) < 0:
         parser.exit(2, f"ndlowrank: error: --min-size {args.min_size} must be >= 0\n")

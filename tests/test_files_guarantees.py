@@ -397,3 +397,16 @@ def test_a_tolerance_below_float32_is_one_warning_line(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1, err  # one line, once for both tensors
     assert err[0].startswith("ndlowrank: warning: tol=1e-07 is below what float32 can reach"), err
+
+
+@pytest.mark.parametrize("kind", ["same", "hardlink"])
+def test_convert_refuses_a_target_that_is_its_input(kind, tmp_path, capsys):
+    source = tmp_path / "lora.safetensors"
+    save_numpy({"w": np.ones((4, 4), np.float32)}, str(source))
+    target = source if kind == "same" else tmp_path / "hard.safetensors"
+    if kind == "hardlink":
+        os.link(source, target)
+    before = _snapshot(tmp_path)
+    line = fails(["convert", str(source), str(target), "--to", "kohya"], capsys)
+    assert "is the input file" in line
+    assert _snapshot(tmp_path) == before

@@ -5,6 +5,7 @@ the array-API core (:func:`ndlowrank.tucker_delta`, :func:`ndlowrank.sthosvd`).
 """
 
 from .delta import TuckerDelta
+from .interop import combine_adapters, convert_adapters, export_adapters, import_adapters
 from .io import adapter_state_dict, load_adapters, save_adapters
 from .layers import PATHS, ConvAdapter, EmbeddingAdapter, LinearAdapter, TuckerAdapter, supported_layers
 from .manage import AdaptersDisabled, disable_adapters, enable_adapters, set_adapter_scale
@@ -38,9 +39,13 @@ __all__ = [
     "adapter_state_dict",
     "add_adapters",
     "add_weighted_adapter",
+    "combine_adapters",
+    "convert_adapters",
     "delete_adapter",
     "disable_adapters",
     "enable_adapters",
+    "export_adapters",
+    "import_adapters",
     "iter_adapters",
     "iter_trained_copies",
     "load_adapters",
