@@ -213,7 +213,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], object]) -> None:
     """Run ``write(temporary)`` in :func:`atomic_path`; whatever the writer raises becomes an ``OSError``.
 
     Writers report a full disk in their own ways (safetensors a ``SafetensorError``, torch a
