@@ -389,3 +389,20 @@ def test_a_second_name_is_welcome_the_same_name_is_refused():
         with pytest.raises(ValueError, match="already has an adapter named 'b'"):
             nlnn.add_adapters(model, targets.pop("target_modules"), 2, adapter_name="b", **targets)
         _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("format_", ["peft", "kohya"])
+def test_a_failed_export_is_an_oserror_and_leaves_nothing(format_, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    model = nlnn.add_adapters(nn.Sequential(nn.Linear(6, 5)), ["0"], 2, seed=0)
+    target = tmp_path / ("peft" if format_ == "peft" else "lora.safetensors")
+    with pytest.raises(OSError, match="No space left on device") as info:
+        nlnn.export_adapters(model, target, format=format_)
+    assert info.value.errno == 28
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert leftovers == [] or all(p.name == "adapter_config.json" for p in leftovers)
