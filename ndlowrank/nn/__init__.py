@@ -4,10 +4,19 @@ The only part of ndlowrank that imports torch at module level. Everything here b
 the array-API core (:func:`ndlowrank.tucker_delta`, :func:`ndlowrank.sthosvd`).
 """
 
+from .bypass import find_bypassed_adapters
 from .delta import TuckerDelta
 from .interop import combine_adapters, convert_adapters, export_adapters, import_adapters
 from .io import adapter_state_dict, load_adapters, save_adapters
-from .layers import PATHS, ConvAdapter, EmbeddingAdapter, LinearAdapter, TuckerAdapter, supported_layers
+from .layers import (
+    PATHS,
+    ConvAdapter,
+    EmbeddingAdapter,
+    LinearAdapter,
+    TransposedLinearAdapter,
+    TuckerAdapter,
+    supported_layers,
+)
 from .manage import AdaptersDisabled, disable_adapters, enable_adapters, set_adapter_scale
 from .model import (
     add_adapters,
@@ -31,6 +40,7 @@ __all__ = [
     "LinearAdapter",
     "ParameterAdapter",
     "TrainedCopy",
+    "TransposedLinearAdapter",
     "TruncationReport",
     "TuckerAdapter",
     "TuckerDelta",
@@ -45,6 +55,7 @@ __all__ = [
     "disable_adapters",
     "enable_adapters",
     "export_adapters",
+    "find_bypassed_adapters",
     "import_adapters",
     "iter_adapters",
     "iter_trained_copies",

@@ -523,6 +523,46 @@ class DeltaHost(nn.Module):
             total = total + self._delta_weight_of(name)
         return total
 
+    # -- the merged state travels with the state_dict ---------------------------------
+    def get_extra_state(self) -> torch.Tensor:
+        """Whether ``ΔW`` is merged into the weight, saved in ``state_dict`` as ``<prefix>_extra_state``.
+
+        A merged model's ``state_dict`` holds the weight ``W + ΔW`` and the delta; the flag
+        tells an adapter that loads it that ``ΔW`` is in the weight already, so that it is
+        not applied twice.
+        """
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Take the merged state of a loaded ``state_dict`` (the weight it loads matches it).
+
+        A low-precision merged adapter then unmerges by subtraction: the exact copy of the
+        unmerged weight that :meth:`merge` keeps is not part of a ``state_dict``.
+        """
+        if not (isinstance(state, torch.Tensor) and state.numel() == 1 and state.dtype == torch.bool):
+            raise ValueError(
+                f"an adapter's extra state must be a bool tensor (its merged flag), got {state!r}"
+            )
+        self.merged = bool(state)
+        self._original_weight = None
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # a state_dict written before the flag was saved: the adapter keeps its merged state
+        if prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")
+
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if tensor.dtype == self.weight.dtype else tensor.to(self.weight.dtype)
 

@@ -13,10 +13,25 @@ from torch import nn
 from .._validation import check_scale, check_seed
 from ..delta import TuckerDelta as ArrayTuckerDelta
 from ..delta import tucker_delta
-from ..tenalg import multi_mode_product
+from ..tenalg import _mode_product, _product_order
 from ..tucker import TuckerTensor
 
-__all__ = ["TuckerDelta", "layer_seed"]
+__all__ = ["TuckerDelta", "layer_seed", "mode_products"]
+
+
+def mode_products(x: torch.Tensor, matrices: Sequence[torch.Tensor], modes: Sequence[int]) -> torch.Tensor:
+    """``x ×_{modes[0]} matrices[0] ×_{modes[1]} matrices[1] …`` with torch calls only.
+
+    Computes what :func:`ndlowrank.multi_mode_product` does (the same products in the same
+    order, so the same rounding) for validated torch tensors of one dtype, without the
+    array-API namespace lookups: forward passes use it, so ``torch.compile`` traces plain
+    torch calls.
+    """
+    by_mode = dict(zip(modes, matrices, strict=True))
+    steps = [(mode, int(matrix.shape[0]), int(matrix.shape[1])) for mode, matrix in by_mode.items()]
+    for mode, _, _ in _product_order(steps):
+        x = _mode_product(x, by_mode[mode], mode, xp=torch)
+    return x
 
 
 def layer_seed(seed: int | None, name: str = "") -> int:
@@ -140,7 +155,7 @@ class TuckerDelta(nn.Module):
         factors: list[torch.Tensor] = list(self.factors)
         if dtype is not None and dtype != core.dtype:
             core, factors = core.to(dtype), [f.to(dtype) for f in factors]
-        return self.scale * multi_mode_product(core, factors)
+        return self.scale * mode_products(core, factors, range(len(factors)))
 
     def forward(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``ΔW``, or ``weight + ΔW`` when a weight is given (the parametrization form)."""

@@ -49,12 +49,15 @@ from .._header import number as _number
 from .._header import string as _string
 from ..init import KNOWN_INITS
 from ._host import DEFAULT_ADAPTER, DeltaHost, check_adapter_name
+from .bypass import untrained_adapters
 from .delta import TuckerDelta
-from .layers import _ADAPTERS, PATHS, TuckerAdapter, _adapter_class
+from .distributed import copy_full, gathered, is_sharded, rank_writes, unwrap, wait_for_writer
+from .layers import _ADAPTERS, _PEER_ADAPTERS, PATHS, TuckerAdapter, _adapter_class
 from .model import _is_internal, _set_submodule, iter_adapters, mark_only_adapters_trainable, runs_at_once
 from .modules_to_save import (
     ModuleEntry,
     is_module_entry,
+    iter_trained_copies,
     load_module,
     parse_module_entry,
     plan_modules,
@@ -64,6 +67,7 @@ from .modules_to_save import (
 )
 from .named import chosen_adapter
 from .parameters import ParameterAdapter, attach_parameter_adapter, remove_parameter_adapter
+from .ties import check_untied
 
 __all__ = ["adapter_state_dict", "load_adapters", "save_adapters"]
 
@@ -77,7 +81,7 @@ FORMAT_VERSION = 1
 """Version of the file layout written by :func:`save_adapters`."""
 
 _READABLE_FORMATS = (1,)
-_LAYER_KINDS = tuple(sorted({adapter.kind for adapter in _ADAPTERS.values()}))
+_LAYER_KINDS = tuple(sorted({adapter.kind for adapter in (*_ADAPTERS.values(), *_PEER_ADAPTERS.values())}))
 _KINDS = (*_LAYER_KINDS, ParameterAdapter.kind)
 
 Undo = list[Callable[[], object]]
@@ -114,7 +118,9 @@ def adapter_state_dict(model: nn.Module, *, adapter_name: str | None = None) -> 
         ``f"{name}.principal_factor_{n}"``. The tensors are detached and contiguous, on
         the adapters' device and in their dtype; like ``Module.state_dict`` they may share
         memory with the parameters. Modules trained in full (``modules_to_save``) add
-        their trained copy's ``state_dict`` as ``f"{name}.{key}"``.
+        their trained copy's ``state_dict`` as ``f"{name}.{key}"``. Parameters sharded by
+        FSDP2 (``DTensor``) are gathered into full tensors, a collective that every rank
+        must join (see :mod:`ndlowrank.nn.distributed`).
 
     Examples
     --------
@@ -132,9 +138,9 @@ def _state(adapters: list[tuple[str, DeltaHost]], model: nn.Module) -> dict[str,
     state: dict[str, torch.Tensor] = {}
     for name, adapter in adapters:
         prefix = _prefix(name)
-        state[f"{prefix}core"] = adapter.delta.core.detach().contiguous()
+        state[f"{prefix}core"] = gathered(adapter.delta.core.detach()).contiguous()
         for n, factor in enumerate(adapter.delta.factors):
-            state[f"{prefix}factors.{n}"] = factor.detach().contiguous()
+            state[f"{prefix}factors.{n}"] = gathered(factor.detach()).contiguous()
         if _is_principal(adapter):
             for buffer in _principal_names(adapter.weight.ndim):
                 state[prefix + buffer] = getattr(adapter, buffer).detach().contiguous()
@@ -200,6 +206,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str], *, adapter_nam
     Warns
     -----
     UserWarning
+        If some adapters are still at ``ΔW = 0`` while others trained (see
+        :func:`~ndlowrank.nn.find_bypassed_adapters`): they may never have run.
         If ``model`` has trainable parameters that the file does not hold (a head unfrozen
         by hand rather than listed in ``modules_to_save``): loading the file would not
         restore them.
@@ -211,6 +219,11 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str], *, adapter_nam
     removed and a file already at ``path`` is left untouched. Temporary files that a
     killed save left behind are removed by the next save to the same path.
 
+    Under FSDP2 (``fully_shard``, whose parameters are ``DTensor`` shards) every rank must
+    call this: the adapters' tensors are gathered, rank 0 writes the file (the same file one
+    process would write) and every rank returns once it is written. Under DDP each caller
+    writes its own copy; save on one rank (``if dist.get_rank() == 0``) as usual.
+
     Examples
     --------
     >>> import copy, os, tempfile
@@ -220,7 +233,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str], *, adapter_nam
     >>> base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     >>> model = nlnn.add_adapters(copy.deepcopy(base), ["0", "2"], ranks=2, seed=0)
     >>> with torch.no_grad():  # stands in for training
-    ...     _ = model[0].delta.core.normal_()
+    ...     _ = model[0].delta.core.normal_(), model[2].delta.core.normal_()
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     path = os.path.join(tmp, "adapters.safetensors")
     ...     nlnn.save_adapters(model, path)
@@ -229,6 +242,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str], *, adapter_nam
     >>> torch.equal(restored(x), model(x))
     True
     """
+    model = unwrap(model)
     with chosen_adapter(model, adapter_name) as adapters:
         _save(model, adapters, path)
 
@@ -255,6 +269,14 @@ def _save(model: nn.Module, adapters: list[tuple[str, DeltaHost]], path: str | o
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot save adapters to {target!r}: directory {directory!r} does not exist")
     safetensors = _safetensors()
+    untrained = untrained_adapters(adapters)
+    if untrained:
+        warnings.warn(
+            f"adapters {untrained} are still at ΔW = 0 while others trained: they may never run (a parent "
+            "that reads their layer's weight directly bypasses them; ndlowrank.nn.find_bypassed_adapters "
+            "finds those) or their output is unused",
+            stacklevel=3,
+        )
 
     header = {
         "format": FILE_FORMAT,
@@ -263,11 +285,18 @@ def _save(model: nn.Module, adapters: list[tuple[str, DeltaHost]], path: str | o
         "targets": [*(_adapter_config(name, adapter) for name, adapter in adapters), *trained_entries(model)],
     }
     metadata = {METADATA_KEY: json.dumps(header), "format": "pt"}
+    sharded = any(is_sharded(p) for _, adapter in adapters for p in adapter.delta.parameters())
+    sharded |= any(is_sharded(p) for _, copy in iter_trained_copies(model) for p in copy.parameters())
     tensors = {key: t.to("cpu").contiguous() for key, t in _state(adapters, model).items()}
 
-    write_atomically(
-        target, lambda temporary: safetensors.torch.save_file(tensors, str(temporary), metadata=metadata)
-    )
+    try:
+        if rank_writes(sharded):
+            write_atomically(
+                target,
+                lambda temporary: safetensors.torch.save_file(tensors, str(temporary), metadata=metadata),
+            )
+    finally:
+        wait_for_writer(sharded)
     unsaved = unsaved_trainable(model)
     if unsaved:
         shown = ", ".join(unsaved[:5]) + (f" and {len(unsaved) - 5} more" if len(unsaved) > 5 else "")
@@ -533,10 +562,23 @@ def _plan(
             raise ValueError(f"{at}: the name is inside the layer {owner!r}, which has or gets an adapter")
         if _is_internal(target.name):
             raise ValueError(f"{at}: the name is inside an adapter or a parametrization of the model")
+        base: nn.Module | nn.Parameter
         if target.kind == ParameterAdapter.kind:
-            plan.append((target, _fresh_parameter(model, target, at)))
+            base = _fresh_parameter(model, target, at)
         else:
-            plan.append((target, _fresh_layer(model, target, at)))
+            base = _fresh_layer(model, target, at)
+        if target.principal_ranks is not None:
+            weight: torch.Tensor = base if isinstance(base, nn.Parameter) else base.weight  # type: ignore[assignment]
+            try:
+                check_untied(
+                    model,
+                    [(target.name, weight, target.kind == ParameterAdapter.kind)],
+                    "a 'principal' adapter",
+                    "untie them first",
+                )
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        plan.append((target, base))
     for target, found in plan:
         _check_not_meta(found, f"{where}, adapter {target.name!r}")
     if strict:
@@ -582,9 +624,9 @@ def _plan(
 
 def _copy_trained(delta: TuckerDelta, target: _Target, tensors: Mapping[str, torch.Tensor]) -> None:
     prefix = _prefix(target.name)
-    delta.core.copy_(tensors[f"{prefix}core"])
+    copy_full(delta.core, tensors[f"{prefix}core"])
     for n, factor in enumerate(delta.factors):
-        factor.copy_(tensors[f"{prefix}factors.{n}"])
+        copy_full(factor, tensors[f"{prefix}factors.{n}"])
 
 
 def _file_start(
@@ -772,12 +814,18 @@ def load_adapters(
       file's start, ``W - ΔW₀(model) + ΔW₀(file)``, exact up to rounding.
     - To undo a failure exactly, the load keeps a copy of each base weight it changes (those
       of ``"principal"`` adapters) until it has finished.
+    - Into a model sharded by FSDP2 (``DTensor`` parameters) every rank loads the file and
+      copies its own shard of each tensor; add the adapters before ``fully_shard``, so that
+      the file loads into existing adapters.
+    - A model wrapped in ``DistributedDataParallel`` is unwrapped (``model.module``) by
+      :func:`save_adapters` and :func:`load_adapters`, so adapter names carry no ``module.``.
 
     Examples
     --------
     See :func:`save_adapters`.
     """
     target_path = _fspath(path)
+    wrapper, model = model, unwrap(model)
     where = f"adapter file {target_path!r}"
     metadata, tensors = _read_file(target_path, where)
     targets, modules = _parse_header(metadata[METADATA_KEY], where)
@@ -786,9 +834,10 @@ def load_adapters(
     # whether the loaded adapter runs, decided before the context below points hosts at it
     runs = adapter_name is None or runs_at_once(model, adapter_name)
     with chosen_adapter(model, adapter_name, must_exist=False) if adapter_name else nullcontext():
-        return _load(
+        _load(
             model, targets, modules, tensors, strict=strict, where=where, adapter_name=adapter_name, runs=runs
         )
+    return wrapper
 
 
 def _load(

@@ -10,6 +10,7 @@ principal init and the choice of path are generic.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -17,26 +18,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tenalg import multi_mode_product
 from ._conv import ConvGeometry, FusedTuckerConv, conv_delta, factorized_branch
 from ._host import DEFAULT_ADAPTER, DeltaHost
+from .delta import mode_products
 
-__all__ = ["PATHS", "ConvAdapter", "EmbeddingAdapter", "LinearAdapter", "TuckerAdapter", "supported_layers"]
+__all__ = [
+    "PATHS",
+    "ConvAdapter",
+    "EmbeddingAdapter",
+    "LinearAdapter",
+    "TransposedLinearAdapter",
+    "TuckerAdapter",
+    "supported_layers",
+]
 
 PATHS = ("auto", "materialize", "factorized")
 _AUTO_PATHS_KEPT = 64  # input shapes whose path="auto" choice an adapter remembers
 
 
 def supported_layers() -> tuple[type[nn.Module], ...]:
-    """Layer types :class:`TuckerAdapter` can wrap."""
-    return tuple(_ADAPTERS)
+    """Layer types :class:`TuckerAdapter` can wrap (a peer's, such as transformers' ``Conv1D``, once imported)."""
+    return tuple(_adapter_types())
+
+
+def _adapter_types() -> dict[type[nn.Module], type[TuckerAdapter]]:
+    """:data:`_ADAPTERS` plus the layer types of :data:`_PEER_ADAPTERS` whose peer module is imported."""
+    types = dict(_ADAPTERS)
+    for (module_name, type_name), adapter_type in _PEER_ADAPTERS.items():
+        layer_type = getattr(sys.modules.get(module_name), type_name, None)
+        if isinstance(layer_type, type):
+            types[layer_type] = adapter_type
+    return types
 
 
 def _adapter_class(base_layer: nn.Module) -> type[TuckerAdapter]:
-    for layer_type, adapter_type in _ADAPTERS.items():
+    for layer_type, adapter_type in _adapter_types().items():
         if isinstance(base_layer, layer_type):
             return adapter_type
-    names = ", ".join(t.__name__ for t in _ADAPTERS)
+    names = ", ".join(t.__name__ for t in _adapter_types())
     raise TypeError(f"cannot adapt a {type(base_layer).__name__}; supported layers: {names}")
 
 
@@ -44,13 +63,14 @@ class TuckerAdapter(DeltaHost):
     """A layer whose weight is changed by ``ΔW = scale · G ×_0 A_0 … ×_{N-1} A_{N-1}`` in the weight's own layout.
 
     ``TuckerAdapter(layer, ...)`` returns a :class:`LinearAdapter`, :class:`ConvAdapter`
-    (``nn.Conv1d/2d/3d``, every geometry including groups and padding modes) or
-    :class:`EmbeddingAdapter`. The delta has the weight's shape: ``(out, in)`` for a linear
-    layer, ``(out, in/groups, *kernel)`` for a convolution, ``(num, dim)`` for an embedding.
+    (``nn.Conv1d/2d/3d``, every geometry including groups and padding modes),
+    :class:`EmbeddingAdapter` or :class:`TransposedLinearAdapter` (transformers' ``Conv1D``).
+    The delta has the weight's shape: ``(out, in)`` for a linear layer, ``(out, in/groups,
+    *kernel)`` for a convolution, ``(num, dim)`` for an embedding, ``(in, out)`` for a ``Conv1D``.
 
     Parameters
     ----------
-    base_layer : nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d or nn.Embedding
+    base_layer : nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding or transformers' Conv1D
         Kept as ``self.base_layer``; it is not frozen here (:func:`add_adapters` does that).
     ranks : int or sequence of int
         An int is clipped to each mode's size (``8`` on a 3×3 kernel gives spatial ranks 3);
@@ -230,14 +250,46 @@ class LinearAdapter(TuckerAdapter):
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
         out, inp = self.weight.shape
-        r0, r1 = self.ranks
-        tokens = math.prod(input_shape) // inp
-        build = out * inp * r0 + inp * r0 * r1
-        branch = tokens * (inp * r1 + r1 * r0 + r0 * out)
-        if not training:
-            return float(build), float(branch)
-        # materialize also pays the full weight gradient (tokens · out · in)
-        return float(3 * build + tokens * out * inp), float(3 * branch)
+        r_out, r_in = self.ranks
+        return _linear_costs(input_shape, out, inp, r_out, r_in, training=training)
+
+
+def _linear_costs(
+    input_shape: tuple[int, ...], out: int, inp: int, r_out: int, r_in: int, *, training: bool
+) -> tuple[float, float]:
+    """``(materialize, factorized)`` flops of a linear layer ``inp → out`` with ranks ``(r_out, r_in)``."""
+    tokens = math.prod(input_shape) // inp
+    build = out * inp * r_out + inp * r_out * r_in
+    branch = tokens * (inp * r_in + r_in * r_out + r_out * out)
+    if not training:
+        return float(build), float(branch)
+    # materialize also pays the full weight gradient (tokens · out · in)
+    return float(3 * build + tokens * out * inp), float(3 * branch)
+
+
+class TransposedLinearAdapter(TuckerAdapter):
+    """Tucker adapter of transformers' ``Conv1D`` (GPT-2's ``c_attn``, ``c_fc``, ``c_proj``).
+
+    ``Conv1D`` is a linear layer whose weight is stored transposed, ``(in, out)``, and
+    applied as ``x @ W + b``. The delta has the weight's own layout, ``ΔW = scale · A0 G A1ᵀ``
+    of shape ``(in, out)``, so merging adds it as it is and a saved adapter names the
+    modes as the weight does.
+    """
+
+    kind = "transposed_linear"
+
+    def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, (self.weight + self.total_delta_weight()).T, self.base_layer.bias)
+
+    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
+        a0, a1 = (self._cast(f) for f in self.delta.factors)
+        core = self._cast(self.delta.core) * self.scale
+        return self.base_layer(x) + (self.dropout(x) @ a0) @ core @ a1.T
+
+    def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
+        inp, out = self.weight.shape
+        r_in, r_out = self.ranks
+        return _linear_costs(input_shape, out, inp, r_out, r_in, training=training)
 
 
 class ConvAdapter(TuckerAdapter):
@@ -257,7 +309,7 @@ class ConvAdapter(TuckerAdapter):
         """``scale · G ×_2 K_2 … ×_N K_N`` of shape ``(r0, r1, *kernel)``, in the weight's dtype."""
         core = self.delta.core * self.scale
         spatial = list(self.delta.factors)[2:]
-        folded = multi_mode_product(core, spatial, modes=range(2, core.ndim))
+        folded = mode_products(core, spatial, range(2, core.ndim))
         return self._cast(folded)
 
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
@@ -374,3 +426,12 @@ _ADAPTERS: dict[type[nn.Module], type[TuckerAdapter]] = {
     nn.Conv3d: ConvAdapter,
     nn.Embedding: EmbeddingAdapter,
 }
+
+_PEER_ADAPTERS: dict[tuple[str, str], type[TuckerAdapter]] = {
+    ("transformers.pytorch_utils", "Conv1D"): TransposedLinearAdapter,
+}
+"""Adapters of layer types defined by peer libraries, keyed by ``(module, type name)``.
+
+They are looked up only where the peer is already imported (a model holding such a layer
+has imported it), so ndlowrank never imports a peer itself.
+"""

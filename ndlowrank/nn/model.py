@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -17,6 +20,7 @@ from .layers import TuckerAdapter, _adapter_class
 from .modules_to_save import TrainedCopy, iter_trained_copies
 from .parameters import ParameterAdapter, attach_parameter_adapter, detach_parameter_adapter
 from .targets import Targets, _candidates, _is_internal, _select, select_targets
+from .ties import check_untied, parameter_uses, tied_users, untie
 
 __all__ = [
     "add_adapters",
@@ -176,8 +180,11 @@ def _target_parameters(
     if isinstance(target_parameters, str):
         raise TypeError("target_parameters must be a list of parameter names, e.g. ['attn.in_proj_weight']")
     owned = {id(p) for _, adapter in iter_adapters(model) for p in adapter.parameters()}
+    # every name of a tied parameter (GPT-2's lm_head.weight is wte.weight) can be a target
     candidates = [
-        name for name, p in model.named_parameters() if not _is_internal(name) and id(p) not in owned
+        name
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if not _is_internal(name) and id(p) not in owned
     ]
     candidates += [name for name, host in (hosts or {}).items() if isinstance(host, ParameterAdapter)]
     chosen: list[str] = []
@@ -203,13 +210,49 @@ def _target_parameters(
 
 
 def _read_by_parent(model: nn.Module, name: str) -> bool:
-    """Whether the module ``name`` is an ``nn.Linear`` that its parent reads by attribute (:data:`READ_BY_ATTRIBUTE`)."""
+    """Whether its parent reads the layer ``name``'s weight instead of calling it.
+
+    True for the pairs of :data:`READ_BY_ATTRIBUTE` and for any child whose weight the
+    parent's ``forward`` passes on as ``self.<child>.weight`` (timm's BEiT/EVA attention:
+    ``F.linear(x, self.qkv.weight, ...)``), found in the parent class's source.
+    """
+    if not name:
+        return False
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    return isinstance(model.get_submodule(name), nn.Linear) and any(
+    if any(
         isinstance(parent, parent_type) and child == child_name
         for parent_type, child_name in READ_BY_ATTRIBUTE
-    )
+    ):
+        return isinstance(model.get_submodule(name), nn.Linear)
+    return child in _weights_read_in_forward(type(parent).forward)
+
+
+@functools.cache
+def _weights_read_in_forward(forward: Callable[..., Any]) -> frozenset[str]:
+    """Children whose weight a parent's ``forward`` uses as a tensor (``self.<child>.weight`` not followed by ``.`` or ``[``)."""
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):  # no source (a compiled or built-in class): nothing is known
+        return frozenset()
+    return frozenset(re.findall(r"self\.(\w+)\.weight\b(?!\s*[.\[])", source))
+
+
+def _routed_parameters(model: nn.Module, name: str) -> list[str]:
+    """Parameters that stand for the target module ``name``: its weight if its parent reads it, the projections of attention.
+
+    Empty for a module that gets a layer adapter.
+    """
+    module = model.get_submodule(name)
+    prefix = f"{name}." if name else ""
+    if isinstance(module, nn.MultiheadAttention):
+        projections = ["in_proj_weight"] if module.in_proj_weight is not None else []
+        projections = projections or ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        return [prefix + p for p in projections] + [f"{prefix}out_proj.weight"]
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim >= 2 and _read_by_parent(model, name):
+        return [f"{prefix}weight"]
+    return []
 
 
 def _ranks_for(name: str, ranks: Ranks, rank_pattern: Mapping[str, Ranks] | None) -> Ranks:
@@ -287,10 +330,18 @@ def add_adapters(
         ``target_parameters`` are adapted.
         An ``nn.Linear`` that its parent reads by attribute instead of calling it (the
         ``out_proj`` of ``nn.MultiheadAttention``, ``linear1``/``linear2`` of
-        ``nn.TransformerEncoderLayer``; the table is :data:`READ_BY_ATTRIBUTE`) gets a
-        :class:`ParameterAdapter` on its ``weight`` instead, as if ``"<name>.weight"`` were in
-        ``target_parameters`` (its ranks still come from ``rank_pattern`` by the module name),
-        so every path of the parent, fused kernels included, sees ``W + ΔW``.
+        ``nn.TransformerEncoderLayer``; the table is :data:`READ_BY_ATTRIBUTE`), and any
+        layer whose weight its parent's ``forward`` passes on as ``self.<child>.weight``
+        (timm's ``F.linear(x, self.qkv.weight, ...)``), gets a :class:`ParameterAdapter` on
+        its ``weight`` instead, as if ``"<name>.weight"`` were in ``target_parameters``, so
+        every path of the parent, fused kernels included, sees ``W + ΔW``. An
+        ``nn.MultiheadAttention`` target gets parameter adapters on its projection weights
+        (``in_proj_weight``, or ``q/k/v_proj_weight``, and ``out_proj.weight``). The ranks of
+        such a parameter come from a ``rank_pattern`` key that matches its name, else from
+        one that matches the module's name. transformers' ``Conv1D`` (GPT-2)
+        gets a :class:`TransposedLinearAdapter`. A weight tied to another module (GPT-2's
+        ``lm_head`` and ``wte``) is adapted for its target only, with a warning; see
+        :mod:`ndlowrank.nn.ties`.
     ranks : int or sequence of int
         Ranks of every adapter. An int is clipped to each mode's size (``8`` works on a
         depthwise 1×3×3 kernel); a sequence must fit every targeted weight.
@@ -336,8 +387,8 @@ def add_adapters(
         A target that matches nothing or already has an adapter (a weight takes one, also
         across calls), an invalid regex, a parameter with fewer than 2 modes, a rank that
         does not fit a weight (naming the target, mode, rank and size), a bad option, or
-        ``dropout > 0`` with a target module that gets a parameter adapter.
-        The model is unchanged then.
+        ``dropout > 0`` with a target module that gets a parameter adapter, or
+        ``init="principal"`` on a tied weight. The model is unchanged then.
     TypeError
         A target whose type cannot be adapted (naming the type and the supported ones), a
         target name that is not a string, or a ``model`` that is not an ``nn.Module``.
@@ -396,18 +447,19 @@ def add_adapters(
                 f"parameter {name!r} belongs to the target module {owner_name!r}; adapt the module or the "
                 "parameter, not both"
             )
-    # a Linear that its parent reads by attribute gets a parameter adapter on its weight,
-    # with the ranks (rank_pattern) of its module name
-    routed = {f"{name}.weight": name for name in names if name not in hosts and _read_by_parent(model, name)}
+    # a layer that its parent reads by attribute gets a parameter adapter on its weight, an
+    # attention block parameter adapters on its projections, with the ranks (rank_pattern)
+    # of the module's name
+    routed = {p: name for name in names if name not in hosts for p in _routed_parameters(model, name)}
     if routed and dropout > 0:
         module_name = next(iter(routed.values()))
         raise ValueError(
-            f"module {module_name!r} is read by its parent through its .weight, so it gets a parameter "
-            f"adapter, which cannot apply dropout={dropout} to the adapter's input; pass dropout=0.0, "
-            "or leave it out of target_modules"
+            f"module {module_name!r} is read by its parent through its .weight (or is an attention block "
+            f"adapted through its projection weights), so it gets parameter adapters, which cannot apply "
+            f"dropout={dropout} to the adapter's input; pass dropout=0.0, or leave it out of target_modules"
         )
-    names = [name for name in names if f"{name}.weight" not in routed]
-    parameter_names = [*routed, *parameter_names]
+    names = [name for name in names if name not in routed.values() and f"{name}.weight" not in routed]
+    parameter_names = [*routed, *(p for p in parameter_names if p not in routed)]
     # modules trained in full already (for another named adapter) are shared, not wrapped again
     saved = (
         []
@@ -436,10 +488,21 @@ def add_adapters(
     for name, weight in zip([*names, *parameter_names], weights, strict=True):
         try:  # every rank is checked before any principal init changes a weight
             validate_ranks(
-                _ranks_for(routed.get(name, name), ranks, rank_pattern), tuple(weight.shape), clip=True
+                _ranks_for(name, _ranks_for(routed.get(name, name), ranks, rank_pattern), rank_pattern),
+                tuple(weight.shape),
+                clip=True,
             )
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{name!r}: {exc}") from None
+    kinds = [False] * len(names) + [True] * len(parameter_names)  # whether each target is a parameter
+    targets = list(zip([*names, *parameter_names], weights, kinds, strict=True))
+    if init == "principal":
+        check_untied(
+            model,
+            targets,
+            "the principal init (which replaces the weight by its residual)",
+            "use another init, or untie the weights first",
+        )
     snapshots = [w.detach().clone() for w in weights] if init == "principal" else []
     options: dict[str, Any] = {"init": init, "scale": scale, "dtype": dtype}
     built: list[tuple[str, DeltaHost]] = []
@@ -458,7 +521,10 @@ def add_adapters(
             built.append((name, adapter))
         for name in [n for n in parameter_names if n not in hosts]:
             parameter = model.get_parameter(name)
-            parameter_ranks = _ranks_for(routed.get(name, name), ranks, rank_pattern)
+            # a rank_pattern key for the parameter itself wins over one for its module
+            parameter_ranks = _ranks_for(
+                name, _ranks_for(routed.get(name, name), ranks, rank_pattern), rank_pattern
+            )
             adapter = ParameterAdapter(
                 parameter, parameter_ranks, seed=layer_seed(seed, name), adapter_name=adapter_name, **options
             )
@@ -469,7 +535,7 @@ def add_adapters(
                 weight.copy_(snapshot)
         raise type(exc)(f"{name!r}: {exc}") from None
     for name in [n for n in [*names, *parameter_names] if n in hosts]:
-        ranks_here = _ranks_for(routed.get(name, name), ranks, rank_pattern)
+        ranks_here = _ranks_for(name, _ranks_for(routed.get(name, name), ranks, rank_pattern), rank_pattern)
         hosts[name].add_adapter(adapter_name, ranks_here, seed=layer_seed(seed, name), **options)
         if runs:
             hosts[name].set_active([*hosts[name].active_adapters, adapter_name])
@@ -486,6 +552,16 @@ def add_adapters(
         if not isinstance(model.get_submodule(name), TrainedCopy):
             _set_submodule(model, name, TrainedCopy(model.get_submodule(name)))
     mark_only_adapters_trainable(model)
+    uses = parameter_uses(model)
+    for name, weight, is_parameter in targets:
+        users = tied_users(model, weight, name, parameter=is_parameter, uses=uses)
+        if users:
+            warnings.warn(
+                f"{name!r}: its weight is tied to {users}; the adapter changes only {name!r}'s use of it, "
+                "merge_adapters refuses to write into the shared weight, and remove_adapters(merge=True) "
+                "gives the module a weight of its own",
+                stacklevel=2,
+            )
     return model
 
 
@@ -527,9 +603,22 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     """Merge every adapter's ``ΔW`` into its weight; forward then runs at the base model's speed.
 
     Merging twice does not add twice. All or nothing: if any merged weight would hold NaN
-    or Inf, a ``ValueError`` names the adapter and no weight changes. Returns ``model``.
+    or Inf, or is tied to another module (whose output merging would change; see
+    :mod:`ndlowrank.nn.ties`), a ``ValueError`` names the adapter and no weight changes.
+    Returns ``model``.
     """
     adapters = list(iter_adapters(model))
+    check_untied(
+        model,
+        [
+            (name, adapter.weight, isinstance(adapter, ParameterAdapter))
+            for name, adapter in adapters
+            if not adapter.merged
+        ],
+        "merging into it",
+        "keep the adapter unmerged, or call remove_adapters(model, merge=True), which gives the module a "
+        "merged weight of its own; no adapter was merged",
+    )
     prepare_all(adapters, DeltaHost.check_mergeable, verb="merged")
     for _, adapter in adapters:
         adapter.merge()
@@ -560,7 +649,9 @@ def remove_adapters(
     merge : bool, default True
         Keep the fine-tuned weights (``W + ΔW``, and the trained copies of
         ``modules_to_save``). With ``False`` the original weights and modules come back
-        (undoing a merge and a principal init).
+        (undoing a merge and a principal init). A weight tied to another module (GPT-2's
+        ``lm_head`` and ``wte``) is untied by merging: the adapted module gets a parameter
+        of its own, the other keeps the original (see :mod:`ndlowrank.nn.ties`).
     adapter_names : sequence of str, optional
         With ``merge``, the named adapters whose deltas are merged, summed where a layer
         holds several (PEFT's ``merge_and_unload(adapter_names=...)``); the active ones by
@@ -590,6 +681,10 @@ def remove_adapters(
     prepare_all(
         list(iter_adapters(model)), lambda host: host.check_removable(merge, adapter_names), verb="removed"
     )
+    if merge:  # a tied weight is copied first, so that merging changes no other module
+        uses = parameter_uses(model)  # untying only removes uses: at worst an extra copy
+        for name, adapter in list(iter_adapters(model)):
+            untie(model, name, adapter, uses=uses)
     for name, module in list(model.named_modules()):
         if isinstance(module, TuckerAdapter):
             base = module.merged_base(adapter_names) if merge else module.restore_base()

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .delta import TuckerDelta
+from .distributed import copy_full, gathered
 
 __all__ = ["MODULE_KIND", "TrainedCopy", "iter_trained_copies"]
 
@@ -99,7 +100,7 @@ def _prefix(name: str) -> str:
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trained copies' state, keyed ``{name}.{key}`` (detached, contiguous)."""
     return {
-        _prefix(name) + key: value.detach().contiguous()
+        _prefix(name) + key: gathered(value.detach()).contiguous()  # FSDP2's shards gathered
         for name, wrapper in iter_trained_copies(model)
         for key, value in wrapper.trained_module.state_dict().items()
     }
@@ -228,7 +229,7 @@ def load_module(
     targets = [state[key] for key in entry.keys]
     undo.append(partial(_restore, targets, [t.detach().clone() for t in targets]))
     for key, target in zip(entry.keys, targets, strict=True):
-        target.copy_(tensors[_prefix(entry.name) + key])
+        copy_full(target, tensors[_prefix(entry.name) + key])  # a DTensor (FSDP2) gets its shard
     if wrapper is not found:
         set_submodule(model, entry.name, wrapper)
         undo.append(partial(set_submodule, model, entry.name, found))

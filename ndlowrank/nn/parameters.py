@@ -59,8 +59,13 @@ class ParameterAdapter(DeltaHost):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The original (unparametrized) parameter."""
-        return self.__dict__["_weight"]
+        """The original (unparametrized) parameter.
+
+        Once attached, the one its parametrization holds now: a wrapper that replaces the
+        module's parameters (FSDP2's ``fully_shard`` swaps in sharded ones) replaces it there.
+        """
+        holder = self.__dict__.get("_holder")
+        return holder.original if holder is not None else self.__dict__["_weight"]
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         """``original + ΔW`` (just ``original`` once merged, or while disabled)."""
@@ -83,6 +88,7 @@ def attach_parameter_adapter(module: nn.Module, name: str, adapter: ParameterAda
     parametrizations: Any = module.parametrizations
     # the parametrization must keep the very parameter the adapter refers to
     assert parametrizations[name].original is adapter.weight
+    adapter.__dict__["_holder"] = parametrizations[name]
 
 
 def detach_parameter_adapter(
@@ -109,6 +115,7 @@ def remove_parameter_adapter(module: nn.Module, name: str) -> None:
     parametrizations: Any = module.parametrizations
     adapter = next(p for p in parametrizations[name] if isinstance(p, ParameterAdapter))
     _own_parametrized_class(module)
+    adapter.__dict__["_weight"] = adapter.__dict__.pop("_holder").original
     parametrize.remove_parametrizations(module, name, leave_parametrized=False)
     parameters = module._parameters
     reordered = {key: parameters[key] for key in adapter.parameter_order if key in parameters}
