@@ -518,7 +518,8 @@ def report(
         )
     else:
         where = (
-            f"Machine: {machine()}; torch threads: {torch.get_num_threads()} (torch's default); "
+            f"Machine: {machine()}; torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); "
             f"load average (1 min) {load}."
         )
         memory = (
