@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import interleaved_medians, load_window, machine, today, versions, write_section
 from benchmarks._plots import figure, save
 from ndlowrank import nn as nlnn
+from ndlowrank.nn._conv import factorized_branch
 
 MiB = 2**20
 WARMUP = 2  # extra untimed calls of every contender before interleaved_medians' own warm-up
@@ -73,7 +74,7 @@ def cpu_cases() -> list[Case]:
             (8, 64, 32, 32),
             (16, 16, 3, 3),
             lycoris=True,
-            vs_frozen=1.6,
+            vs_frozen=1.4,
             vs_peft=0.8,
             memory_vs_peft=1.0,
             memory_note="(the GPU suite's target, shown for reference)",
@@ -218,6 +219,26 @@ class Contender:
         return sum(p.numel() for p in self.params)
 
 
+class ConvFloor(nn.Module):
+    """The floor of a conv adapter's step: the frozen layer's forward and input gradient plus the factor gradients.
+
+    The adapter's branch runs on a detached input, so the backward computes the gradients of
+    the factors and the core but no input gradient through the branch; the input gradient
+    comes from the frozen layer alone. No path can do less.
+    """
+
+    def __init__(self, adapter: nlnn.ConvAdapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapter
+        a0, a1 = list(adapter.delta.factors)[:2]
+        prepared = adapter.geometry.prepare(x.detach())
+        branch = factorized_branch(prepared, adapter.geometry, a0, a1, adapter.spatial_core())
+        return adapter.base_layer(x) + branch
+
+
 def _frozen_copy(layer: nn.Module) -> nn.Module:
     return copy.deepcopy(layer).requires_grad_(False)
 
@@ -263,6 +284,10 @@ def build_contenders(case: Case, layer: nn.Module, x: torch.Tensor) -> list[Cont
             with torch.enable_grad():
                 label += f" (→ {model.layer.chosen_path(x)})"
         contenders.append(Contender(f"nl-{path}", label, model))
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        model = nlnn.add_adapters(Holder(copy.deepcopy(layer)), ["layer"], case.ranks, seed=0)
+        label = "floor: frozen layer's step + the adapter's factor gradients"
+        contenders.append(Contender("floor", label, ConvFloor(model.layer)))
     for contender in contenders:
         if contender.model is not None:
             contender.params = [p for p in contender.model.parameters() if p.requires_grad]
@@ -404,6 +429,12 @@ def _case_tables(result: CaseResult) -> list[str]:
         checks.append(f"ndlowrank (auto) vs PEFT LoRA {auto / peft:.2f}×: {_mark(auto / peft, case.vs_peft)}")
     if case.vs_frozen is not None:
         checks.append(f"vs frozen {auto / frozen:.2f}×: {_mark(auto / frozen, case.vs_frozen)}")
+    if "floor" in times:
+        floor = times["floor"]
+        paths = ", ".join(
+            f"{path} {times[f'nl-{path}'] / floor:.2f}×" for path in nlnn.PATHS[1:] if f"nl-{path}" in times
+        )
+        checks.append(f"the floor is {floor / frozen:.2f}× the frozen layer's step; over the floor: {paths}")
     merged = result.merged["nl-merged"] / result.merged["base"]
     checks.append(
         f"merged forward (no_grad) vs the base model {merged:.2f}× "
@@ -443,6 +474,7 @@ SHORT_LABELS = {
     "nl-auto": "ndlowrank auto",
     "nl-materialize": "ndlowrank materialize",
     "nl-factorized": "ndlowrank factorized",
+    "floor": "floor (frozen + factor gradients)",
 }
 
 
@@ -486,7 +518,8 @@ def report(
         )
     else:
         where = (
-            f"Machine: {machine()}; torch threads: {torch.get_num_threads()} (torch's default); "
+            f"Machine: {machine()}; torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); "
             f"load average (1 min) {load}."
         )
         memory = (

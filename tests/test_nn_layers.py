@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
@@ -24,6 +24,7 @@ from torch.func import functional_call  # noqa: E402
 
 import ndlowrank as nl  # noqa: E402
 from ndlowrank import nn as nlnn  # noqa: E402
+from ndlowrank.nn.layers import _FUSED_STEP_OVERHEAD  # noqa: E402
 
 F64 = torch.float64
 INITS = ("zero_core", "zero_factor", "orthogonal", "principal")
@@ -120,6 +121,12 @@ CONV = [
         (1, 4, 3, 4, 3),
     ),
     _g("conv3d-same-even", lambda: nn.Conv3d(2, 3, 2, padding="same", bias=False), (2, 2, 3, 3, 3)),
+    # 1×…×1 kernels without padding run as matrix products (ConvGeometry.pointwise)
+    _g("conv1d-pointwise", lambda: nn.Conv1d(3, 4, 1), (2, 3, 5)),
+    _g("conv2d-pointwise-stride-groups", lambda: nn.Conv2d(4, 6, 1, stride=(2, 3), groups=2), (2, 4, 5, 7)),
+    _g("conv2d-pointwise-one-pixel", lambda: nn.Conv2d(5, 3, 1), (3, 5, 1, 1)),
+    _g("conv3d-pointwise-stride", lambda: nn.Conv3d(3, 2, 1, stride=2, bias=False), (1, 3, 3, 4, 3)),
+    _g("conv2d-pointwise-padded", lambda: nn.Conv2d(3, 4, 1, padding=1), (2, 3, 4, 4)),
 ]
 UNBATCHED = [
     _g("conv1d-unbatched-reflect", lambda: nn.Conv1d(3, 4, 3, padding=1, padding_mode="reflect"), (3, 6)),
@@ -329,6 +336,59 @@ def test_auto_path_matches_the_reference(geometry):
     _assert_all_close(actual, expected, rtol=1e-9, atol=1e-11)
 
 
+@st.composite
+def conv_geometries(draw: Any) -> tuple[nn.Module, torch.Tensor]:
+    """A random ``nn.Conv1d/2d/3d`` (kernel, stride, padding, dilation, groups, padding mode) and an input."""
+    dims = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 2]))
+    per_group_in, per_group_out = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    pointwise = draw(st.booleans())  # a 1×…×1 kernel without padding, the matrix-product case
+    kernel = (
+        (1,) * dims if pointwise else tuple(draw(st.lists(st.integers(1, 3), min_size=dims, max_size=dims)))
+    )
+    stride = tuple(draw(st.lists(st.integers(1, 3), min_size=dims, max_size=dims)))
+    dilation = tuple(draw(st.lists(st.integers(1, 2), min_size=dims, max_size=dims)))
+    padding = (
+        (0,) * dims if pointwise else tuple(draw(st.lists(st.integers(0, 2), min_size=dims, max_size=dims)))
+    )
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    if mode == "reflect":  # reflect needs more input than padding
+        padding = tuple(min(p, 1) for p in padding)
+    spatial = [
+        draw(st.integers(max(dilation[d] * (kernel[d] - 1) + 1 - 2 * padding[d], 2), 5)) for d in range(dims)
+    ]
+    layer = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](
+        groups * per_group_in,
+        groups * per_group_out,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=draw(st.booleans()),
+        padding_mode=mode,
+    ).to(F64)
+    x = torch.randn((draw(st.integers(1, 2)), groups * per_group_in, *spatial), dtype=F64)
+    return layer, x
+
+
+@given(
+    case=conv_geometries(),
+    path=st.sampled_from(PATHS),
+    scale=st.sampled_from([1.0, -0.5, 2.0]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_conv_paths_equal_the_reference_on_random_geometries(case, path, scale, seed):
+    """Every conv geometry (pointwise ones run as matrix products), output and every gradient."""
+    layer, x = case
+    adapter = nlnn.TuckerAdapter(layer, 2, init="orthogonal", scale=scale, seed=seed, path=path)
+    perturb(adapter, seed=seed)
+    actual = _outputs_and_grads(adapter, adapter, x)
+    expected = _outputs_and_grads(lambda v: reference_forward(adapter, v), adapter, x)
+    _assert_all_close(actual, expected, rtol=1e-9, atol=1e-11)
+
+
 # -- gradcheck ----------------------------------------------------------------------------------
 
 
@@ -409,13 +469,13 @@ def test_linear_path_costs_are_the_documented_formulas():
     out, inp, r0, r1 = 32, 64, 4, 3
     tokens = 2 * 5  # input (2, 5, 64)
     build = out * inp * r0 + inp * r0 * r1  # A0 (G A1ᵀ)
-    branch = tokens * (inp * r1 + r1 * r0 + r0 * out)  # x A1, then Gᵀ, then A0ᵀ
+    branch = inp * r0 * r1 + tokens * (inp * r0 + r0 * out)  # G A1ᵀ, then x (G A1ᵀ)ᵀ, then A0ᵀ
     assert adapter.path_costs((2, 5, 64), training=False) == (float(build), float(branch))
     assert adapter.path_costs((2, 5, 64), training=True) == (
         float(3 * build + tokens * out * inp),
         float(3 * branch),
     )
-    assert (build, branch) == (8960, 10 * 332)
+    assert (build, branch) == (8960, 768 + 10 * 384)
 
 
 def test_conv_path_costs_are_the_documented_formulas():
@@ -428,9 +488,31 @@ def test_conv_path_costs_are_the_documented_formulas():
     branch = batch * (in_pixels * 4 * 2 * 3 + out_pixels * 2 * 4 * 3 * 9 + out_pixels * 12 * 4)
     assert (build, branch) == (2160, 17520)
     assert adapter.path_costs((2, 8, 10, 9), training=False) == (2160.0, 17520.0)
-    assert adapter.path_costs((2, 8, 10, 9), training=True) == (3 * 2160.0 + 2 * 17520.0, 3 * 17520.0)
+    core = batch * out_pixels * 2 * 4 * 3 * 9  # the spatial core's convolution, run once more by materialize
+    fixed = _FUSED_STEP_OVERHEAD
+    assert adapter.path_costs((2, 8, 10, 9), training=True) == (
+        3 * 2160.0 + 2 * 17520.0 + core + fixed,
+        3 * 17520.0,
+    )
     # an unbatched input counts as a batch of one
     assert adapter.path_costs((8, 10, 9), training=False) == (2160.0, 17520.0 / 2)
+
+
+def test_pointwise_conv_path_costs_are_the_documented_formulas():
+    adapter = nlnn.TuckerAdapter(nn.Conv2d(8, 6, 1, stride=2), (4, 3, 1, 1), seed=0)
+    # out=6, in=8, r0=4, r1=3; input (2, 8, 6, 5) gives 3 × 3 output pixels, the only ones read
+    batch, pixels = 2, 3 * 3
+    build = 6 * 8 * 4 + 4 * 8 * 3
+    branch = batch * pixels * (8 * 4 + 6 * 4) + 8 * 4 * 3  # x (A1 Gᵀ), then A0; A1 Gᵀ once
+    projections = batch * pixels * (8 * 3 + 6 * 4)
+    core = batch * pixels * 4 * 3
+    assert (build, branch, projections, core) == (288, 1104, 864, 216)
+    assert adapter.path_costs((2, 8, 6, 5), training=False) == (288.0, 1104.0)
+    fixed = _FUSED_STEP_OVERHEAD
+    assert adapter.path_costs((2, 8, 6, 5), training=True) == (
+        3 * 288.0 + 2 * 864.0 + 3 * 216.0 + fixed,
+        3 * 1104.0,
+    )
 
 
 def test_embedding_path_costs_are_the_documented_formulas():
@@ -479,13 +561,16 @@ def test_auto_follows_the_input_shape_the_mode_and_a_truncation_call_after_call(
                     seen.add(adapter.chosen_path(x))
                     assert adapter.chosen_path(x) == expected(x)
     assert seen == {"materialize", "factorized"}
-    edge = torch.empty(33, 64)  # without gradients, ranks 1 materialize here and ranks 8 do not
+    # without gradients a linear layer materializes from 64·64 / (64 + 64) = 32 tokens on, at any rank
+    below, above = torch.empty(31, 64), torch.empty(33, 64)
     with torch.no_grad():
-        assert adapter.chosen_path(edge) == expected(edge) == "factorized"
-    nlnn.truncate_adapters(model, ranks=1)  # new ranks: new costs
+        assert adapter.chosen_path(below) == expected(below) == "factorized"
+        assert adapter.chosen_path(above) == expected(above) == "materialize"
+    nlnn.truncate_adapters(model, ranks=1)  # new ranks: the choice is estimated again
     with torch.no_grad():
         assert adapter.ranks == (1, 1)
-        assert adapter.chosen_path(edge) == expected(edge) == "materialize"
+        assert adapter.chosen_path(below) == expected(below) == "factorized"
+        assert ((31, 64), False, (1, 1)) in adapter._auto_paths
     for size in range(1, 200):  # inputs of ever new shapes do not grow the memory without bound
         adapter.chosen_path(torch.empty(size, 64))
     assert len(adapter._auto_paths) <= 64

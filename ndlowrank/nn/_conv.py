@@ -51,6 +51,8 @@ class ConvGeometry:
             self.padding = [0] * self.dims
         else:
             self.padding = reversed_twice[::2][::-1]
+        # a 1×…×1 kernel without padding: the convolution is a matrix product on a strided input
+        self.pointwise = self.pre_pad is None and all(k == 1 for k in self.kernel) and not any(self.padding)
 
     def output_size(self, spatial: Sequence[int]) -> list[int]:
         """Spatial size of the convolution's output for an input of spatial size ``spatial``."""
@@ -61,6 +63,13 @@ class ConvGeometry:
             span = self.dilation[d] * (self.kernel[d] - 1) + 1
             sizes.append(max((size + 2 * self.padding[d] - span) // self.stride[d] + 1, 0))
         return sizes
+
+    def subsample(self, x: torch.Tensor) -> torch.Tensor:
+        """The input pixels a pointwise convolution reads: every ``stride``-th along each spatial dimension."""
+        if all(s == 1 for s in self.stride):
+            return x
+        index: tuple[Any, ...] = (..., *[slice(None, None, s) for s in self.stride])
+        return x[index]
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the pre-padding, if any."""
@@ -103,15 +112,17 @@ def conv_delta(a0: torch.Tensor, a1: torch.Tensor, spatial_core: torch.Tensor) -
 def factorized_branch(
     x: torch.Tensor, geometry: ConvGeometry, a0: torch.Tensor, a1: torch.Tensor, spatial_core: torch.Tensor
 ) -> torch.Tensor:
-    """``conv(x, ΔW)`` as in-projection, spatial-core convolution and out-projection (``x`` batched, not prepared).
+    """``conv(x, ΔW)`` as in-projection, spatial-core convolution and out-projection (``x`` batched, prepared).
 
     The 1×…×1 projections are matrix products, which run several times faster than
-    1×1 convolutions with few channels.
+    1×1 convolutions with few channels; so is the core of a pointwise geometry.
     """
-    g = geometry.groups
-    z = project_in(x, a1, g)
-    u = geometry.conv(geometry.prepare(z), _tiled(spatial_core, g))
-    return project_out(u, a0, g)
+    if geometry.pointwise:  # the core folded into A1 first: two products on the activations, as in LoRA
+        r0, r1 = spatial_core.shape[:2]
+        u = _project_read(x, geometry, F.linear(a1, spatial_core.reshape(r0, r1)))
+    else:
+        u = _core_output(_project_read(x, geometry, a1), geometry, spatial_core)
+    return project_out(u, a0, geometry.groups)
 
 
 class FusedTuckerConv(torch.autograd.Function):
@@ -120,7 +131,8 @@ class FusedTuckerConv(torch.autograd.Function):
     Inputs: the *prepared* input, the base weight and bias, ``A0`` (out × r0), ``A1``
     (in/g × r1), the spatial core ``Gs`` (r0 × r1 × k…) and the geometry. Gradients flow to
     every tensor input that requires them (the base weight's is the full weight gradient,
-    computed only when the base weight is trainable).
+    computed only when the base weight is trainable). A pointwise geometry
+    (:attr:`ConvGeometry.pointwise`) computes the core's gradient by matrix products.
     """
 
     @staticmethod
@@ -135,7 +147,6 @@ class FusedTuckerConv(torch.autograd.Function):
         geometry: ConvGeometry,
     ) -> torch.Tensor:
         ctx.geometry = geometry
-        ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, a0, a1, spatial_core)
         return geometry.conv(x, weight + conv_delta(a0, a1, spatial_core), bias)
 
@@ -156,25 +167,52 @@ class FusedTuckerConv(torch.autograd.Function):
             )  # fmt: skip
         if need_b:
             grad_b = grad_out.sum(dim=[0, *range(2, grad_out.ndim)])
-        if need_a0 or need_a1 or need_core:
-            batch, out = grad_out.shape[:2]
-            r0, r1 = spatial_core.shape[:2]
-            z = project_in(x, a1, g)  # (B, g·r1, *S_in)
-            grouped_grad = grad_out.reshape(batch, g, out // g, -1)  # (B, g, out/g, S_out)
-            q = torch.matmul(a0.reshape(g, out // g, r0).transpose(-1, -2), grouped_grad)
-            q = q.reshape(batch, g * r0, *grad_out.shape[2:])  # the gradient reaching the core's output
-            core_tiled = _tiled(spatial_core, g)
+        if not (need_a0 or need_a1 or need_core):
+            return grad_x, grad_w, grad_b, grad_a0, grad_a1, grad_core, None
+        batch, out = grad_out.shape[:2]
+        r0, r1 = spatial_core.shape[:2]
+        z = _project_read(x, geo, a1)
+        grouped_grad = grad_out.reshape(batch, g, out // g, -1)  # (B, g, out/g, S_out)
+        q = torch.matmul(a0.reshape(g, out // g, r0).transpose(-1, -2), grouped_grad)  # at the core's output
+        if geo.pointwise:
+            if need_core:
+                grouped_z = z.reshape(batch, g, r1, -1)
+                grad_core = (
+                    torch.matmul(q, grouped_z.transpose(-1, -2)).sum((0, 1)).reshape(spatial_core.shape)
+                )
+            grad_z = torch.matmul(spatial_core.reshape(r0, r1).T, q) if need_a1 else None
+        else:
+            q = q.reshape(batch, g * r0, *grad_out.shape[2:])
             grad_z, grad_core_tiled, _ = torch.ops.aten.convolution_backward(
-                q, z, core_tiled, None, geo.stride, geo.padding, geo.dilation, False, [0] * dims, g,
+                q, z, _tiled(spatial_core, g), None, geo.stride, geo.padding, geo.dilation, False, [0] * dims, g,
                 [need_a1, need_core, False],
             )  # fmt: skip
             if need_core:
                 grad_core = grad_core_tiled.reshape(g, r0, *spatial_core.shape[1:]).sum(0)
-            if need_a1:
-                grouped_x = x.reshape(batch, g, x.shape[1] // g, -1)
-                products = torch.matmul(grouped_x, grad_z.reshape(batch, g, r1, -1).transpose(-1, -2))
-                grad_a1 = products.sum(dim=(0, 1))
-            if need_a0:
-                u = geo.conv(z, core_tiled).reshape(batch, g, r0, -1)
-                grad_a0 = torch.matmul(grouped_grad, u.transpose(-1, -2)).sum(0).reshape(out, r0)
+        if need_a1:
+            read = geo.subsample(x) if geo.pointwise else x  # the input pixels the branch reads
+            assert grad_z is not None
+            grouped_read = read.reshape(batch, g, read.shape[1] // g, -1)
+            grad_z = grad_z.reshape(batch, g, r1, -1)
+            grad_a1 = torch.matmul(grouped_read, grad_z.transpose(-1, -2)).sum(dim=(0, 1))
+        if need_a0:
+            u = _core_output(z, geo, spatial_core)
+            grad_a0 = torch.matmul(grouped_grad, u.reshape(batch, g, r0, -1).transpose(-1, -2)).sum(0)
+            grad_a0 = grad_a0.reshape(out, r0)
         return grad_x, grad_w, grad_b, grad_a0, grad_a1, grad_core, None
+
+
+def _project_read(x: torch.Tensor, geometry: ConvGeometry, a1: torch.Tensor) -> torch.Tensor:
+    """The in-projection ``z`` of the pixels the branch reads from a prepared ``x``: ``(B, g·r1, *S)``."""
+    return project_in(geometry.subsample(x) if geometry.pointwise else x, a1, geometry.groups)
+
+
+def _core_output(z: torch.Tensor, geometry: ConvGeometry, spatial_core: torch.Tensor) -> torch.Tensor:
+    """The spatial core applied to ``z``, per group: ``(B, g·r0, *S_out)``."""
+    g = geometry.groups
+    if not geometry.pointwise:
+        return geometry.conv(z, _tiled(spatial_core, g))
+    r0, r1 = spatial_core.shape[:2]
+    batch = z.shape[0]
+    u = torch.matmul(spatial_core.reshape(r0, r1), z.reshape(batch, g, r1, -1))
+    return u.reshape(batch, g * r0, *z.shape[2:])

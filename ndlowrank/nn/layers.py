@@ -20,7 +20,7 @@ from torch import nn
 
 from ._conv import ConvGeometry, FusedTuckerConv, conv_delta, factorized_branch
 from ._host import DEFAULT_ADAPTER, DeltaHost
-from .delta import mode_products
+from .delta import trailing_mode_products
 
 __all__ = [
     "PATHS",
@@ -33,6 +33,13 @@ __all__ = [
 ]
 
 PATHS = ("auto", "materialize", "factorized")
+_FUSED_STEP_OVERHEAD = 150_000
+"""The fixed cost of a training step of a conv adapter's fused (materialize) path, in flops.
+
+Its hand-written backward and the two builds of ``ΔW`` cost about 50-90 µs more per call on
+a CPU than the factorized path's autograd nodes, about the time of this many flops of small
+products; without it ``auto`` picked the slower path on small convolutions.
+"""
 _AUTO_PATHS_KEPT = 64  # input shapes whose path="auto" choice an adapter remembers
 
 
@@ -156,6 +163,13 @@ class TuckerAdapter(DeltaHost):
         raise NotImplementedError
 
     # -- generic behaviour -----------------------------------------------------------
+    def _factors_and_core(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``A0``, ``A1`` and ``scale · G`` of a two-mode delta, in the weight's dtype (for the forward paths)."""
+        delta = self.delta
+        a0, a1 = (self._cast(f) for f in delta.factors)
+        core = self._cast(delta.core)
+        return a0, a1, core if delta.scale == 1.0 else core * delta.scale  # x · 1.0 is x: skip the call
+
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (merged or not)."""
@@ -244,9 +258,9 @@ class LinearAdapter(TuckerAdapter):
         return F.linear(x, self.weight + self.total_delta_weight(), layer.bias)
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        a0, a1 = (self._cast(f) for f in self.delta.factors)
-        core = self._cast(self.delta.core) * self.scale
-        return self.base_layer(x) + (self.dropout(x) @ a1) @ core.T @ a0.T
+        a0, a1, core = self._factors_and_core()
+        # G A1ᵀ (r0 × in) first: two products on the activations, as in LoRA, and one tiny one
+        return self.base_layer(x) + F.linear(F.linear(self.dropout(x), F.linear(core, a1)), a0)
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
         out, inp = self.weight.shape
@@ -260,7 +274,7 @@ def _linear_costs(
     """``(materialize, factorized)`` flops of a linear layer ``inp → out`` with ranks ``(r_out, r_in)``."""
     tokens = math.prod(input_shape) // inp
     build = out * inp * r_out + inp * r_out * r_in
-    branch = tokens * (inp * r_in + r_in * r_out + r_out * out)
+    branch = inp * r_out * r_in + tokens * (inp * r_out + r_out * out)  # G A1ᵀ, then x (G A1ᵀ)ᵀ, then A0
     if not training:
         return float(build), float(branch)
     # materialize also pays the full weight gradient (tokens · out · in)
@@ -282,9 +296,8 @@ class TransposedLinearAdapter(TuckerAdapter):
         return F.linear(x, (self.weight + self.total_delta_weight()).T, self.base_layer.bias)
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        a0, a1 = (self._cast(f) for f in self.delta.factors)
-        core = self._cast(self.delta.core) * self.scale
-        return self.base_layer(x) + (self.dropout(x) @ a0) @ core @ a1.T
+        a0, a1, core = self._factors_and_core()
+        return self.base_layer(x) + F.linear(self.dropout(x) @ (a0 @ core), a1)  # A0 G (in × r1) first
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
         inp, out = self.weight.shape
@@ -307,10 +320,9 @@ class ConvAdapter(TuckerAdapter):
 
     def spatial_core(self) -> torch.Tensor:
         """``scale · G ×_2 K_2 … ×_N K_N`` of shape ``(r0, r1, *kernel)``, in the weight's dtype."""
-        core = self.delta.core * self.scale
-        spatial = list(self.delta.factors)[2:]
-        folded = mode_products(core, spatial, range(2, core.ndim))
-        return self._cast(folded)
+        delta = self.delta
+        core = delta.core if delta.scale == 1.0 else delta.core * delta.scale  # x · 1.0 is x: skip the call
+        return self._cast(trailing_mode_products(core, list(delta.factors)[2:]))
 
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
@@ -325,7 +337,9 @@ class ConvAdapter(TuckerAdapter):
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
-        branch = factorized_branch(self.dropout(x), self.geometry, a0, a1, self.spatial_core())
+        branch = factorized_branch(
+            self.geometry.prepare(self.dropout(x)), self.geometry, a0, a1, self.spatial_core()
+        )
         return self.base_layer(x).add_(branch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -346,15 +360,20 @@ class ConvAdapter(TuckerAdapter):
         in_pixels = math.prod(input_shape[-(self.weight.ndim - 2) :])
         out_pixels = math.prod(self.geometry.output_size(input_shape[-(self.weight.ndim - 2) :]))
         build = out * in_per_group * kernel * r0 + r0 * in_per_group * kernel * r1
-        branch = batch * (
-            in_pixels * in_per_group * groups * r1
-            + out_pixels * groups * r0 * r1 * kernel
-            + out_pixels * out * r0
-        )
+        pixels_read = out_pixels if self.geometry.pointwise else in_pixels  # a pointwise conv reads strided
+        core = batch * out_pixels * groups * r0 * r1 * kernel
+        projections = batch * (pixels_read * in_per_group * groups * r1 + out_pixels * out * r0)
+        if self.geometry.pointwise:  # the factorized branch folds the core into A1 first
+            branch = batch * out_pixels * (in_per_group * groups * r0 + out * r0) + in_per_group * r0 * r1
+        else:
+            branch = projections + core
         if not training:
             return float(build), float(branch)
-        # the fused path's backward runs the small convolutions about twice
-        return float(3 * build + 2 * branch), float(3 * branch)
+        # the fused path's backward runs each projection twice and the core three times (its
+        # two gradients and its output again), plus its fixed cost; the factorized path runs
+        # its branch three times
+        fused = 3 * build + 2 * projections + 3 * core + _FUSED_STEP_OVERHEAD
+        return float(fused), float(3 * branch)
 
 
 class EmbeddingAdapter(TuckerAdapter):
@@ -404,8 +423,7 @@ class EmbeddingAdapter(TuckerAdapter):
         )
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        a0, a1 = (self._cast(f) for f in self.delta.factors)
-        core = self._cast(self.delta.core) * self.scale
+        a0, a1, core = self._factors_and_core()
         rows = self.dropout(F.embedding(x, a0, **self._options()))
         return self.base_layer(x) + rows @ (core @ a1.T)
 
