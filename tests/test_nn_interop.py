@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ndlowrank import nn as nlnn
+from ndlowrank.nn.formats._compress import small_forms, truncate_forms
 from ndlowrank.nn.formats._layer import from_host, orthonormal_form, truncate_form
 
 from _helpers import einsum_tucker, import_peer
@@ -114,6 +115,48 @@ def test_recompress_meets_tol_without_dense(shape, rank, tol, seed):
     assert actual <= tol * (1 + 1e-9) + 1e-12
     assert abs(actual - error) <= 1e-7  # the reported error comes from norms: exact to about 1e-8
     assert core.shape[0] <= rank
+
+
+@settings(deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 7), min_size=2, max_size=4),
+    rank=st.integers(1, 5),
+    count=st.integers(1, 4),
+    tol=st.sampled_from([0.5, 1e-1, 1e-2, 1e-6, 1e-12, None]),
+    fixed=st.lists(st.integers(1, 8), min_size=4, max_size=4),
+    zero=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_batched_recompress_meets_tol_per_layer(shape, rank, count, tol, fixed, zero, seed):
+    """Several LoRAs of one shape re-compressed in one batch: each meets its own bound, or its ranks."""
+    rng = np.random.default_rng(seed)
+    ups = [rng.standard_normal((shape[0], rank)) for _ in range(count)]
+    # decaying spectra in every mode, so that tol truncates somewhere
+    downs = [
+        rng.standard_normal((rank, *shape[1:])) * np.exp(-np.arange(shape[-1]) / (1 + i))
+        for i in range(count)
+    ]
+    if zero:
+        downs[-1] = np.zeros_like(downs[-1])
+    forms = [
+        (torch.from_numpy(down), [torch.from_numpy(up), *([None] * (len(shape) - 1))])
+        for up, down in zip(ups, downs, strict=True)
+    ]
+    ranks = fixed[: len(shape)] if tol is None else None
+    results = truncate_forms(small_forms(forms), tol=tol, ranks=[ranks] * count)
+    for up, down, (core, factors, error) in zip(ups, downs, results, strict=True):
+        dense = np.tensordot(up, down, axes=(1, 0))
+        rebuilt = einsum_tucker(core.numpy(), [f.numpy() for f in factors])
+        norm = np.linalg.norm(dense)
+        actual = np.linalg.norm(rebuilt - dense) / norm if norm else np.linalg.norm(rebuilt)
+        assert abs(actual - error) <= 1e-7
+        for f in factors:  # orthonormal columns: the error from norms is the true error
+            np.testing.assert_allclose(f.numpy().T @ f.numpy(), np.eye(f.shape[1]), atol=1e-8)
+        if tol is not None:
+            assert actual <= tol * (1 + 1e-9) + 1e-12
+        else:
+            small = (min(rank, shape[0]), *shape[1:])
+            assert core.shape == tuple(min(r, n) for r, n in zip(ranks, small, strict=True))
 
 
 # -- PEFT ------------------------------------------------------------------------------------------

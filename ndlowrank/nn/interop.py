@@ -26,14 +26,8 @@ from ..decompose import check_tol
 from ..ranks import budget_ranks
 from ._host import DeltaHost
 from .formats import FORMATS, diffusers, kohya, peft
-from .formats._layer import (
-    LowRankLayer,
-    block_sum,
-    keys_of,
-    lora_form,
-    orthonormal_form,
-    truncate_form,
-)
+from .formats._compress import small_forms, truncate_forms
+from .formats._layer import LowRankLayer, block_sum, keys_of, lora_form
 from .io import METADATA_KEY, _fspath, load_adapters
 from .layers import TuckerAdapter, supported_layers
 from .model import add_adapters, iter_adapters, remove_adapters
@@ -237,7 +231,7 @@ def _compress(
     budget: int | None,
 ) -> list[tuple[torch.Tensor, list[torch.Tensor], float]]:
     """Every exact Tucker form brought to small ranks: to ``tol``, to ``ranks``, or sharing ``budget``."""
-    small = [orthonormal_form(core, factors) for core, factors in forms]
+    small = small_forms(forms)
     targets: list[Any] = [ranks] * len(small)
     if budget is not None:
         if isinstance(budget, bool) or not hasattr(budget, "__index__"):
@@ -247,10 +241,7 @@ def _compress(
             raise ValueError(f"budget={budget} is below {minimum}, the size of every delta at ranks 1")
         spectra = [[mode_spectrum(core, n, xp=torch_xp) for n in range(core.ndim)] for core, _ in small]
         targets = list(budget_ranks(spectra, shapes, int(budget)))
-    return [
-        truncate_form(core, qs, tol=tol, ranks=target)
-        for (core, qs), target in zip(small, targets, strict=True)
-    ]
+    return truncate_forms(small, tol=tol, ranks=targets)
 
 
 def _compress_layers(
@@ -324,7 +315,7 @@ def import_adapters(
     dtypes = {_target_weight(model, layer.name, where, layer.kind).dtype for layer in layers}
     results = _compress_layers(layers, dtypes, tol=tol, ranks=ranks, budget=budget)
     parameters = {layer.name for layer in layers if layer.kind == "parameter"}
-    old_shapes = [tuple(layer.tucker()[0].shape) for layer in layers]
+    old_shapes = [layer.tucker_shape for layer in layers]
     return _install(model, [layer.name for layer in layers], old_shapes, results, parameters)
 
 
@@ -538,6 +529,6 @@ def convert_adapters(
         converted.append(
             lora_form(layer.name, layer.kind, core.to(dtype), [f.to(dtype) for f in factors], tucker=tucker)
         )
-        reports.append(TruncationReport(layer.name, tuple(layer.tucker()[0].shape), tuple(core.shape), error))
+        reports.append(TruncationReport(layer.name, layer.tucker_shape, tuple(core.shape), error))
     FORMATS[format].write(out, converted, prefix=prefix if dotted else "")
     return reports

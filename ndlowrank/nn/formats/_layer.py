@@ -46,6 +46,7 @@ __all__ = [
     "lora_layers",
     "orthonormal_form",
     "refuse_geometry",
+    "target_ranks",
     "truncate_form",
 ]
 
@@ -71,6 +72,11 @@ class LowRankLayer:
         if self.mid is None:
             return (int(self.up.shape[0]), *self.down.shape[1:])
         return (int(self.up.shape[0]), int(self.down.shape[1]), *self.mid.shape[2:])
+
+    @property
+    def tucker_shape(self) -> tuple[int, ...]:
+        """Core shape of :meth:`tucker`'s form."""
+        return tuple((self.down if self.mid is None else self.mid).shape)
 
     def tucker(self) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """An exact Tucker form ``(core, factors)`` of ``ΔW``; ``None`` stands for an identity factor."""
@@ -216,6 +222,14 @@ def orthonormal_form(
     return multi_mode_product(core.to(torch.float64), rs, modes=modes), qs
 
 
+def target_ranks(ranks: int | Sequence[int], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``ranks`` for a small core of ``shape``: one per mode, each clipped to its mode's size."""
+    ranks = validate_ranks(ranks, shape, clip=True) if isinstance(ranks, int) else ranks
+    if len(ranks) != len(shape):
+        raise ValueError(f"ranks={tuple(ranks)} gives {len(ranks)} ranks for a delta with {len(shape)} modes")
+    return tuple(min(int(r), size) for r, size in zip(ranks, shape, strict=True))
+
+
 @torch.no_grad()
 def truncate_form(
     small: torch.Tensor,
@@ -231,12 +245,7 @@ def truncate_form(
     """
     norm = float(torch.linalg.vector_norm(small))
     if ranks is not None:
-        ranks = validate_ranks(ranks, tuple(small.shape), clip=True) if isinstance(ranks, int) else ranks
-        if len(ranks) != small.ndim:
-            raise ValueError(
-                f"ranks={tuple(ranks)} gives {len(ranks)} ranks for a delta with {small.ndim} modes"
-            )
-        ranks = tuple(min(int(r), size) for r, size in zip(ranks, small.shape, strict=True))
+        ranks = target_ranks(ranks, tuple(small.shape))
     if norm == 0.0:
         shape = (1,) * small.ndim if ranks is None else tuple(ranks)
         t_core = torch.zeros(shape, dtype=torch.float64)
