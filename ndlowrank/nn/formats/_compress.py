@@ -85,10 +85,11 @@ def truncate_forms(forms: Sequence[Form], *, tol: float | None, ranks: Sequence[
         done = _sthosvd_batch(torch.stack([forms[i][0] for i in members]), tol, targets)
         for j, i in enumerate(members):
             small, qs = forms[i]
-            if done[j] is None:  # the Gram path is not accurate enough here, or the delta is zero
+            solved = done[j]
+            if solved is None:  # the Gram path is not accurate enough here, or the delta is zero
                 out[i] = truncate_form(small, qs, tol=tol, ranks=ranks[i])
                 continue
-            core, us = done[j]
+            core, us = solved
             factors = [
                 (torch.eye(size, dtype=torch.float64) if q is None else q)
                 if u is None
