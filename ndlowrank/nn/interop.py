@@ -15,6 +15,7 @@ import os
 import re
 import warnings
 from collections.abc import Collection, Sequence
+from dataclasses import replace
 from typing import Any
 
 import array_api_compat.torch as torch_xp
@@ -27,9 +28,9 @@ from ..ranks import budget_ranks
 from ._host import DeltaHost
 from .formats import FORMATS, diffusers, kohya, peft
 from .formats._compress import small_forms, truncate_forms
-from .formats._layer import LowRankLayer, block_sum, keys_of, lora_form
+from .formats._layer import TRANSPOSED, LowRankLayer, block_sum, keys_of, lora_form
 from .io import METADATA_KEY, _fspath, load_adapters
-from .layers import TuckerAdapter, supported_layers
+from .layers import TransposedLinearAdapter, TuckerAdapter, supported_layers
 from .model import add_adapters, iter_adapters, remove_adapters
 from .named import chosen_adapter
 from .truncate import TruncationReport
@@ -137,7 +138,22 @@ def _read(path: str, model: nn.Module, format: str | None, strict: bool = True) 
             f"{path}: {len(skipped)} layers name no layer of the model and were left out ({shown})",
             stacklevel=3,
         )
-    return layers
+    # a linear delta on a transformers Conv1D: the file's nn.Linear layout, transposed onto its (in, out) weight
+    return [
+        replace(layer, kind=TRANSPOSED) if layer.kind == "linear" and _is_conv1d(model, layer.name) else layer
+        for layer in layers
+    ]
+
+
+def _is_conv1d(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a transformers ``Conv1D`` (GPT-2), adapted or not."""
+    if not _has_module(model, name):
+        return False
+    module = model.get_submodule(name)
+    return isinstance(module, TransposedLinearAdapter) or any(
+        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+        for cls in type(module).__mro__
+    )
 
 
 def _is_ndlowrank_file(path: str) -> bool:
