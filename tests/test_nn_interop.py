@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 
+import _real_models
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,6 @@ from ndlowrank import nn as nlnn
 from ndlowrank.nn.formats._compress import small_forms, truncate_forms
 from ndlowrank.nn.formats._layer import from_host, orthonormal_form, truncate_form
 
-import _real_models
 from _helpers import einsum_tucker, import_peer
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}

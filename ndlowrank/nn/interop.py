@@ -57,8 +57,9 @@ def export_adapters(
     Parameters
     ----------
     model : nn.Module
-        A model with layer adapters (linear, convolution; embeddings and parameter adapters
-        on 2-D parameters for PEFT, as its ``target_parameters``).
+        A model with layer adapters (linear, convolution; transformers ``Conv1D`` for PEFT and
+        diffusers, in ``nn.Linear``'s layout with ``fan_in_fan_out``; embeddings and parameter
+        adapters on 2-D parameters for PEFT, as its ``target_parameters``).
     path : str or os.PathLike
         ``format="peft"``: a directory (created if missing) that gets ``adapter_model.safetensors``
         and ``adapter_config.json``, for ``PeftModel.from_pretrained``. Otherwise the
@@ -86,8 +87,8 @@ def export_adapters(
     ValueError
         Naming the layer, if the format cannot reproduce it exactly (a grouped or dilated
         convolution in PEFT or kohya, a padding mode other than zeros, a parameter adapter
-        outside PEFT or on a parameter of 3 or more modes, an embedding outside PEFT); nothing
-        is written.
+        outside PEFT or on a parameter of 3 or more modes, an embedding outside PEFT, a
+        transformers ``Conv1D`` in kohya or LyCORIS); nothing is written.
 
     Notes
     -----
@@ -283,7 +284,9 @@ def import_adapters(
 
     Each layer's ``ΔW = scale · up · down`` (or with a LoCon middle kernel) is brought to
     Tucker form without forming ``ΔW``: QR of ``up``, ST-HOSVD of the small core
-    ``R · down``. This is also how to resize a LoRA, with a guarantee.
+    ``R · down``, batched over the layers of equal shapes. This is also how to resize a
+    LoRA, with a guarantee. A linear delta on a transformers ``Conv1D`` (GPT-2), stored in
+    ``nn.Linear``'s layout as PEFT saves it, is transposed onto the ``(in, out)`` weight.
 
     Parameters
     ----------
