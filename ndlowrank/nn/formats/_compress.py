@@ -91,7 +91,7 @@ def truncate_forms(forms: Sequence[Form], *, tol: float | None, ranks: Sequence[
                 continue
             core, us = solved
             factors = [
-                (torch.eye(size, dtype=torch.float64) if q is None else q)
+                (torch.eye(size, dtype=torch.float64, device=core.device) if q is None else q)
                 if u is None
                 else (u if q is None else q @ u)
                 for q, u, size in zip(qs, us, shape, strict=True)
@@ -124,7 +124,7 @@ def _sthosvd_batch(
             continue  # fixed ranks keep the whole mode: no Gram matrix, no eigensolver
         gram = y.transpose(1, 2) @ y if tall else y @ y.transpose(1, 2)
         values, vectors = torch.linalg.eigh(gram)  # ascending
-        spectra = values.flip(1).clamp_min(0.0).numpy()
+        spectra = values.flip(1).clamp_min(0.0).cpu().numpy()
         traces = gram.diagonal(dim1=1, dim2=2).sum(1).tolist()
         ranks = []
         for layer in range(count):
@@ -151,8 +151,8 @@ def _sthosvd_batch(
         top = vectors.flip(2)[:, :, :width]
         if tall:
             sigma = spectra[:, :width].clip(min=np.finfo(np.float64).tiny) ** 0.5
-            top, _ = torch.linalg.qr((y @ top) / torch.from_numpy(sigma)[:, None, :])
-        mask = torch.arange(width)[None, :] < torch.tensor(ranks)[:, None]
+            top, _ = torch.linalg.qr((y @ top) / torch.from_numpy(sigma).to(y.device)[:, None, :])
+        mask = torch.arange(width, device=x.device)[None, :] < torch.tensor(ranks, device=x.device)[:, None]
         u = top * mask[:, None, :]  # a layer with a smaller rank: zero columns, cut off at the end
         x = _mode_product(x, u.transpose(1, 2), mode)
         for layer, rank in enumerate(ranks):
