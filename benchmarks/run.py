@@ -77,6 +77,12 @@ BENCHMARKS = [
         "adapter training-step time and peak memory vs PEFT LoRA and LyCORIS",
     ),
     Benchmark(
+        "dask",
+        ("benchmarks/bench_dask.py",),
+        ("dask",),
+        "dask arrays several times a memory limit: time, peak memory, passes, error",
+    ),
+    Benchmark(
         "models",
         ("benchmarks/bench_models.py",),
         ("torch", "peft", "transformers", "diffusers"),

@@ -10,9 +10,13 @@ from ._backend import available_backends
 from .decompose import hooi, hosvd, sthosvd, tucker
 from .delta import TuckerDelta, tucker_delta
 from .init import INITS
-from .ranks import select_ranks, validate_ranks
+from .nonnegative import non_negative_tucker
+from .partial import masked_tucker, partial_tucker
+from .random import random_tucker
+from .ranks import fraction_ranks, select_ranks, validate_ranks
+from .sketch import tucker_sketch
 from .tenalg import fold, mode_product, multi_mode_product, tucker_to_tensor, unfold
-from .tucker import TuckerTensor
+from .tucker import TuckerTensor, tucker_mode_product
 
 try:
     __version__ = version("ndlowrank")
@@ -26,14 +30,21 @@ __all__ = [
     "__version__",
     "available_backends",
     "fold",
+    "fraction_ranks",
     "hooi",
     "hosvd",
+    "masked_tucker",
     "mode_product",
     "multi_mode_product",
+    "non_negative_tucker",
+    "partial_tucker",
+    "random_tucker",
     "select_ranks",
     "sthosvd",
     "tucker",
     "tucker_delta",
+    "tucker_mode_product",
+    "tucker_sketch",
     "tucker_to_tensor",
     "unfold",
     "validate_ranks",

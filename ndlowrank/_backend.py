@@ -24,6 +24,7 @@ __all__ = [
     "eigh",
     "from_numpy",
     "get_namespace",
+    "native_routine",
     "resolve_backend",
     "resolve_dtype",
     "to_numpy",
@@ -72,7 +73,9 @@ def available_backends() -> list[str]:
 
 
 def backend_name(xp: ModuleType) -> str:
-    """Short name of an array namespace (``"numpy"``, ``"torch"``, ...), or its module name."""
+    """Short name of an array namespace (``"numpy"``, ``"torch"``, ``"dask"``, ...), or its module name."""
+    if array_api_compat.is_dask_namespace(xp):
+        return "dask"
     for name, (_, is_namespace) in _BACKENDS.items():
         if is_namespace(xp):
             return name
@@ -283,3 +286,24 @@ def _is_torch_cuda_float32(xp: ModuleType, matrix: Any) -> bool:
         and matrix.dtype == xp.float32
         and getattr(device_of(matrix), "type", None) == "cuda"
     )
+
+
+# Whole routines replaced for a kind of array: (predicate on an array, module holding them).
+# dask arrays must stay lazy and chunked, which the array-API code (reshapes of whole
+# unfoldings, eager eigensolvers) cannot do; ndlowrank._dask reduces over chunks instead.
+_NATIVE_ROUTINES: list[tuple[Callable[[Any], bool], str]] = [
+    (array_api_compat.is_dask_array, "ndlowrank._dask"),
+]
+
+
+def native_routine(x: Any, name: str) -> Callable[..., Any] | None:
+    """The backend's own version of routine ``name`` for array ``x``, or ``None`` for the array-API one.
+
+    For a dask array this is the function of the same name in :mod:`ndlowrank._dask`, which
+    keeps the array lazy and chunked.
+    """
+    for applies, module in _NATIVE_ROUTINES:
+        if applies(x):
+            routine: Callable[..., Any] = getattr(importlib.import_module(module), name)
+            return routine
+    return None

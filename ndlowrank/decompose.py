@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._backend import compute_dtype, device_of, get_namespace
+from ._backend import compute_dtype, device_of, get_namespace, native_routine
 from ._subspace import SOLVERS, leading_subspace
 from ._validation import validate_ranks
 from .tenalg import mode_product, multi_mode_product, unfold
@@ -31,7 +31,7 @@ from .tucker import TuckerTensor
 
 __all__ = ["METHODS", "hooi", "hosvd", "sthosvd", "tucker"]
 
-METHODS = ("sthosvd", "hosvd", "hooi", "randomized")
+METHODS = ("sthosvd", "hosvd", "hooi", "randomized", "sketch")
 
 # entries are rescaled when the largest magnitude leaves [2**-_SAFE_EXPONENT, 2**_SAFE_EXPONENT]
 _SAFE_EXPONENT = 24
@@ -148,6 +148,8 @@ def hosvd(x: Any, ranks: int | Sequence[int], *, solver: str = "auto") -> Tucker
     >>> bool(np.allclose(t.to_dense(), x))
     True
     """
+    if (native := native_routine(x, "hosvd")) is not None:
+        return native(x, ranks, solver=solver)
     prepared = PreparedTensor(x)
     ranks = validate_ranks(ranks, prepared.y.shape)
     solver = _check_solver(solver)
@@ -224,6 +226,9 @@ def sthosvd(
     >>> bool(np.linalg.norm(x - t.to_dense()) <= 1e-6 * np.linalg.norm(x))
     True
     """
+    if (native := native_routine(x, "sthosvd")) is not None:
+        options = {"oversample": oversample, "power_iters": power_iters, "seed": seed}
+        return native(x, ranks, tol=tol, order=order, solver=solver, **options)
     prepared = PreparedTensor(x)
     shape = tuple(prepared.y.shape)
     fixed, tol = _ranks_or_tol(ranks, tol, shape)
@@ -301,6 +306,9 @@ def hooi(
     >>> bool(np.linalg.norm(x - t.to_dense()) <= np.linalg.norm(x - start.to_dense()))
     True
     """
+    if (native := native_routine(x, "hooi")) is not None:
+        options = {"callback": callback, "verbose": verbose}
+        return native(x, ranks, init=init, max_iter=max_iter, tol=tol, solver=solver, **options)
     prepared = PreparedTensor(x)
     ranks = validate_ranks(ranks, prepared.y.shape)
     solver = _check_solver(solver)
@@ -359,7 +367,7 @@ def _hooi_start(prepared: PreparedTensor, ranks: tuple[int, ...], init: Any, sol
 
 def tucker(
     x: Any,
-    ranks: int | Sequence[int] | None = None,
+    ranks: int | Sequence[int] | float | str | None = None,
     *,
     tol: float | None = None,
     method: str = "sthosvd",
@@ -370,16 +378,20 @@ def tucker(
     Parameters
     ----------
     x : array
-    ranks : int or sequence of int, optional
-        Fixed ranks; give this or ``tol``.
+    ranks : int, sequence of int, float or "same", optional
+        Fixed ranks; give this or ``tol``. A float or ``"same"`` is TensorLy's rule: ranks
+        that store that fraction of ``x``'s numbers (:func:`ndlowrank.fraction_ranks`).
     tol : float in (0, 1), optional
         Relative error bound ``‖x − t‖ ≤ tol · ‖x‖``, guaranteed by every method that
         accepts it: ``"sthosvd"`` chooses the ranks; ``"hooi"`` starts from that
         ST-HOSVD and only improves on it. ``"hosvd"`` and ``"randomized"`` need ``ranks``.
-    method : {"sthosvd", "hosvd", "hooi", "randomized"}, default "sthosvd"
-        ``"randomized"`` is :func:`sthosvd` with ``solver="randomized"``.
+    method : {"sthosvd", "hosvd", "hooi", "randomized", "sketch"}, default "sthosvd"
+        ``"randomized"`` is :func:`sthosvd` with ``solver="randomized"``; ``"sketch"`` is
+        :func:`ndlowrank.tucker_sketch`, which reads ``x`` once.
     **options
         Passed to the method's function (``solver``, ``order``, ``max_iter``, ``seed``, ...).
+        ``mask=`` (with ``method="hooi"``) fits only the observed entries:
+        :func:`ndlowrank.masked_tucker`.
 
     Returns
     -------
@@ -395,12 +407,30 @@ def tucker(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method={method!r}; known methods: {list(METHODS)}")
+    if isinstance(ranks, (float, str)):
+        if isinstance(ranks, str) and ranks != "same":
+            raise TypeError(f"ranks must be an int, a sequence of ints, a float or 'same', got {ranks!r}")
+        from .ranks import fraction_ranks  # imported here: ranks builds on this module
+
+        ranks = fraction_ranks(x.shape, ranks)
+    if "mask" in options:
+        from .partial import masked_tucker  # imported here: partial builds on this module
+
+        if ranks is None or tol is not None or method != "hooi":
+            raise ValueError('mask= needs method="hooi" and ranks=, and no tol=')
+        return masked_tucker(x, ranks, options.pop("mask"), **options)
     if method == "sthosvd":
         return sthosvd(x, ranks, tol=tol, **options)
     if method == "randomized":
         if ranks is None or tol is not None:
             raise ValueError('method="randomized" needs ranks= and no tol=; it cannot choose ranks from tol=')
         return sthosvd(x, ranks, solver="randomized", **options)
+    if method == "sketch":
+        from .sketch import tucker_sketch  # imported here: sketch builds on this module
+
+        if ranks is None or tol is not None:
+            raise ValueError('method="sketch" needs ranks= and no tol=; it cannot choose ranks from tol=')
+        return tucker_sketch(x, ranks, **options)
     if tol is not None and ranks is not None:
         raise ValueError("give exactly one of ranks= (fixed ranks) or tol= (a relative error bound)")
     if method == "hosvd":

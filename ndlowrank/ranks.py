@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from ._backend import get_namespace, native_routine
 from ._subspace import mode_spectrum, rank_for_budget
-from ._validation import validate_ranks
+from ._validation import check_shape, validate_ranks
 from .decompose import PreparedTensor, check_tol, sthosvd
 
-__all__ = ["budget_ranks", "select_ranks", "validate_ranks"]
+__all__ = ["budget_ranks", "fraction_ranks", "select_ranks", "validate_ranks"]
 
 
 def _tucker_size(shape: Sequence[int], ranks: Sequence[int]) -> int:
@@ -92,6 +93,56 @@ def budget_ranks(
         used += best_cost
 
 
+def fraction_ranks(shape: Sequence[int], fraction: float | str = "same") -> tuple[int, ...]:
+    """Ranks ``round(c · I_n)`` whose Tucker form stores ``fraction`` of the tensor's numbers.
+
+    TensorLy's ``rank="same"`` / float rule (``validate_tucker_rank``): ``c`` solves
+    ``c^N Π I_n + c Σ I_n² = fraction · Π I_n`` (core plus ``I_n × c I_n`` factors).
+
+    Parameters
+    ----------
+    shape : sequence of int
+    fraction : float > 0 or "same", default "same"
+        ``"same"`` is 1.0: as many stored numbers as the full tensor.
+
+    Returns
+    -------
+    tuple of int
+        Each rank in ``[1, I_n]``.
+
+    Examples
+    --------
+    >>> import ndlowrank as nl
+    >>> nl.fraction_ranks((10, 20, 30), 0.1)
+    (3, 6, 9)
+    """
+    from scipy.optimize import brentq  # imported here: only this rule needs it
+
+    sizes = check_shape(shape)
+    value = 1.0 if fraction == "same" else fraction
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not value > 0
+    ):
+        raise ValueError(f"fraction={fraction!r} must be a positive float or 'same'")
+    total = float(math.prod(sizes))
+    squares = float(sum(s * s for s in sizes))
+    c = brentq(
+        lambda c: total * c ** len(sizes) + squares * c - float(value) * total, 0.0, max(float(value), 1.0)
+    )
+    return tuple(min(size, max(1, round(size * c))) for size in sizes)
+
+
+def _mode_spectra(x: Any) -> list[np.ndarray]:
+    """Every mode's squared singular values (one pass over a dask array)."""
+    if (native := native_routine(x, "mode_spectra")) is not None:
+        spectra: list[np.ndarray] = native(x)
+        return spectra
+    prepared = PreparedTensor(x)
+    return [mode_spectrum(prepared.y, n, xp=prepared.xp) for n in range(prepared.y.ndim)]
+
+
 def select_ranks(
     x: Any, *, tol: float | None = None, energy: float | None = None, budget: int | None = None
 ) -> tuple[int, ...]:
@@ -139,8 +190,8 @@ def select_ranks(
         raise ValueError(f"give exactly one of tol=, energy= or budget=, got {given or 'none'}")
     if tol is not None:
         return sthosvd(x, tol=check_tol(tol)).ranks
-    prepared = PreparedTensor(x)
-    shape = tuple(int(s) for s in prepared.y.shape)
+    get_namespace(x, names=("x",))  # a clear TypeError for what is not an array
+    shape = tuple(int(s) for s in x.shape)
     if budget is not None:
         if isinstance(budget, bool) or not hasattr(budget, "__index__"):
             raise TypeError(f"budget must be an int number of parameters, got {budget!r}")
@@ -156,7 +207,7 @@ def select_ranks(
         or not 0 < energy <= 1
     ):
         raise ValueError(f"energy={energy!r} must be a fraction in (0, 1]")
-    spectra = [mode_spectrum(prepared.y, n, xp=prepared.xp) for n in range(len(shape))]
+    spectra = _mode_spectra(x)
     if budget is not None:
         return budget_ranks([spectra], [shape], int(budget))[0]
     assert energy is not None

@@ -146,7 +146,9 @@ def mode_product(x: Any, matrix: Any, mode: int, *, transpose: bool = False) -> 
     Parameters
     ----------
     x : array, shape (I_0, ..., I_{N-1})
-    matrix : array, shape (J, I_mode), or (I_mode, J) with ``transpose=True``
+    matrix : array, shape (J, I_mode), or (I_mode, J) with ``transpose=True``, or (I_mode,)
+        A vector contracts mode ``mode`` away (TensorLy's ``mode_dot`` with a vector);
+        ``transpose`` has no effect on it.
     mode : int
         Negative values count from the end.
     transpose : bool, default False
@@ -154,7 +156,7 @@ def mode_product(x: Any, matrix: Any, mode: int, *, transpose: bool = False) -> 
 
     Returns
     -------
-    array, shape (I_0, ..., J, ..., I_{N-1})
+    array, shape (I_0, ..., J, ..., I_{N-1}), or without mode ``mode`` for a vector
         In the inputs' namespace and device, with their promoted dtype.
 
     Raises
@@ -171,12 +173,28 @@ def mode_product(x: Any, matrix: Any, mode: int, *, transpose: bool = False) -> 
     >>> x = np.ones((2, 3, 4))
     >>> nl.mode_product(x, np.ones((5, 3)), 1).shape
     (2, 5, 4)
+    >>> nl.mode_product(x, np.ones(3), 1).shape
+    (2, 4)
     """
     xp = get_namespace(x, matrix, names=("x", "matrix"))
     mode = check_mode(mode, x.ndim)
+    if matrix.ndim == 1:
+        return _vector_product(x, matrix, mode, xp=xp)
     _check_matrix(x, matrix, mode, transpose=transpose, name="matrix")
     x, matrix = _promote(xp, x, matrix)
     return _mode_product(x, matrix.T if transpose else matrix, mode, xp=xp)
+
+
+def _vector_product(x: Any, vector: Any, mode: int, *, xp: ModuleType) -> Any:
+    """``x ×_mode vector``: the mode is contracted and disappears."""
+    if vector.shape[0] != x.shape[mode]:
+        raise ValueError(
+            f"matrix is a vector of length {vector.shape[0]}; contracting mode {mode} needs "
+            f"length {x.shape[mode]}"
+        )
+    x, vector = _promote(xp, x, vector)
+    out = _mode_product(x, vector[None, :], mode, xp=xp)
+    return xp.reshape(out, (*x.shape[:mode], *x.shape[mode + 1 :]))
 
 
 def _product_order(steps: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

@@ -7,9 +7,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ._backend import backend_name, device_of, get_namespace
-from .tenalg import multi_mode_product
+from .tenalg import check_mode, mode_product, multi_mode_product
 
-__all__ = ["TuckerTensor"]
+__all__ = ["TuckerTensor", "tucker_mode_product"]
 
 
 class TuckerTensor:
@@ -144,3 +144,55 @@ class TuckerTensor:
         for peak in peaks:
             norm = norm * peak
         return abs(self._scale()) * norm
+
+
+def tucker_mode_product(t: TuckerTensor, matrix: Any, mode: int, *, transpose: bool = False) -> TuckerTensor:
+    """Mode-``mode`` product of a Tucker tensor, without forming the full tensor.
+
+    ``t ×_mode M`` only changes one factor, ``A_mode ← M A_mode``; a vector ``v`` contracts
+    the mode away: the core absorbs ``vᵀ A_mode`` and the factor is dropped (TensorLy's
+    ``tucker_mode_dot``).
+
+    Parameters
+    ----------
+    t : TuckerTensor
+    matrix : array, shape (J, I_mode), or (I_mode, J) with ``transpose=True``, or (I_mode,)
+    mode : int
+        Negative values count from the end.
+    transpose : bool, default False
+        Multiply by ``matrix.T`` (no effect on a vector).
+
+    Returns
+    -------
+    TuckerTensor
+        Equal to ``mode_product(t.to_dense(), matrix, mode)``.
+
+    Raises
+    ------
+    ValueError
+        If ``matrix`` does not fit mode ``mode`` (the message gives both sizes).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import ndlowrank as nl
+    >>> t = nl.random_tucker((4, 5, 6), 2, seed=0)
+    >>> m = np.ones((3, 5))
+    >>> bool(np.allclose(nl.tucker_mode_product(t, m, 1).to_dense(), nl.mode_product(t.to_dense(), m, 1)))
+    True
+    >>> nl.tucker_mode_product(t, np.ones(6), 2).shape
+    (4, 5)
+    """
+    if not isinstance(t, TuckerTensor):
+        raise TypeError(f"t must be a TuckerTensor, got {type(t).__name__}")
+    mode = check_mode(mode, t.ndim)
+    factors = list(t.factors)
+    # the factor has I_mode rows, so the product checks matrix against the full size I_mode
+    changed = mode_product(factors[mode], matrix, 0, transpose=transpose)
+    scale = t._scale()  # a TuckerDelta's scale moves into the core
+    core = t.core if scale == 1.0 else t.core * scale
+    if matrix.ndim == 1:
+        del factors[mode]
+        return TuckerTensor(mode_product(core, changed, mode), factors)
+    factors[mode] = changed
+    return TuckerTensor(core, factors)

@@ -114,3 +114,63 @@ def import_peer(name: str):
         return importlib.import_module(name)
     except Exception as error:  # a peer's import can fail in any way; the reason is reported
         pytest.skip(f"{name} cannot be imported here: {type(error).__name__}: {error}")
+
+
+class CountingSource:
+    """An in-memory array that counts the chunk reads dask makes from it."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+        self.reads = 0
+
+    def __getitem__(self, key):
+        out = self.array[key]
+        if out.size:
+            self.reads += 1
+        return out
+
+
+def low_rank_tensor(shape=(20, 16, 12), ranks=(3, 4, 2), noise=1e-3, seed=0):
+    import ndlowrank as nl
+
+    rng = np.random.default_rng(seed)
+    factors = [rng.standard_normal((i, r)) for i, r in zip(shape, ranks, strict=True)]
+    x = nl.tucker_to_tensor(rng.standard_normal(ranks), factors)
+    return x + noise * rng.standard_normal(shape)
+
+
+def counted_dask(x, chunks=(7, 5, 6)):
+    import dask.array as da
+
+    source = CountingSource(x)
+    lazy = da.from_array(source, chunks=chunks)
+
+    def passes() -> float:
+        return source.reads / lazy.npartitions
+
+    return lazy, passes
+
+
+# 24 MiB in float64, chunks of 0.75 MiB, a limit of 8 MiB
+MEMORY_CASE = ((128, 128, 192), (32, 32, 96), 8 * 2**20)
+
+
+def generated_dask(shape, chunks, seed=0):
+    """A lazily generated low-rank-plus-noise tensor: each chunk is made when it is read."""
+    import dask.array as da
+
+    import ndlowrank as nl
+
+    rng = np.random.default_rng(seed)
+    core, factors = rng.standard_normal((4, 4, 4)), [rng.standard_normal((i, 4)) for i in shape]
+
+    def block(block_info=None):
+        location = block_info[None]["array-location"]
+        parts = [f[start:stop] for f, (start, stop) in zip(factors, location, strict=True)]
+        noise = np.random.default_rng([seed, *(start for start, _ in location)])
+        low = nl.tucker_to_tensor(core, parts)
+        return low + 0.01 * noise.standard_normal(low.shape)
+
+    blocks = tuple((c,) * (i // c) for i, c in zip(shape, chunks, strict=True))
+    return da.map_blocks(block, chunks=blocks, dtype=np.float64, meta=np.empty((0, 0, 0)))
