@@ -7,7 +7,7 @@ cupy and any array-API library. PyTorch adapters live in :mod:`ndlowrank.nn`.
 from importlib.metadata import PackageNotFoundError, version
 
 from ._backend import available_backends
-from .decompose import hooi, hosvd, sthosvd, tucker
+from .decompose import ToleranceWarning, hooi, hosvd, sthosvd, tucker
 from .delta import TuckerDelta, tucker_delta
 from .init import INITS
 from .nonnegative import non_negative_tucker
@@ -25,6 +25,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "INITS",
+    "ToleranceWarning",
     "TuckerDelta",
     "TuckerTensor",
     "__version__",

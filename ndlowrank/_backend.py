@@ -9,7 +9,7 @@ create arrays from nothing resolve a ``backend=`` argument with :func:`resolve_b
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
 
@@ -127,6 +127,42 @@ def resolve_backend(backend: str | ModuleType | None) -> ModuleType:
     return importlib.import_module(_BACKENDS[backend][0])
 
 
+def _refuse_numpy_subclass(array: Any, name: str) -> None:
+    """numpy subclasses whose arithmetic differs from an array's would give wrong numbers: refuse them by name."""
+    if isinstance(array, np.matrix):
+        raise TypeError(
+            f"{name} is a numpy.matrix, whose * and ** are matrix products and which is always 2-D; "
+            f"pass np.asarray({name})"
+        )
+    if isinstance(array, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy masked array, whose mask ndlowrank would ignore; fill the masked entries "
+            f"first ({name}.filled(value)) or pass np.asarray({name}) to use the data as is"
+        )
+
+
+def require_arrays(**arrays: Any) -> None:
+    """Refuse ``None`` where an array is required (:func:`get_namespace` skips ``None``, as optional arrays)."""
+    for name, value in arrays.items():
+        if value is None:
+            raise TypeError(f"{name} must be an array (numpy, torch, cupy or any array-API array), got None")
+
+
+def array_sequence(values: Any, name: str) -> list[Any]:
+    """``values`` as a list: any iterable of arrays, but not ``None``, a string or one array."""
+    if (
+        values is None
+        or isinstance(values, str)
+        or hasattr(values, "shape")
+        or not isinstance(values, Iterable)
+    ):
+        hint = "; wrap a single array in a list" if hasattr(values, "shape") else ""
+        raise TypeError(
+            f"{name} must be a sequence of arrays, one per mode, got {type(values).__name__}{hint}"
+        )
+    return list(values)
+
+
 def get_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> ModuleType:
     """Infer the array namespace shared by ``arrays``.
 
@@ -140,14 +176,16 @@ def get_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> ModuleT
     Raises
     ------
     TypeError
-        If an argument is not an array, or if the arrays come from different backends
-        (the message names both).
+        If an argument is not an array, is a ``numpy.matrix`` or a masked array (whose
+        arithmetic would give wrong results), or if the arrays come from different
+        backends (the message names both).
     """
     names = names or tuple(f"argument {i}" for i in range(len(arrays)))
     found: dict[str, str] = {}
     for name, array in zip(names, arrays, strict=True):
         if array is None:
             continue
+        _refuse_numpy_subclass(array, name)
         try:
             xp = array_api_compat.array_namespace(array)
         except TypeError as exc:
@@ -201,6 +239,11 @@ def resolve_dtype(xp: ModuleType, dtype: Any, *, default: str = "float32") -> An
     return resolved
 
 
+def _itemsize(dtype: Any) -> int:
+    size = getattr(dtype, "itemsize", None)
+    return int(size) if size is not None else 8
+
+
 def compute_dtype(xp: ModuleType, x: Any, *, name: str = "x") -> Any:
     """The dtype a decomposition of ``x`` works in.
 
@@ -210,16 +253,33 @@ def compute_dtype(xp: ModuleType, x: Any, *, name: str = "x") -> Any:
     Raises
     ------
     TypeError
-        For complex input, which the decompositions do not support.
+        For complex input, floats wider than float64 (numpy's float128) and non-numeric
+        dtypes (object, string, datetime, structured), which the decompositions do not
+        support.
     """
     dtype = x.dtype
     if xp.isdtype(dtype, "complex floating"):
         raise TypeError(f"{name} has complex dtype {dtype}; only real input is supported")
+    if not xp.isdtype(dtype, ("bool", "integral", "real floating")):
+        raise TypeError(
+            f"{name} has dtype {dtype}, which is not numeric; pass real numbers (floats, ints or bools)"
+        )
+    if xp.isdtype(dtype, "real floating") and _itemsize(dtype) > 8:
+        raise TypeError(
+            f"{name} has dtype {dtype}, wider than float64, which the decompositions do not support "
+            "(it would be computed with less precision); cast it to float64"
+        )
     if xp.isdtype(dtype, "real floating"):
         if dtype == xp.float64 or dtype == xp.float32:
             return dtype
         return xp.float32
     return xp.asarray(0.0, device=device_of(x)).dtype
+
+
+def times_power_of_two(a: Any, exponent: int) -> Any:
+    """``a · 2**exponent``, exact, in two steps so that neither multiplier leaves float32's range."""
+    half = exponent // 2
+    return (a * 2.0**half) * 2.0 ** (exponent - half)
 
 
 def from_numpy(array: np.ndarray, xp: ModuleType, *, device: Any = None, dtype: Any = None) -> Any:
@@ -228,7 +288,13 @@ def from_numpy(array: np.ndarray, xp: ModuleType, *, device: Any = None, dtype: 
     The values are cast from the numpy array, so the same numpy input gives the same
     numbers on every backend (up to the target dtype's rounding).
     """
-    out = xp.asarray(array, device=device)
+    try:
+        out = xp.asarray(array, device=device)
+    except (RuntimeError, ValueError, TypeError) as exc:  # each backend refuses a device its own way
+        detail = " ".join(str(exc).split())[:160]
+        raise ValueError(
+            f"device={device!r} is not a device of the {backend_name(xp)} backend ({detail})"
+        ) from None
     return out if dtype is None or out.dtype == dtype else xp.astype(out, dtype)
 
 

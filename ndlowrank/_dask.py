@@ -80,7 +80,14 @@ class _Prepared:
 
     def finish(self, core: np.ndarray, factors: Sequence[np.ndarray]) -> TuckerTensor:
         """numpy core and factors in the output dtype, the rescaling undone."""
-        core = np.asarray(core) * self.scale
+        core = np.asarray(core, dtype=np.float64)
+        largest = float(np.abs(core).max()) * self.scale if core.size else 0.0
+        if not largest <= float(np.finfo(self.out_dtype).max):
+            raise ValueError(
+                f"the Tucker core of x cannot be represented in {self.out_dtype}: its entries reach about ‖x‖, "
+                f"beyond the dtype's largest value {np.finfo(self.out_dtype).max:.3g}"
+            )
+        core = core * self.scale
         return TuckerTensor(core.astype(self.out_dtype), [f.astype(self.out_dtype) for f in factors])
 
     def zero(self, ranks: Sequence[int]) -> TuckerTensor:

@@ -22,6 +22,10 @@ Three solvers compute the top-``r`` left singular vectors of ``y`` (``I × m``):
     way, and if that is still not enough the SVD path is taken. Tall matrices
     (``I > m``) always use the SVD, which is then the cheaper path.
 
+With an energy budget (``sthosvd(tol=...)``) ``"gram"`` is checked as ``"auto"`` is, since
+the budget is a guarantee: a Gram matrix too coarse to resolve it is formed again in float64,
+then replaced by the SVD, so the tolerance holds with every solver.
+
 Every solver returns vectors with a deterministic sign: the largest-magnitude entry of
 each vector is positive, so results are reproducible and backends agree.
 """
@@ -34,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import device_of, eigh, from_numpy, to_numpy
+from ._backend import device_of, eigh, from_numpy, times_power_of_two, to_numpy
 from .tenalg import unfold
 
 __all__ = ["SOLVERS", "leading_subspace", "mode_spectrum", "rank_for_budget"]
@@ -153,7 +157,10 @@ def leading_subspace(
     elif solver == "svd" or (solver == "auto" and rows > cols):
         u, spectrum = _svd(y, xp=xp)
     else:
-        u, spectrum = _checked_gram(y, rank=rank, budget=budget, check=solver == "auto", xp=xp)
+        # a budget (tol=) is a guarantee, so the Gram path is checked for it whatever the solver
+        u, spectrum = _checked_gram(
+            y, rank=rank, budget=budget, check=solver == "auto" or rank is None, xp=xp
+        )
     if rank is None:
         assert budget is not None
         rank = rank_for_budget(spectrum, budget)
@@ -185,8 +192,12 @@ def mode_spectrum(x: Any, mode: int, *, xp: ModuleType) -> np.ndarray:
     """
     y = unfold(x, mode)
     rows, cols = y.shape
+    peak = float(xp.max(xp.abs(y)))
+    exponent = math.frexp(peak)[1] if math.isfinite(peak) else 0  # so that squaring cannot overflow
+    y = y if exponent == 0 else times_power_of_two(y, -exponent)
     gram = y @ y.T if rows <= cols else y.T @ y
     values = np.sort(to_numpy(xp.linalg.eigvalsh(gram)).astype(np.float64))[::-1]
+    values = np.ldexp(values, 2 * exponent)
     spectrum = np.zeros(rows)
     spectrum[: min(rows, cols)] = np.clip(values[: min(rows, cols)], 0.0, None)
     return spectrum

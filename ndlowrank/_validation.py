@@ -1,11 +1,29 @@
-"""Argument checks shared by the core: shapes and ranks."""
+"""Argument checks shared by the core: shapes, ranks, scales and seeds."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_shape", "validate_ranks"]
+import numpy as np
+
+__all__ = [
+    "MAX_SCALE",
+    "MIN_PRINCIPAL_SCALE",
+    "check_scale",
+    "check_seed",
+    "check_shape",
+    "make_rng",
+    "validate_ranks",
+]
+
+MAX_SCALE = 1e6
+"""Largest ``|scale|`` of a delta: beyond it ``scale · ΔW`` leaves float16's range at modest ranks
+and overflows float32 long before the parameters do."""
+
+MIN_PRINCIPAL_SCALE = 1e-6
+"""Smallest ``|scale|`` of a ``"principal"`` delta, whose core is the start's core divided by ``scale``."""
 
 
 def _is_int(value: Any) -> bool:
@@ -19,8 +37,8 @@ def _as_int(value: Any, what: str) -> int:
     return int(value)
 
 
-def check_shape(shape: Any, *, name: str = "shape") -> tuple[int, ...]:
-    """Validate a tensor shape: a non-empty sequence of positive ints.
+def check_shape(shape: Any, *, name: str = "shape", minimum: int = 1) -> tuple[int, ...]:
+    """Validate a tensor shape: a non-empty sequence of ints, each at least ``minimum`` (1, or 0 to allow empty modes).
 
     Raises
     ------
@@ -39,8 +57,8 @@ def check_shape(shape: Any, *, name: str = "shape") -> tuple[int, ...]:
     if not sizes:
         raise ValueError(f"{name} must have at least one mode, got {tuple(shape)}")
     for n, size in enumerate(sizes):
-        if size < 1:
-            raise ValueError(f"{name}[{n}]={size}: every mode must have size >= 1")
+        if size < minimum:
+            raise ValueError(f"{name}[{n}]={size}: every mode must have size >= {minimum}")
     return sizes
 
 
@@ -101,3 +119,68 @@ def validate_ranks(ranks: Any, shape: Sequence[int], *, clip: bool = False) -> t
                 f"each rank must satisfy 1 <= rank <= {size}"
             )
     return checked
+
+
+def check_scale(scale: Any, *, principal: bool = False, name: str = "scale") -> float:
+    """Validate the multiplier of a delta and return it as a float: the one rule for every ``scale``.
+
+    ``scale`` must be a real number (not a bool) with ``|scale| <= MAX_SCALE`` (1e6);
+    with ``principal=True`` (the core is divided by it) also ``|scale| >= MIN_PRINCIPAL_SCALE``
+    (1e-6). :func:`ndlowrank.tucker_delta`, :class:`ndlowrank.TuckerDelta`, the adapters and
+    the adapter files all apply it.
+
+    Raises
+    ------
+    TypeError
+        If ``scale`` is not a real number.
+    ValueError
+        If it is not finite or outside the bounds above (the message gives them).
+
+    Examples
+    --------
+    >>> from ndlowrank._validation import check_scale
+    >>> check_scale(4)
+    4.0
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {scale!r} ({type(scale).__name__})")
+    try:
+        value = float(scale)
+    except OverflowError:  # an int beyond float's range, such as 10**400
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {scale!r}")
+    if abs(value) > MAX_SCALE:
+        raise ValueError(
+            f"{name}={value!r} is too large: |{name}| <= {MAX_SCALE:g} keeps {name} · ΔW representable; "
+            "scale the learning rate or the initial values instead"
+        )
+    if principal and abs(value) < MIN_PRINCIPAL_SCALE:
+        raise ValueError(
+            f"init='principal' divides the core by {name}, so it needs |{name}| >= {MIN_PRINCIPAL_SCALE:g}, "
+            f"got {name}={value!r}"
+        )
+    return value
+
+
+def check_seed(seed: Any, *, generator: bool = True, name: str = "seed") -> Any:
+    """Validate a seed: ``None``, a non-negative int (returned as ``int``) or, with ``generator``, a numpy ``Generator``.
+
+    Raises
+    ------
+    ValueError
+        For anything else (a bool, a string, a float, a negative int), naming the argument.
+    """
+    if seed is None or (generator and isinstance(seed, np.random.Generator)):
+        return seed
+    if not _is_int(seed) or int(seed) < 0:
+        allowed = (
+            "None, a non-negative int or a numpy Generator" if generator else "None or a non-negative int"
+        )
+        raise ValueError(f"{name} must be {allowed}, got {seed!r} ({type(seed).__name__})")
+    return int(seed)
+
+
+def make_rng(seed: Any, *, name: str = "seed") -> np.random.Generator:
+    """A numpy ``Generator`` from a seed that :func:`check_seed` accepts (a ``Generator`` is returned as is)."""
+    return np.random.default_rng(check_seed(seed, name=name))

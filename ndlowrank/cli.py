@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,9 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from ._files import FileError, read_metadata, read_tensors, write_tensors
+from ._header import check_ranks_fit, int_tuple, json_object, number, scale_field, string
 from ._subspace import mode_spectrum
-from .decompose import METHODS, sthosvd, tucker
+from .decompose import METHODS, ToleranceWarning, sthosvd, tucker
 from .ranks import budget_ranks
 from .tenalg import tucker_to_tensor
 
@@ -81,7 +84,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     chosen = [
         name
         for name, x in tensors.items()
-        if np.issubdtype(x.dtype, np.floating) and x.ndim >= 2 and x.size >= args.min_size
+        if np.issubdtype(x.dtype, np.floating) and x.ndim >= 2 and x.size >= max(args.min_size, 1)
     ]
     if not chosen:
         raise UsageError(f"{args.input}: no floating tensor with >= 2 modes and >= {args.min_size} elements")
@@ -106,6 +109,12 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         }
         rows.append((name, str(x.shape), str(t.ranks), f"{dense_size:,}", f"{t.n_params:,}", f"{error:.3e}"))
     dense = [name for name in tensors if name not in entries]
+    clash = sorted(set(out) & set(dense))
+    if clash:
+        raise UsageError(
+            f"{args.input}: the tensors {clash} kept dense have the names of decomposed tensors' "
+            "factors; rename them or raise --min-size so that nothing is overwritten"
+        )
     out.update({name: tensors[name] for name in dense})
     metadata = {
         FACTORS_KEY: json.dumps(
@@ -147,9 +156,14 @@ def _paired_differences(args: argparse.Namespace) -> dict[str, np.ndarray]:
         x = tuned[name]
         if not np.issubdtype(x.dtype, np.floating) or x.ndim < 2 or x.size < args.min_size:
             continue
-        difference = tuned[name].astype(np.float32) - base[name].astype(np.float32)
-        if not np.isfinite(difference).all():
+        if not (np.isfinite(base[name]).all() and np.isfinite(tuned[name]).all()):
             raise UsageError(f"tensor {name!r}: BASE or TUNED holds NaN or Inf")
+        exact = tuned[name].astype(np.float64) - base[name].astype(np.float64)
+        if exact.size and not np.abs(exact).max() <= np.finfo(np.float32).max:
+            raise UsageError(
+                f"tensor {name!r}: TUNED − BASE exceeds float32's range (3.4e38), which adapters hold"
+            )
+        difference = exact.astype(np.float32)
         if np.any(difference):
             differences[name] = difference
     if not differences:
@@ -190,7 +204,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
             t = sthosvd(x, chosen) if chosen is not None else sthosvd(x, tol=args.tol)
         except (ValueError, TypeError) as exc:
             raise UsageError(f"tensor {name!r}: {exc}") from None
-        error = float(np.linalg.norm(x - t.to_dense()) / np.linalg.norm(x))
+        reference = x.astype(np.float64)  # squares of float32 entries above 1.8e19 overflow
+        error = float(np.linalg.norm(reference - t.to_dense()) / np.linalg.norm(reference))
         out[f"{name}.core"] = np.asarray(t.core, dtype=np.float32)
         for n, factor in enumerate(t.factors):
             out[f"{name}.factors.{n}"] = np.asarray(factor, dtype=np.float32)
@@ -217,11 +232,45 @@ def cmd_extract(args: argparse.Namespace) -> int:
 # -- reconstruct and info --------------------------------------------------------------------
 def _factors_header(path: str) -> dict[str, Any]:
     metadata = read_metadata(path)
+    if FACTORS_KEY not in metadata:
+        raise UsageError(f"{path} is not an ndlowrank file (no '{FACTORS_KEY}' metadata)")
     try:
-        header = json.loads(metadata[FACTORS_KEY])
-    except (KeyError, json.JSONDecodeError):
-        raise UsageError(f"{path} is not an ndlowrank file (no '{FACTORS_KEY}' metadata)") from None
-    return dict(header)
+        return json_object(metadata[FACTORS_KEY], FACTORS_KEY, path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _factors_entries(header: dict[str, Any], path: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The validated ``tensors`` (name -> shape, ranks, dtype, relative_error) and ``dense`` of a factors file."""
+    version = header.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise UsageError(
+            f"{path}: format_version {version!r} is not supported (this ndlowrank reads {FORMAT_VERSION})"
+        )
+    tensors, dense = header.get("tensors"), header.get("dense", [])
+    if not isinstance(tensors, dict):
+        raise UsageError(f"{path}: 'tensors' must be a JSON object of tensor entries, got {tensors!r}")
+    if not isinstance(dense, list) or not all(isinstance(name, str) for name in dense):
+        raise UsageError(f"{path}: 'dense' must be a list of tensor names, got {dense!r}")
+    entries = {}
+    try:
+        for name, entry in tensors.items():
+            at = f"{path}, tensor {name!r}"
+            if not isinstance(entry, dict):
+                raise ValueError(f"{at}: the entry must be a JSON object, got {entry!r}")
+            shape = int_tuple(entry.get("shape"), "shape", at)
+            ranks = int_tuple(entry.get("ranks"), "ranks", at)
+            check_ranks_fit("ranks", ranks, shape, at)
+            dtype = string(entry.get("dtype"), "dtype", at)
+            if dtype not in ("float16", "float32", "float64"):
+                raise ValueError(f"{at}: dtype must be float16, float32 or float64, got {dtype!r}")
+            error = number(entry.get("relative_error"), "relative_error", at)
+            if error < 0:
+                raise ValueError(f"{at}: relative_error must be >= 0, got {error!r}")
+            entries[name] = {"shape": shape, "ranks": ranks, "dtype": dtype, "relative_error": error}
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return entries, dense
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -233,23 +282,28 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     header = _factors_header(args.input)
     if header.get("format") != FACTORS_FORMAT:
         raise UsageError(f"{args.input} holds {header.get('format', 'something else')}, not Tucker factors")
+    entries, kept = _factors_entries(header, args.input)
     stored = read_tensors(args.input)
     dense: dict[str, np.ndarray] = {}
-    for name, entry in header["tensors"].items():
-        try:
-            core = stored[f"{name}.core"]
-            factors = [stored[f"{name}.factors.{n}"] for n in range(len(entry["shape"]))]
-        except KeyError as exc:
-            raise UsageError(
-                f"{args.input}: tensor {exc.args[0]!r} is missing; the file is damaged"
-            ) from None
+    for name, entry in entries.items():
+        expected = {f"{name}.core": entry["ranks"]}
+        expected.update({f"{name}.factors.{n}": (size, rank)
+                         for n, (size, rank) in enumerate(zip(entry["shape"], entry["ranks"], strict=True))})  # fmt: skip
+        for key, shape in expected.items():
+            if key not in stored:
+                raise UsageError(f"{args.input}: tensor {key!r} is missing; the file is damaged")
+            if stored[key].shape != shape:
+                raise UsageError(
+                    f"{args.input}: tensor {key!r} has shape {stored[key].shape}, expected {shape}"
+                )
+        core, *factors = (stored[key] for key in expected)
         dense[name] = np.asarray(tucker_to_tensor(core, factors)).astype(entry["dtype"])
-    for name in header.get("dense", []):
+    for name in kept:
+        if name not in stored:
+            raise UsageError(f"{args.input}: tensor {name!r} is missing; the file is damaged")
         dense[name] = stored[name]
     write_tensors(args.output, dense)
-    print(
-        f"reconstructed {len(header['tensors'])} tensors (+{len(header.get('dense', []))} kept dense); wrote {args.output}"
-    )
+    print(f"reconstructed {len(entries)} tensors (+{len(kept)} kept dense); wrote {args.output}")
     return 0
 
 
@@ -257,29 +311,62 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Describe a factors or adapter file."""
     if not str(args.file).endswith(".safetensors"):
         raise UsageError(f"{args.file}: ndlowrank files are .safetensors files")
+    if Path(args.file).is_dir():
+        raise UsageError(f"{args.file} is a directory; give a file")
     if not Path(args.file).is_file():
         raise UsageError(f"{args.file}: no such file")
     header = _factors_header(args.file)
+    kept: list[str] = []
+    if header.get("format") == FACTORS_FORMAT:  # every field is checked before anything is printed
+        entries, kept = _factors_entries(header, args.file)
+        rows = [
+            (name, str(e["shape"]), str(e["ranks"]), e["dtype"], f"{e['relative_error']:.3e}")
+            for name, e in entries.items()
+        ]
+        table = _table(rows, ("tensor", "shape", "ranks", "dtype", "rel. error"))
+    else:
+        columns = ("target", "kind", "weight shape", "ranks", "init", "scale", "params")
+        table = _table(_adapter_rows(header, args.file), columns)
     print(f"{args.file}: {header.get('format', 'adapters')} (format {header.get('format_version')}), "
           f"written by ndlowrank {header.get('ndlowrank_version', '?')}")  # fmt: skip
-    if header.get("format") == FACTORS_FORMAT:
-        rows = [
-            (name, str(tuple(e["shape"])), str(tuple(e["ranks"])), e["dtype"], f"{e['relative_error']:.3e}")
-            for name, e in header["tensors"].items()
-        ]
-        print(_table(rows, ("tensor", "shape", "ranks", "dtype", "rel. error")))
-        if header.get("dense"):
-            print(f"kept dense: {', '.join(header['dense'])}")
-        return 0
-    targets = header.get("targets", [])
-    adapter_rows: list[tuple[Any, ...]] = []
-    for entry in targets:
-        shape, ranks = entry.get("weight_shape", []), entry.get("ranks", [])
-        size = math.prod(ranks) + sum(i * r for i, r in zip(shape, ranks, strict=False))
-        adapter_rows.append((entry.get("name", "?"), entry.get("kind", "?"), str(tuple(shape)), str(tuple(ranks)),
-                     entry.get("init", "?"), str(entry.get("scale", "?")), f"{size:,}"))  # fmt: skip
-    print(_table(adapter_rows, ("target", "kind", "weight shape", "ranks", "init", "scale", "params")))
+    print(table)
+    if kept:
+        print(f"kept dense: {', '.join(kept)}")
     return 0
+
+
+def _adapter_rows(header: dict[str, Any], path: str) -> list[tuple[str, ...]]:
+    """One validated row per adapter of an adapter file's header."""
+    targets = header.get("targets")
+    if not isinstance(targets, list) or not targets:
+        raise UsageError(f"{path}: 'targets' must be a non-empty list of adapter entries, got {targets!r}")
+    rows: list[tuple[str, ...]] = []
+    try:
+        for entry in targets:
+            if not isinstance(entry, dict):
+                raise ValueError(f"{path}: an adapter entry must be a JSON object, got {entry!r}")
+            name = string(entry.get("name"), "an adapter's name", path)
+            at = f"{path}, adapter {name!r}"
+            shape = int_tuple(entry.get("weight_shape"), "weight_shape", at)
+            ranks = int_tuple(entry.get("ranks"), "ranks", at)
+            check_ranks_fit("ranks", ranks, shape, at)
+            init = string(entry.get("init"), "init", at)
+            scale = scale_field(entry.get("scale"), at, principal=init == "principal")
+            size = math.prod(ranks) + sum(i * r for i, r in zip(shape, ranks, strict=True))
+            rows.append(
+                (
+                    name,
+                    string(entry.get("kind"), "kind", at),
+                    str(shape),
+                    str(ranks),
+                    init,
+                    str(scale),
+                    f"{size:,}",
+                )
+            )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return rows
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -418,6 +505,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+INPUT_ARGUMENTS = ("input", "base", "tuned", "file")
+"""Arguments of the subcommands that name files they read; no output may be one of them."""
+
+OUTPUT_ARGUMENTS = ("output", "target")
+"""Arguments that name what a subcommand writes (``-o``, and ``convert``'s TARGET)."""
+
+
+def _inputs(args: argparse.Namespace) -> list[str]:
+    return [str(getattr(args, name)) for name in INPUT_ARGUMENTS if getattr(args, name, None) is not None]
+
+
+def _same_file(output: str, source: str) -> bool:
+    """Whether ``output`` is the file ``source`` (the same path, a link to it or a hard link)."""
+    if Path(output).resolve() == Path(source).resolve():
+        return True
+    try:
+        return os.path.samefile(output, source)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _warning_line(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """Show a warning as one ``ndlowrank: warning: ...`` line on stderr (no source line)."""
+    print(f"ndlowrank: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 on success, 2 on bad input)."""
     parser = _parser()
@@ -432,10 +545,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.exit(
                 2, f"ndlowrank: error: -o {output}: the directory {Path(output).parent} does not exist\n"
             )
+    for destination in [str(getattr(args, name)) for name in OUTPUT_ARGUMENTS if getattr(args, name, None)]:
+        for source in _inputs(args):
+            if _same_file(destination, source):
+                parser.exit(
+                    2,
+                    f"ndlowrank: error: the output {destination} is the input file {source}; writing it "
+                    "would overwrite the input: give another output file\n",
+                )
+    if getattr(args, "min_size", 0) < 0:
+        parser.exit(2, f"ndlowrank: error: --min-size {args.min_size} must be >= 0\n")
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return run(args)
+        with warnings.catch_warnings():  # restores the warning machinery on the way out
+            warnings.simplefilter("default", ToleranceWarning)
+            warnings.showwarning = _warning_line
+            return run(args)
     except (UsageError, FileError) as exc:
+        parser.exit(2, f"ndlowrank: error: {exc}\n")
+    except OSError as exc:  # a write that failed part way (a full disk), also in the demo's save
         parser.exit(2, f"ndlowrank: error: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, "ndlowrank: interrupted\n")

@@ -16,6 +16,7 @@ Each mode's factor comes from :func:`ndlowrank._subspace.leading_subspace`, whos
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -23,13 +24,20 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._backend import compute_dtype, device_of, get_namespace, native_routine
+from ._backend import (
+    compute_dtype,
+    device_of,
+    get_namespace,
+    native_routine,
+    require_arrays,
+    times_power_of_two,
+)
 from ._subspace import SOLVERS, leading_subspace
-from ._validation import validate_ranks
+from ._validation import _is_int, make_rng, validate_ranks
 from .tenalg import mode_product, multi_mode_product, unfold
 from .tucker import TuckerTensor
 
-__all__ = ["METHODS", "hooi", "hosvd", "sthosvd", "tucker"]
+__all__ = ["METHODS", "ToleranceWarning", "hooi", "hosvd", "sthosvd", "tucker"]
 
 METHODS = ("sthosvd", "hosvd", "hooi", "randomized", "sketch")
 
@@ -41,9 +49,12 @@ class PreparedTensor:
     """An input tensor ready for decomposition: working array, exact scale, output dtype."""
 
     def __init__(self, x: Any, name: str = "x") -> None:
+        require_arrays(**{name: x})
         xp = get_namespace(x, names=(name,))
         if x.ndim < 1:
             raise ValueError(f"{name} must have at least one mode, got a 0-D array")
+        if getattr(x, "is_meta", False):
+            raise ValueError(f"{name} is on the meta device, which holds no values; materialise it first")
         if math.prod(x.shape) == 0:
             raise ValueError(f"{name} has shape {tuple(x.shape)}: every mode must have size >= 1")
         work = compute_dtype(xp, x, name=name)
@@ -53,10 +64,13 @@ class PreparedTensor:
         peak = max(float(xp.max(y)), -float(xp.min(y)))
         if not math.isfinite(peak):
             raise ValueError(f"{name} contains NaN or Inf; decompositions need finite values")
-        self.scale = 1.0
-        if peak > 0 and abs(math.log2(peak)) > _SAFE_EXPONENT:
-            self.scale = 2.0 ** round(math.log2(peak))
-            y = y / self.scale
+        # peak = m · 2**exponent with m in [0.5, 1): dividing by 2**exponent is exact
+        self.exponent = math.frexp(peak)[1] if peak > 0 else 0
+        if abs(self.exponent) <= _SAFE_EXPONENT:
+            self.exponent = 0
+        else:
+            y = times_power_of_two(y, -self.exponent)
+        self.name = name
         self.xp: ModuleType = xp
         self.y = y
         self.is_zero = peak == 0
@@ -67,18 +81,55 @@ class PreparedTensor:
         return float(self.xp.linalg.vector_norm(self.y)) ** 2
 
     def finish(self, core: Any, factors: Sequence[Any]) -> TuckerTensor:
-        """Undo the rescaling and return the result in the output dtype."""
+        """Undo the rescaling and return the result in the output dtype.
+
+        Raises
+        ------
+        ValueError
+            If the core cannot be represented in the output dtype (its entries, up to
+            ``‖x‖``, exceed the dtype's largest value): never an inf or NaN from finite input.
+        """
         xp = self.xp
-        if self.scale != 1.0:
-            core = core * self.scale
+        largest = float(xp.max(xp.abs(core)))
+        try:
+            too_large = math.ldexp(largest, self.exponent) > float(xp.finfo(self.out_dtype).max)
+        except OverflowError:
+            too_large = True
+        if too_large:
+            raise ValueError(
+                f"the Tucker core of {self.name} cannot be represented in {self.out_dtype}: its entries reach "
+                f"about ‖{self.name}‖, beyond the dtype's largest value {xp.finfo(self.out_dtype).max:.3g}; "
+                + ("scale it down first" if self.out_dtype == xp.float64 else "decompose it in float64")
+            )
         cast = [a if a.dtype == self.out_dtype else xp.astype(a, self.out_dtype) for a in (core, *factors)]
-        return TuckerTensor(cast[0], cast[1:])
+        core = cast[0] if self.exponent == 0 else times_power_of_two(cast[0], self.exponent)
+        return TuckerTensor(core, cast[1:])
 
 
 def _check_solver(solver: Any) -> str:
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver={solver!r}; known solvers: {list(SOLVERS)}")
     return str(solver)
+
+
+class ToleranceWarning(RuntimeWarning):
+    """A relative error bound ``tol`` below what the working dtype can reach: the result may miss it."""
+
+
+TOL_FLOOR_EPS = 20
+"""``tol`` below ``TOL_FLOOR_EPS · eps`` of the working dtype warns (:class:`ToleranceWarning`)."""
+
+
+def warn_unreachable_tol(tol: float, dtype: Any, xp: ModuleType) -> None:
+    """Warn when ``tol`` is below what rounding in ``dtype`` lets a reconstruction reach."""
+    floor = TOL_FLOOR_EPS * float(xp.finfo(dtype).eps)
+    if tol < floor:
+        warnings.warn(
+            f"tol={tol:g} is below what {dtype} can reach ({TOL_FLOOR_EPS}·eps = {floor:.1e}): the "
+            f"tolerance may not be achieved; decompose in float64 or pass tol >= {floor:.1e}",
+            ToleranceWarning,
+            stacklevel=3,
+        )
 
 
 def check_tol(tol: Any) -> float:
@@ -102,6 +153,11 @@ def _ranks_or_tol(
 def _check_order(order: Any, ndim: int) -> list[int]:
     if order is None:
         return list(range(ndim))
+    if not isinstance(order, Sequence) or isinstance(order, str) or not all(_is_int(m) for m in order):
+        raise TypeError(
+            f"order must be a sequence of modes, a permutation of 0..{ndim - 1} such as "
+            f"{list(range(ndim))[::-1]}, got {order!r}"
+        )
     modes = [int(m) for m in order]
     if sorted(modes) != list(range(ndim)):
         raise ValueError(f"order={list(order)} must be a permutation of the modes 0..{ndim - 1}")
@@ -190,7 +246,10 @@ def sthosvd(
     tol : float in (0, 1), optional
         Relative error bound. Each mode keeps the fewest singular vectors whose discarded
         energy stays under ``tol² ‖x‖² / N``, which **guarantees**
-        ``‖x − t‖ ≤ tol · ‖x‖``.
+        ``‖x − t‖ ≤ tol · ‖x‖`` with every solver (the Gram matrix's rounding is checked
+        against that energy, see :mod:`ndlowrank._subspace`). A ``tol`` below
+        ``20 · eps`` of the working dtype (2.4e-6 for float32) cannot be guaranteed and
+        gives a :class:`ToleranceWarning`.
     order : sequence of int, optional
         Order in which the modes are truncated; the natural order by default.
     solver : {"auto", "gram", "svd", "randomized"}, default "auto"
@@ -209,9 +268,16 @@ def sthosvd(
     ------
     ValueError
         If both or neither of ``ranks`` and ``tol`` are given, ``tol`` is outside (0, 1),
-        a rank is invalid, or ``x`` holds NaN or Inf.
+        a rank is invalid, ``x`` holds NaN or Inf, or the core cannot be represented in
+        ``x``'s dtype (finite values near the dtype's largest).
     TypeError
-        For complex input.
+        For complex input and unsupported arrays (``numpy.matrix``, masked arrays,
+        float128).
+
+    Warns
+    -----
+    ToleranceWarning
+        If ``tol`` is below what the working dtype can reach.
 
     Examples
     --------
@@ -236,11 +302,16 @@ def sthosvd(
     if solver == "randomized" and fixed is None:
         raise ValueError('solver="randomized" needs ranks=; it cannot choose ranks from tol=')
     modes = _check_order(order, len(shape))
+    for option, value in (("oversample", oversample), ("power_iters", power_iters)):
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"{option} must be a non-negative int, got {value!r}")
+    rng = make_rng(seed)
+    xp = prepared.xp
+    if tol is not None:
+        warn_unreachable_tol(tol, prepared.y.dtype, xp)
     if prepared.is_zero:
         return _zero_result(prepared, fixed or (1,) * len(shape))
     budget = None if tol is None else tol**2 * prepared.squared_norm() / len(shape)
-    rng = np.random.default_rng(seed)
-    xp = prepared.xp
     core = prepared.y
     factors: list[Any] = [None] * len(shape)
     for n in modes:
@@ -249,8 +320,8 @@ def sthosvd(
             rank=None if fixed is None else fixed[n],
             budget=budget,
             solver=solver,
-            oversample=oversample,
-            power_iters=power_iters,
+            oversample=int(oversample),
+            power_iters=int(power_iters),
             rng=rng,
             xp=xp,
         )
@@ -279,9 +350,10 @@ def hooi(
     ----------
     x : array, shape (I_0, ..., I_{N-1})
     ranks : int or sequence of int
-    init : {"sthosvd", "hosvd"} or TuckerTensor, default "sthosvd"
-        Start point; a :class:`TuckerTensor` of the right ranks is used as given (its
-        factors are orthonormalised).
+    init : {"sthosvd", "hosvd"}, TuckerTensor or sequence of factors, default "sthosvd"
+        Start point; the factors of a :class:`TuckerTensor` of the right ranks, or a
+        plain list of factors ``[U_0, ..., U_{N-1}]`` of shapes ``(I_n, r_n)`` (as
+        TensorLy and Tensor Toolbox take them), are used as given (orthonormalised).
     max_iter : int, default 50
         Maximum number of sweeps over the modes.
     tol : float, default 1e-5
@@ -314,10 +386,14 @@ def hooi(
     solver = _check_solver(solver)
     if solver == "randomized":
         raise ValueError('hooi does not take solver="randomized"; use "auto", "gram" or "svd"')
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+    if not _is_int(max_iter) or max_iter < 0:
         raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
-    if not isinstance(tol, (int, float)) or not tol >= 0:
+    max_iter = int(max_iter)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not tol >= 0:
         raise ValueError(f"tol must be a non-negative float, got {tol!r}")
+    tol = float(tol)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(iteration, relative_error), got {callback!r}")
     if prepared.is_zero:
         return _zero_result(prepared, ranks)
     xp, y = prepared.xp, prepared.y
@@ -351,6 +427,18 @@ def hooi(
 
 def _hooi_start(prepared: PreparedTensor, ranks: tuple[int, ...], init: Any, solver: str) -> list[Any]:
     xp, y = prepared.xp, prepared.y
+    if isinstance(init, (list, tuple)):
+        if len(init) != len(ranks):
+            raise ValueError(f"init holds {len(init)} factors but x has {len(ranks)} modes")
+        expected = list(zip(y.shape, ranks, strict=True))
+        names = tuple(f"init[{n}]" for n in range(len(init)))
+        get_namespace(y, *init, names=("x", *names))
+        shapes = [tuple(getattr(f, "shape", ())) for f in init]
+        if shapes != expected:
+            raise ValueError(
+                f"init's factors have shapes {shapes}; expected {expected} (I_n, r_n) for x and ranks"
+            )
+        init = TuckerTensor(xp.zeros(ranks, dtype=y.dtype, device=device_of(y)), init)
     if isinstance(init, TuckerTensor):
         if init.shape != tuple(y.shape) or init.ranks != ranks:
             raise ValueError(
@@ -359,8 +447,10 @@ def _hooi_start(prepared: PreparedTensor, ranks: tuple[int, ...], init: Any, sol
         get_namespace(y, init.core, names=("x", "init.core"))
         return [xp.astype(xp.linalg.qr(f)[0], y.dtype) for f in init.factors]
     starts = {"sthosvd": sthosvd, "hosvd": hosvd}
-    if init not in starts:
-        raise ValueError(f"unknown init={init!r}; use one of {list(starts)} or a TuckerTensor")
+    if not isinstance(init, str) or init not in starts:
+        raise ValueError(
+            f"unknown init={init!r}; use one of {list(starts)}, a TuckerTensor or a list of factors"
+        )
     start = starts[init](y, ranks, solver=solver)
     return list(start.factors)
 

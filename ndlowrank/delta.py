@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -10,19 +9,11 @@ from typing import Any
 import numpy as np
 
 from ._backend import backend_name, device_of, from_numpy, get_namespace, resolve_backend, resolve_dtype
-from ._validation import check_shape, validate_ranks
+from ._validation import check_scale, check_shape, make_rng, validate_ranks
 from .init import get_init, principal
 from .tucker import TuckerTensor
 
 __all__ = ["TuckerDelta", "tucker_delta"]
-
-
-def _check_scale(scale: Any) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise TypeError(f"scale must be a real number, got {scale!r} ({type(scale).__name__})")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale!r}")
-    return float(scale)
 
 
 class TuckerDelta(TuckerTensor):
@@ -41,21 +32,13 @@ class TuckerDelta(TuckerTensor):
 
     def __init__(self, core: Any, factors: Sequence[Any], scale: float = 1.0) -> None:
         super().__init__(core, factors)
-        self.scale = _check_scale(scale)
+        self.scale = check_scale(scale)
 
     def _scale(self) -> float:
         return self.scale
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", scale={self.scale})"
-
-
-def _make_rng(seed: Any) -> np.random.Generator:
-    if seed is None or isinstance(seed, np.random.Generator):
-        return np.random.default_rng(seed)
-    if isinstance(seed, bool) or not hasattr(seed, "__index__") or int(seed) < 0:
-        raise ValueError(f"seed must be None, a non-negative int or a numpy Generator, got {seed!r}")
-    return np.random.default_rng(int(seed))
 
 
 def tucker_delta(
@@ -87,7 +70,8 @@ def tucker_delta(
         the weight at ``ranks``, so ``to_dense()`` is the weight's principal part; replace
         the weight by ``weight - d.to_dense()`` to keep the model's function unchanged).
     scale : float, default 1.0
-        Multiplier applied in :meth:`TuckerDelta.to_dense`.
+        Multiplier applied in :meth:`TuckerDelta.to_dense`; ``|scale| <= 1e6``, and
+        ``|scale| >= 1e-6`` with ``init="principal"`` (the guarantees page of the docs).
     backend : str or module, optional
         ``"numpy"`` (default), ``"torch"``, ``"cupy"``, ``"array_api_strict"`` or a
         namespace object.
@@ -111,8 +95,8 @@ def tucker_delta(
     Raises
     ------
     ValueError
-        For a bad shape, rank, init, backend, dtype or seed, or a non-finite scale (the
-        message names it).
+        For a bad shape, rank, init, backend, dtype or seed, or a scale that is not finite
+        or out of bounds (the message names it).
     TypeError
         For a rank or size that is not an int, or a scale that is not a real number.
 
@@ -125,7 +109,7 @@ def tucker_delta(
     """
     shape = check_shape(shape)
     ranks = validate_ranks(ranks, shape)
-    scale = _check_scale(scale)
+    scale = check_scale(scale, principal=init == "principal")
     if init == "principal":
         return _principal_delta(
             weight, shape, ranks, scale=scale, backend=backend, device=device, dtype=dtype
@@ -133,7 +117,7 @@ def tucker_delta(
     draw = get_init(init)
     if weight is not None:
         raise ValueError(f"weight= is only used by init='principal', not by init={init!r}")
-    rng = _make_rng(seed)
+    rng = make_rng(seed)
     xp = resolve_backend(backend)
     dtype = resolve_dtype(xp, dtype)
     core, factors = draw(shape, ranks, rng)
@@ -163,8 +147,6 @@ def _principal_delta(
         )
     if tuple(weight.shape) != shape:
         raise ValueError(f"weight has shape {tuple(weight.shape)} but shape={shape}")
-    if scale == 0.0:
-        raise ValueError("init='principal' needs a non-zero scale: the core is divided by it")
     core, factors = principal(weight, ranks)
     dtype = core.dtype if dtype is None else resolve_dtype(xp, dtype)
     device = device_of(weight) if device is None else device

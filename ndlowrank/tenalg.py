@@ -16,7 +16,8 @@ from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import Any
 
-from ._backend import get_namespace
+from ._backend import array_sequence, get_namespace, require_arrays
+from ._validation import check_shape
 
 __all__ = ["fold", "mode_product", "multi_mode_product", "tucker_to_tensor", "unfold"]
 
@@ -57,6 +58,7 @@ def unfold(x: Any, mode: int) -> Any:
     >>> nl.unfold(x, 1).shape
     (3, 8)
     """
+    require_arrays(x=x)
     xp = get_namespace(x, names=("x",))
     mode = check_mode(mode, x.ndim)
     cols = math.prod(x.shape[:mode]) * math.prod(x.shape[mode + 1 :])
@@ -87,8 +89,9 @@ def fold(matrix: Any, mode: int, shape: Sequence[int]) -> Any:
     >>> bool((nl.fold(nl.unfold(x, 2), 2, x.shape) == x).all())
     True
     """
+    require_arrays(matrix=matrix)
     xp = get_namespace(matrix, names=("matrix",))
-    shape = tuple(int(s) for s in shape)
+    shape = check_shape(shape, minimum=0)
     mode = check_mode(mode, len(shape))
     moved = (shape[mode], *shape[:mode], *shape[mode + 1 :])
     expected = (shape[mode], math.prod(moved[1:]))
@@ -176,6 +179,7 @@ def mode_product(x: Any, matrix: Any, mode: int, *, transpose: bool = False) -> 
     >>> nl.mode_product(x, np.ones(3), 1).shape
     (2, 4)
     """
+    require_arrays(x=x, matrix=matrix)
     xp = get_namespace(x, matrix, names=("x", "matrix"))
     mode = check_mode(mode, x.ndim)
     if matrix.ndim == 1:
@@ -250,7 +254,8 @@ def multi_mode_product(
     >>> nl.multi_mode_product(core, factors, skip=1).shape
     (5, 3, 7)
     """
-    matrices = list(matrices)
+    require_arrays(x=x)
+    matrices = array_sequence(matrices, "matrices")
     names = ("x", *(f"matrices[{k}]" for k in range(len(matrices))))
     xp = get_namespace(x, *matrices, names=names)
     mode_list = list(range(len(matrices))) if modes is None else list(modes)
@@ -301,7 +306,8 @@ def tucker_to_tensor(core: Any, factors: Sequence[Any]) -> Any:
     >>> nl.tucker_to_tensor(np.ones((1, 1)), [np.ones((3, 1)), np.ones((2, 1))]).shape
     (3, 2)
     """
-    factors = list(factors)
+    require_arrays(core=core)
+    factors = array_sequence(factors, "factors")
     if len(factors) != core.ndim:
         raise ValueError(f"core has {core.ndim} modes but {len(factors)} factors were given")
     return multi_mode_product(core, factors)

@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ._backend import backend_name, device_of, get_namespace
+from ._backend import array_sequence, backend_name, device_of, get_namespace, require_arrays
 from .tenalg import check_mode, mode_product, multi_mode_product
 
 __all__ = ["TuckerTensor", "tucker_mode_product"]
@@ -26,11 +26,11 @@ class TuckerTensor:
     Raises
     ------
     ValueError
-        If the number of factors differs from the core's modes, a factor is not 2-D, or a
+        If the number of factors differs from the core's modes, a factor is not 2-D, a
         factor's column count differs from the core's size on that mode (the message
-        names the mode).
+        names the mode), or a rank is 0.
     TypeError
-        If the core and the factors come from different backends.
+        If the core and the factors come from different backends, or are complex.
 
     Examples
     --------
@@ -43,9 +43,16 @@ class TuckerTensor:
     """
 
     def __init__(self, core: Any, factors: Sequence[Any]) -> None:
-        factors = tuple(factors)
+        require_arrays(core=core)
+        factors = tuple(array_sequence(factors, "factors"))
         names = ("core", *(f"factors[{n}]" for n in range(len(factors))))
         self._xp = get_namespace(core, *factors, names=names)
+        if self._xp.isdtype(core.dtype, "complex floating") or any(
+            self._xp.isdtype(f.dtype, "complex floating") for f in factors
+        ):
+            raise TypeError("complex Tucker tensors are not supported (norm and products assume real values)")
+        if 0 in tuple(core.shape):
+            raise ValueError(f"core has shape {tuple(core.shape)}: every rank must be >= 1")
         if len(factors) != core.ndim:
             raise ValueError(
                 f"core has {core.ndim} modes (shape {tuple(core.shape)}) but "

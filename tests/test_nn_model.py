@@ -181,7 +181,7 @@ def test_only_adapter_parameters_are_trainable():
 def test_add_adapters_twice_never_nests_adapters():
     model = nlnn.add_adapters(make_net(), ["stem", "head"], 2, seed=0)
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="matches no module"):  # the same targets again
+    with pytest.raises(ValueError, match="already has an adapter"):  # the same targets again
         nlnn.add_adapters(model, ["stem", "head"], 2, seed=0)
     assert _same_state(model, state)
     nlnn.add_adapters(model, r".*conv\d|stem|head", 2, seed=0)  # only the new layers are wrapped

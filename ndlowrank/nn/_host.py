@@ -10,14 +10,13 @@ which subtracts the start from the weight), merges and unmerges it, gives the we
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .._validation import validate_ranks
+from .._validation import check_scale, validate_ranks
 from ..decompose import sthosvd
 from ..init import KNOWN_INITS
 from ..tucker import TuckerTensor
@@ -221,7 +220,13 @@ class DeltaHost(nn.Module):
         """A delta for ``self.weight`` (not the principal init); ints in ``ranks`` are clipped."""
         if init not in KNOWN_INITS:
             raise ValueError(f"unknown init={init!r}; known inits: {sorted(KNOWN_INITS)}")
+        check_scale(scale, principal=init == "principal")
         weight = self.weight
+        if init == "principal" and weight.is_meta:
+            raise ValueError(
+                "init='principal' decomposes the weight, which is on the meta device and holds no values; "
+                "materialise the model first, or use another init"
+            )
         shape = tuple(weight.shape)
         ranks = validate_ranks(ranks, shape, clip=True)
         param_dtype = dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
@@ -284,8 +289,10 @@ class DeltaHost(nn.Module):
             If ``scale`` is not a finite number, or if merging at the new scale would put
             NaN or Inf into the weight; nothing is changed then.
         """
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"scale={scale!r} must be a finite number")
+        try:
+            scale = check_scale(scale)
+        except TypeError as exc:  # set_scale has always raised ValueError
+            raise ValueError(f"scale={scale!r} must be a finite number ({exc})") from None
         deltas = [self.delta_of(name) for name in self.active_adapters] or [self.delta]
         old = [delta.scale for delta in deltas]
         merged = self.merged
@@ -425,6 +432,48 @@ class DeltaHost(nn.Module):
             and not torch.isfinite(self.weight + self.total_delta_weight()).all()
         ):
             raise ValueError("merging would put NaN or Inf into the base weight")
+
+    @torch.no_grad()
+    def check_unmergeable(self) -> None:
+        """Raise ``ValueError`` if :meth:`unmerge` would put NaN or Inf into the weight (nothing changes)."""
+        if self.merged and not self.disabled and self._original_weight is None:
+            if not torch.isfinite(self.weight - self.total_delta_weight()).all():
+                raise ValueError(
+                    "unmerging would put NaN or Inf into the base weight (the delta changed to NaN or Inf "
+                    "after the merge)"
+                )
+
+    @torch.no_grad()
+    def check_removable(self, merge: bool, names: Sequence[str] | None = None) -> None:
+        """Raise ``ValueError`` if taking the adapter out would put NaN or Inf into the weight (nothing changes).
+
+        Computes what :meth:`merge_for_good` (``merge``) or :meth:`restore_weight` would
+        leave, from the weight as :meth:`enable` and :meth:`unmerge` give it back.
+        """
+        if self.disabled:
+            unmerged = self._enabled_weight if self._enabled_weight is not None else self.weight
+            if self._merge_on_enable and not torch.isfinite(unmerged + self.total_delta_weight()).all():
+                raise ValueError("enabling it again would merge NaN or Inf into the base weight")
+        elif not self.merged:
+            unmerged = self.weight
+        elif self._original_weight is not None:
+            unmerged = self._original_weight
+        else:
+            unmerged = self.weight - self.total_delta_weight()
+        if merge and names is None and self.merged and not self.disabled:
+            final = self.weight  # merge_for_good keeps the merged weight as it is
+        elif merge:
+            chosen = self.active_adapters if names is None else [n for n in self.adapter_names if n in names]
+            final = unmerged.clone()
+            for name in chosen:
+                final += self._delta_weight_of(name)
+        else:
+            final = unmerged + self._principal_start()
+        if not torch.isfinite(final).all():
+            what = "merging its delta" if merge else "restoring the original weight"
+            raise ValueError(
+                f"{what} would put NaN or Inf into the base weight (does the delta hold NaN or Inf?)"
+            )
 
     @torch.no_grad()
     def restore_weight(self) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._validation import check_scale, check_seed
 from ..delta import TuckerDelta as ArrayTuckerDelta
 from ..delta import tucker_delta
 from ..tenalg import _mode_product, _product_order
@@ -39,9 +40,10 @@ def layer_seed(seed: int | None, name: str = "") -> int:
     With ``seed=None`` the draw comes from ``torch``'s global generator, so
     ``torch.manual_seed`` makes adapter inits reproducible, as PyTorch users expect.
     """
+    seed = check_seed(seed, generator=False)
     if seed is None:
         return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-    entropy = [int(seed), zlib.crc32(name.encode())]
+    entropy = [seed, zlib.crc32(name.encode())]
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
@@ -110,7 +112,7 @@ class TuckerDelta(nn.Module):
     def _adopt(self, core: torch.Tensor, factors: Sequence[torch.Tensor], scale: float) -> None:
         self.core = nn.Parameter(core.detach().clone())
         self.factors = nn.ParameterList([nn.Parameter(f.detach().clone()) for f in factors])
-        self.scale = float(scale)
+        self.scale = check_scale(scale)
 
     @classmethod
     def from_tucker(cls, tucker: TuckerTensor, *, scale: float | None = None) -> TuckerDelta:

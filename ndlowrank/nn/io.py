@@ -29,7 +29,6 @@ leaves a truncated file in place of a good one.
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -42,7 +41,12 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .._files import atomic_path
+from .._files import write_atomically
+from .._header import check_ranks_fit as _check_ranks
+from .._header import int_tuple as _int_tuple
+from .._header import json_object, scale_field
+from .._header import number as _number
+from .._header import string as _string
 from ..init import KNOWN_INITS
 from ._host import DEFAULT_ADAPTER, DeltaHost, check_adapter_name
 from .bypass import untrained_adapters
@@ -192,9 +196,12 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str], *, adapter_nam
     Raises
     ------
     ValueError
-        If ``model`` has no adapters.
+        If ``model`` has no adapters, or an adapter holds NaN or Inf or is on the meta
+        device (a file that could not be loaded back).
     IsADirectoryError, FileNotFoundError
         If ``path`` is a directory or its directory does not exist (naming the path).
+    OSError
+        If the file cannot be written (a full disk, a file size limit), naming the path.
 
     Warns
     -----
@@ -209,7 +216,8 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str], *, adapter_nam
     -----
     The write is atomic: the file is written under a temporary name in the same directory,
     flushed to disk and renamed onto ``path``. If anything fails, the temporary file is
-    removed and a file already at ``path`` is left untouched.
+    removed and a file already at ``path`` is left untouched. Temporary files that a
+    killed save left behind are removed by the next save to the same path.
 
     Under FSDP2 (``fully_shard``, whose parameters are ``DTensor`` shards) every rank must
     call this: the adapters' tensors are gathered, rank 0 writes the file (the same file one
@@ -242,6 +250,18 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str], *, adapter_nam
 def _save(model: nn.Module, adapters: list[tuple[str, DeltaHost]], path: str | os.PathLike[str]) -> None:
     if not adapters:
         raise ValueError("the model has no adapters to save; add them with ndlowrank.nn.add_adapters")
+    meta = [name for name, adapter in adapters if any(p.is_meta for p in adapter.delta.parameters())]
+    if meta:
+        raise ValueError(f"adapters {meta} are on the meta device and hold no values; nothing to save")
+    diverged = [
+        name
+        for name, adapter in adapters
+        if not all(torch.isfinite(p).all() for p in adapter.delta.parameters())
+    ]
+    if diverged:
+        raise ValueError(
+            f"adapters {diverged} hold NaN or Inf (training diverged?), which load_adapters refuses; nothing was saved"
+        )
     target = _fspath(path)
     if os.path.isdir(target):
         raise IsADirectoryError(f"cannot save adapters to {target!r}: it is a directory")
@@ -271,8 +291,10 @@ def _save(model: nn.Module, adapters: list[tuple[str, DeltaHost]], path: str | o
 
     try:
         if rank_writes(sharded):
-            with atomic_path(target) as temporary:
-                safetensors.torch.save_file(tensors, str(temporary), metadata=metadata)
+            write_atomically(
+                target,
+                lambda temporary: safetensors.torch.save_file(tensors, str(temporary), metadata=metadata),
+            )
     finally:
         wait_for_writer(sharded)
     unsaved = unsaved_trainable(model)
@@ -339,37 +361,6 @@ def _read_file(path: str, where: str) -> tuple[dict[str, str], dict[str, torch.T
     return metadata, tensors
 
 
-def _int_tuple(value: Any, field: str, at: str) -> tuple[int, ...]:
-    if not (
-        isinstance(value, list)
-        and value
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-    ):
-        raise ValueError(f"{at}: {field} must be a non-empty list of positive ints, got {value!r}")
-    return tuple(value)
-
-
-def _number(value: Any, field: str, at: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{at}: {field} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _string(value: Any, field: str, at: str, choices: tuple[str, ...] | None = None) -> str:
-    if not isinstance(value, str) or (choices is not None and value not in choices):
-        expected = f"one of {list(choices)}" if choices is not None else "a string"
-        raise ValueError(f"{at}: {field} must be {expected}, got {value!r}")
-    return value
-
-
-def _check_ranks(field: str, ranks: tuple[int, ...], weight_shape: tuple[int, ...], at: str) -> None:
-    if len(ranks) != len(weight_shape):
-        raise ValueError(f"{at}: {field}={list(ranks)} has not one rank per mode of {list(weight_shape)}")
-    for n, (rank, size) in enumerate(zip(ranks, weight_shape, strict=True)):
-        if rank > size:
-            raise ValueError(f"{at}: {field}[{n}]={rank} exceeds dimension {size} of mode {n}")
-
-
 def _parse_target(entry: Any, where: str) -> _Target:
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: an adapter entry must be a JSON object, got {entry!r}")
@@ -410,7 +401,7 @@ def _parse_target(entry: Any, where: str) -> _Target:
         weight_shape=weight_shape,
         ranks=ranks,
         init=init,
-        scale=_number(entry["scale"], "scale", at),
+        scale=scale_field(entry["scale"], at, principal=init == "principal"),
         dropout=dropout,
         path=path,
         dtype=dtype,
@@ -419,12 +410,7 @@ def _parse_target(entry: Any, where: str) -> _Target:
 
 
 def _parse_header(text: str, where: str) -> tuple[list[_Target], list[ModuleEntry]]:
-    try:
-        header = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: its {METADATA_KEY!r} metadata is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ValueError(f"{where}: its {METADATA_KEY!r} metadata must be a JSON object")
+    header = json_object(text, METADATA_KEY, where)
     kind = header.get("format")
     if kind != FILE_FORMAT:
         raise ValueError(
@@ -530,6 +516,19 @@ def _fresh_parameter(model: nn.Module, target: _Target, at: str) -> nn.Parameter
     return parameter
 
 
+def _check_not_meta(found: DeltaHost | nn.Module | nn.Parameter, at: str) -> None:
+    """A weight (or adapter) on the meta device has no storage: the file's values would be dropped."""
+    tensors = [found] if isinstance(found, nn.Parameter) else [found.weight]
+    if isinstance(found, DeltaHost):
+        tensors += list(found.delta.parameters())
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
+        raise ValueError(
+            f"{at}: the model's weight is on the meta device, which holds no values, so the file's would be "
+            "lost; materialise the model first (model.to_empty(device=...) and load its weights), then load "
+            "the adapters"
+        )
+
+
 def _plan(
     model: nn.Module,
     targets: list[_Target],
@@ -580,6 +579,8 @@ def _plan(
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from None
         plan.append((target, base))
+    for target, found in plan:
+        _check_not_meta(found, f"{where}, adapter {target.name!r}")
     if strict:
         names = {t.name for t in targets}
         extra = [name for name in adapters if name not in names]
@@ -607,6 +608,9 @@ def _plan(
     ]
     if not_float:
         raise ValueError(f"{where}: tensors {not_float} are not floating point")
+    not_finite = [key for key in expected if not bool(torch.isfinite(tensors[key]).all())]
+    if not_finite:
+        raise ValueError(f"{where}: tensors {not_finite} hold NaN or Inf")
     unexpected = sorted(
         set(tensors) - set(expected) - {key for entry in modules for key in entry.tensor_names()}
     )
@@ -794,7 +798,7 @@ def load_adapters(
         (truncated, garbage, other metadata), has an unsupported format version, or does
         not fit the model: a target that does not exist or has another type or weight
         shape, an existing adapter with other ranks, kind, scale or init, a merged adapter,
-        a missing tensor, a tensor of the wrong shape or a non-floating dtype, or (with
+        a missing tensor, a tensor of the wrong shape, a non-floating dtype or NaN or Inf, or (with
         ``strict``) unexpected tensors or adapters. The model is unchanged then, and also
         if building or copying fails later: every change is undone before re-raising.
 

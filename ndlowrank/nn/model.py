@@ -6,8 +6,8 @@ import functools
 import inspect
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -76,6 +76,7 @@ def iter_adapters(model: nn.Module) -> Iterator[tuple[str, DeltaHost]]:
     parameter's path (``"attn.in_proj_weight"``). Each comes once, whatever named adapters
     it holds (``adapter.adapter_names``); ``adapter.delta`` is its active one's delta.
     """
+    check_model(model)
     for name, module in model.named_modules():
         if isinstance(module, TuckerAdapter):
             yield name, module
@@ -83,13 +84,94 @@ def iter_adapters(model: nn.Module) -> Iterator[tuple[str, DeltaHost]]:
         yield name, adapter
 
 
+def check_model(model: Any) -> None:
+    """Refuse anything but an ``nn.Module`` by name (instead of an ``AttributeError`` deep inside)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _regex(pattern: str, what: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{what} is not a valid regular expression ({exc})") from None
+
+
 def _suffix_match(pattern: str, name: str) -> bool:
     """PEFT's rule for a list entry or a rank_pattern key: the name or a dotted suffix of it."""
     return re.fullmatch(rf"(.*\.)?({pattern})", name) is not None
 
 
+def _already_adapted(model: nn.Module, matches: Callable[[str], bool], what: str, adapter_name: str) -> None:
+    """Raise if ``what`` (a target that selects nothing adaptable) selects an adapter that holds ``adapter_name``."""
+    for name, adapter in iter_adapters(model):
+        if adapter_name not in adapter.adapter_names:
+            continue
+        covered = [name]
+        if isinstance(adapter, TuckerAdapter):  # the wrapped layer's parameters, by their user-facing names
+            covered += [f"{name}.{key}" if name else key for key, _ in adapter.base_layer.named_parameters()]
+            covered += [f"{name}.{key}" if name else key for key, _ in adapter.named_parameters()]
+        if any(matches(n) for n in covered):
+            raise ValueError(_adapted_message(what, name, adapter, adapter_name))
+
+
+def _select_modules(
+    model: nn.Module, target_modules: Targets, exclude_modules: Targets | None, adapter_name: str
+) -> list[str]:
+    """:func:`select_targets`, saying so when a target selects nothing because it already has this adapter."""
+    try:
+        return select_targets(
+            model, target_modules, exclude_modules=exclude_modules, adapter_name=adapter_name
+        )
+    except ValueError as exc:
+        if "matches no module" not in str(exc):
+            raise
+        if isinstance(target_modules, str):
+            compiled = re.compile(target_modules)
+            _already_adapted(
+                model,
+                lambda n: compiled.fullmatch(n) is not None,
+                f"target_modules={target_modules!r}",
+                adapter_name,
+            )
+        elif isinstance(target_modules, Sequence):
+            for entry in target_modules:
+                if isinstance(entry, str):
+                    _already_adapted(model, _suffix_of(entry), f"target module {entry!r}", adapter_name)
+        raise
+
+
+def _adapted_message(what: str, name: str, adapter: nn.Module, adapter_name: str | None = None) -> str:
+    named = f" named {adapter_name!r}" if adapter_name is not None else ""
+    return (
+        f"{what} already has an adapter{named} ({type(adapter).__name__} {name!r}); a weight takes one "
+        "adapter of each name and one kind of adapter: remove it first (ndlowrank.nn.remove_adapters), load "
+        "trained values into it (ndlowrank.nn.load_adapters) or add another one under another adapter_name"
+    )
+
+
+def _suffix_of(target: str) -> Callable[[str], bool]:
+    return lambda name: name == target or name.endswith("." + target)
+
+
+def _without_parameter_adapters(model: nn.Module, names: list[str]) -> list[str]:
+    """``names``, after checking that no parameter of these modules has a parameter adapter already."""
+    for name in names:
+        module = model.get_submodule(name)
+        if parametrize.is_parametrized(module):
+            parametrized: Any = module.parametrizations
+            for attribute, parametrizations in parametrized.items():
+                adapters = [p for p in parametrizations if isinstance(p, ParameterAdapter)]
+                if adapters:
+                    raise ValueError(_adapted_message(f"module {name!r}", f"{name}.{attribute}", adapters[0]))
+    return names
+
+
 def _target_parameters(
-    model: nn.Module, target_parameters: Sequence[str], hosts: Mapping[str, DeltaHost] | None = None
+    model: nn.Module,
+    target_parameters: Sequence[str],
+    hosts: Mapping[str, DeltaHost] | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> list[str]:
     """Names of the parameters ``target_parameters`` selects (exact names or dotted suffixes).
 
@@ -97,15 +179,23 @@ def _target_parameters(
     """
     if isinstance(target_parameters, str):
         raise TypeError("target_parameters must be a list of parameter names, e.g. ['attn.in_proj_weight']")
+    owned = {id(p) for _, adapter in iter_adapters(model) for p in adapter.parameters()}
     # every name of a tied parameter (GPT-2's lm_head.weight is wte.weight) can be a target
     candidates = [
-        name for name, _ in model.named_parameters(remove_duplicate=False) if not _is_internal(name)
+        name
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if not _is_internal(name) and id(p) not in owned
     ]
     candidates += [name for name, host in (hosts or {}).items() if isinstance(host, ParameterAdapter)]
     chosen: list[str] = []
-    for target in target_parameters:
-        matched = [name for name in candidates if name == target or name.endswith("." + target)]
+    for k, target in enumerate(target_parameters):
+        if not isinstance(target, str):
+            raise TypeError(
+                f"target_parameters[{k}]={target!r} is a {type(target).__name__}; give parameter names as strings"
+            )
+        matched = [name for name in candidates if _suffix_of(target)(name)]
         if not matched:
+            _already_adapted(model, _suffix_of(target), f"target parameter {target!r}", adapter_name)
             raise ValueError(f"target parameter {target!r} matches no parameter of the model")
         for name in matched:
             shape = tuple(
@@ -294,12 +384,14 @@ def add_adapters(
     Raises
     ------
     ValueError
-        A target that matches nothing, a parameter with fewer than 2 modes, a rank that
+        A target that matches nothing or already has an adapter (a weight takes one, also
+        across calls), an invalid regex, a parameter with fewer than 2 modes, a rank that
         does not fit a weight (naming the target, mode, rank and size), a bad option, or
         ``dropout > 0`` with a target module that gets a parameter adapter, or
         ``init="principal"`` on a tied weight. The model is unchanged then.
     TypeError
-        A target whose type cannot be adapted (naming the type and the supported ones).
+        A target whose type cannot be adapted (naming the type and the supported ones), a
+        target name that is not a string, or a ``model`` that is not an ``nn.Module``.
 
     Examples
     --------
@@ -319,6 +411,16 @@ def add_adapters(
     >>> [(name, type(adapter).__name__) for name, adapter in nlnn.iter_adapters(layer)]  # read by attribute
     [('self_attn.out_proj.weight', 'ParameterAdapter'), ('linear1.weight', 'ParameterAdapter'), ('linear2.weight', 'ParameterAdapter')]
     """
+    check_model(model)
+    if rank_pattern is not None:
+        if not isinstance(rank_pattern, Mapping):
+            raise TypeError(
+                f"rank_pattern must be a mapping of regex to ranks, got {type(rank_pattern).__name__}"
+            )
+        for key in rank_pattern:
+            if not isinstance(key, str):
+                raise TypeError(f"rank_pattern keys must be regex strings, got {key!r}")
+            _regex(rf"(.*\.)?({key})", f"rank_pattern key {key!r}")  # as _suffix_match uses it
     if target_modules is None and not target_parameters:
         raise ValueError(
             "name the layers to adapt with target_modules= or the parameters with target_parameters="
@@ -332,9 +434,12 @@ def add_adapters(
     names = (
         []
         if target_modules is None
-        else select_targets(model, target_modules, exclude_modules=exclude_modules, adapter_name=adapter_name)
+        else _select_modules(model, target_modules, exclude_modules, adapter_name)
     )
-    parameter_names = [] if not target_parameters else _target_parameters(model, target_parameters, hosts)
+    _without_parameter_adapters(model, [name for name in names if name not in hosts])
+    parameter_names = (
+        [] if not target_parameters else _target_parameters(model, target_parameters, hosts, adapter_name)
+    )
     for name in parameter_names:
         owner_name = name.rpartition(".")[0]
         if owner_name in names:
@@ -460,6 +565,28 @@ def add_adapters(
     return model
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prepare_all(items: Iterable[tuple[str, T]], prepare: Callable[[T], R], *, verb: str) -> list[R]:
+    """All or nothing: run ``prepare`` on every item before the caller changes any.
+
+    ``prepare`` computes (or checks) what the change of one item needs without changing
+    anything; the caller commits the results only once every item is prepared. The first
+    failure is re-raised as the same exception type naming the item and saying that
+    nothing was ``verb`` (``merge_adapters``, ``remove_adapters`` and
+    ``truncate_adapters`` all work this way).
+    """
+    results = []
+    for name, item in items:
+        try:
+            results.append(prepare(item))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise type(exc)(f"{name!r}: {exc}; no adapter was {verb}") from None
+    return results
+
+
 def _check_saved(saved: list[str], adapted: list[str]) -> None:
     """Modules trained in full may not hold, be or sit inside an adapter, nor each other."""
     for name in saved:
@@ -492,19 +619,21 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         "keep the adapter unmerged, or call remove_adapters(model, merge=True), which gives the module a "
         "merged weight of its own; no adapter was merged",
     )
-    for name, adapter in adapters:  # all or nothing: check every layer before merging any
-        try:
-            adapter.check_mergeable()
-        except ValueError as exc:
-            raise ValueError(f"{name!r}: {exc}; no adapter was merged") from None
+    prepare_all(adapters, DeltaHost.check_mergeable, verb="merged")
     for _, adapter in adapters:
         adapter.merge()
     return model
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge_adapters`. Returns ``model``."""
-    for _, adapter in iter_adapters(model):
+    """Undo :func:`merge_adapters`. Returns ``model``.
+
+    All or nothing: if any unmerged weight would hold NaN or Inf (a delta that diverged
+    after the merge), a ``ValueError`` names the adapter and no weight changes.
+    """
+    adapters = list(iter_adapters(model))
+    prepare_all(adapters, DeltaHost.check_unmergeable, verb="unmerged")
+    for _, adapter in adapters:
         adapter.unmerge()
     return model
 
@@ -532,6 +661,13 @@ def remove_adapters(
     -------
     nn.Module
         ``model`` without adapters; ``requires_grad`` of the base parameters is left as is.
+
+    Raises
+    ------
+    ValueError
+        If a weight would hold NaN or Inf after the removal (a delta that diverged), naming
+        the adapter. All or nothing: every adapter is checked before any is removed, so the
+        model is unchanged then.
     """
     if adapter_names is not None:
         if not merge:
@@ -542,6 +678,9 @@ def remove_adapters(
             raise ValueError(
                 f"adapter_names {unknown} are not adapters of the model; its adapters: {sorted(known)}"
             )
+    prepare_all(
+        list(iter_adapters(model)), lambda host: host.check_removable(merge, adapter_names), verb="removed"
+    )
     if merge:  # a tied weight is copied first, so that merging changes no other module
         uses = parameter_uses(model)  # untying only removes uses: at worst an extra copy
         for name, adapter in list(iter_adapters(model)):

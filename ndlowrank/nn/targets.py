@@ -100,7 +100,11 @@ def _check_entries(entries: Sequence[Selector], argument: str) -> None:
 def _select(candidates: dict[str, nn.Module], selection: Targets, argument: str) -> list[str]:
     """Names that ``selection`` selects among ``candidates``; every entry must select something."""
     if isinstance(selection, str):
-        matches = [name for name in candidates if re.fullmatch(selection, name)]
+        try:
+            compiled = re.compile(selection)
+        except re.error as exc:
+            raise ValueError(f"{argument}={selection!r} is not a valid regular expression ({exc})") from None
+        matches = [name for name in candidates if compiled.fullmatch(name)]
         if not matches:
             raise ValueError(f"{argument}={selection!r} (a regex) matches no module of the model")
         return matches

@@ -17,7 +17,7 @@ from ..ranks import budget_ranks
 from ..tenalg import multi_mode_product
 from ._host import DeltaHost
 from .delta import TuckerDelta
-from .model import iter_adapters
+from .model import iter_adapters, prepare_all
 
 __all__ = ["TruncationReport", "truncate_adapters"]
 
@@ -125,6 +125,13 @@ def truncate_adapters(
     list of TruncationReport
         Per delta: name, old ranks, new ranks, relative change of ``ΔW``.
 
+    Raises
+    ------
+    ValueError
+        For a bad request, or a delta that holds NaN or Inf (naming it). All or nothing:
+        every delta is truncated on the side before any changes, so the model is
+        unchanged then.
+
     Notes
     -----
     The new cores and factors are new ``nn.Parameter`` objects (their shapes change):
@@ -147,6 +154,8 @@ def truncate_adapters(
     if not entries:
         raise ValueError("the model has no Tucker adapters to truncate")
     names = [name for name, _, _ in entries]
+    # all or nothing: every delta is checked and truncated on the side before any changes
+    prepare_all([(name, delta) for name, delta, _ in entries], _check_finite, verb="truncated")
     forms = [_orthonormal_form(delta) for _, delta, _ in entries]
     if budget is not None:
         minimum = sum(1 + sum(delta.shape) for _, delta, _ in entries)  # every delta at ranks 1
@@ -154,41 +163,65 @@ def truncate_adapters(
             raise ValueError(f"budget={budget} is below {minimum}, the size of every delta at ranks 1")
     shapes = [delta.shape for _, delta, _ in entries]
     targets = _target_ranks([small for small, _ in forms], shapes, ranks, budget, names)
+    items = [
+        (name, (delta, adapter, small, qs, target))
+        for (name, delta, adapter), (small, qs), target in zip(entries, forms, targets, strict=True)
+    ]
+    plans = prepare_all(items, lambda item: _truncated(*item, tol=tol), verb="truncated")
     reports = []
-    for (name, delta, adapter), (small, qs), target in zip(entries, forms, targets, strict=True):
+    for (name, delta, adapter), (core, factors, change) in zip(entries, plans, strict=True):
+        old_ranks = delta.ranks
         if adapter is not None and adapter.merged:
             adapter.unmerge()
-            reports.append(_truncate_one(name, delta, small, qs, tol=tol, ranks=target))
+            _adopt(delta, core, factors)
             adapter.merge()
         else:
-            reports.append(_truncate_one(name, delta, small, qs, tol=tol, ranks=target))
+            _adopt(delta, core, factors)
+        reports.append(TruncationReport(name, old_ranks, delta.ranks, change))
     return reports
 
 
+def _check_finite(delta: TuckerDelta) -> None:
+    if not all(torch.isfinite(p).all() for p in (delta.core, *delta.factors)):
+        raise ValueError("its core or factors hold NaN or Inf")
+
+
 @torch.no_grad()
-def _truncate_one(
-    name: str,
+def _truncated(
     delta: TuckerDelta,
+    adapter: DeltaHost | None,
     small: torch.Tensor,
     qs: list[torch.Tensor],
+    target: tuple[int, ...] | None,
     *,
     tol: float | None,
-    ranks: tuple[int, ...] | None,
-) -> TruncationReport:
+) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """The truncated core and factors of ``delta`` (in its dtype) and the relative change; nothing changes."""
     old_ranks = delta.ranks
     norm = float(torch.linalg.vector_norm(small))
     if norm == 0.0:
-        new = validate_ranks(ranks if ranks is not None else 1, old_ranks)
+        new = validate_ranks(target if target is not None else 1, old_ranks)
         core = torch.zeros(new, dtype=torch.float64, device=small.device)
         factors = [q[:, :r] for q, r in zip(qs, new, strict=True)]
         change = 0.0
     else:
-        t = sthosvd(small, ranks) if ranks is not None else sthosvd(small, tol=tol)
+        t = sthosvd(small, target) if target is not None else sthosvd(small, tol=tol)
         core = t.core
         factors = [q @ u for q, u in zip(qs, t.factors, strict=True)]
         change = float(torch.linalg.vector_norm(small - t.to_dense())) / norm
     dtype = delta.core.dtype
+    core, factors = core.to(dtype), [f.to(dtype) for f in factors]
+    if adapter is not None and adapter.merged:  # it is unmerged, truncated and merged again
+        new_delta = (delta.scale * multi_mode_product(core, factors)).to(adapter.weight.dtype)
+        original = adapter._original_weight  # what unmerge gives back, exactly
+        unmerged = original if original is not None else adapter.weight - adapter.delta_weight()
+        if not torch.isfinite(unmerged + new_delta).all():
+            raise ValueError("merging the truncated delta would put NaN or Inf into the base weight")
+    return core, factors, change
+
+
+@torch.no_grad()
+def _adopt(delta: TuckerDelta, core: torch.Tensor, factors: list[torch.Tensor]) -> None:
     trainable = delta.core.requires_grad
-    delta._adopt(core.to(dtype), [f.to(dtype) for f in factors], delta.scale)
+    delta._adopt(core, factors, delta.scale)
     delta.requires_grad_(trainable)  # new parameters: keep a frozen delta frozen
-    return TruncationReport(name, old_ranks, delta.ranks, change)

@@ -319,22 +319,18 @@ def keys_of(path: str) -> list[str]:
 
 
 def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Write ``tensors`` atomically (a failed write leaves an existing file untouched)."""
+    """Write ``tensors`` atomically (a failed write leaves an existing file untouched and is an ``OSError``)."""
     from safetensors.torch import save_file
 
-    from ..._files import atomic_path
+    from ..._files import write_atomically
 
-    with atomic_path(path) as temporary:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-            str(temporary),
-            metadata=dict(metadata),
-        )
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_atomically(path, lambda temporary: save_file(cpu, str(temporary), metadata=dict(metadata)))
 
 
 def write_json(path: str, value: Any) -> None:
     """Write ``value`` as JSON atomically."""
-    from ..._files import atomic_path
+    from ..._files import write_atomically
 
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+    write_atomically(path, lambda temporary: temporary.write_text(text))
