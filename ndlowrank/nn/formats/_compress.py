@@ -7,7 +7,8 @@ batched call. Each mode's Gram matrix is formed on its smaller side (``Y Yᵀ`` 
 a mode kept at full size gets no rotation at all (an identity factor), and the modes are
 truncated smallest first, so the largest one (a convolution's input channels) sees the
 already-truncated core. A layer where the Gram path is not accurate enough for its
-``tol`` or ranks (see :mod:`ndlowrank._subspace`), or whose delta is zero, goes through
+``tol`` or ranks (see :mod:`ndlowrank._subspace`), or whose delta is zero or too large to
+square in float64, goes through
 :func:`~._layer.truncate_form` instead, so the guarantee ``‖ΔW_new − ΔW‖ ≤ tol · ‖ΔW‖``
 holds per layer exactly as there.
 """
@@ -107,12 +108,17 @@ def _sthosvd_batch(
     """ST-HOSVD of every ``x[l]`` (to ``tol``, or to ``targets[l]``), smallest mode first.
 
     Returns per layer ``(core, factors)`` with ``None`` for a factor kept as the identity, or
-    ``None`` for a layer the Gram path cannot do accurately (or whose ``x[l]`` is zero).
+    ``None`` for a layer the Gram path cannot do accurately (or whose ``x[l]`` is zero or
+    too large to square).
     """
     count, shape = x.shape[0], tuple(x.shape[1:])
     eps = float(torch.finfo(torch.float64).eps)
     squared = torch.linalg.vector_norm(x.reshape(count, -1), dim=1).square().tolist()
-    failed = [s == 0.0 for s in squared]
+    # a zero delta, or one whose squares overflow: truncate_form's path (which rescales) takes it
+    failed = [s == 0.0 or not math.isfinite(s) for s in squared]
+    if any(failed):  # zeroed here, so that no inf reaches the batch's eigensolver
+        drop = torch.tensor(failed, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        x = torch.where(drop, torch.zeros((), dtype=x.dtype, device=x.device), x)
     kept: list[list[int]] = [list(shape) for _ in range(count)]
     factors: list[list[torch.Tensor | None]] = [[None] * len(shape) for _ in range(count)]
     for mode in sorted(range(len(shape)), key=lambda n: shape[n]):
