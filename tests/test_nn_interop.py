@@ -293,6 +293,12 @@ def test_gpt2_conv1d_adapters_through_peft(tmp_path, dtype):
         assert isinstance(fresh.transformer.h[1].mlp.c_proj, nlnn.TransposedLinearAdapter)
         with torch.no_grad():
             close(real(fresh), expected, dtype, GPT2_TOL)
+    # the file and the model combined: half of each is the model's delta again, in the (in, out) layout
+    mixed = copy.deepcopy(base)
+    nlnn.combine_adapters(mixed, [model, tmp_path / "lora"], [0.5, 0.5])
+    for name in ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"):
+        ours, theirs = mixed.get_submodule(name), model.get_submodule(name)
+        close(ours.delta_weight().detach(), theirs.delta_weight().detach(), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
