@@ -117,12 +117,31 @@ def _prepare(x: Any, first: Callable[[Any], Any] | None = None, *, name: str = "
     if not math.isfinite(peak):
         raise ValueError(f"{name} contains NaN or Inf; decompositions need finite values")
     scale = 1.0
-    if peak > 0 and abs(math.log2(peak)) > _SAFE_EXPONENT:
-        scale = 2.0 ** round(math.log2(peak))
-        y = y / scale
+    if peak > 0 and not _in_safe_range(peak, work, math.prod(x.shape)):
+        exponent = round(math.log2(peak))
+        scale = 2.0**exponent
+        # ldexp is exact and, unlike dividing by 2**exponent, needs no scale the working dtype can hold
+        y = y.map_blocks(np.ldexp, -exponent, dtype=y.dtype)
         _, _, norm2, value = evaluate(y)
     out_dtype = np.dtype(x.dtype) if np.issubdtype(x.dtype, np.floating) else work
     return _Prepared(y, scale, norm2, out_dtype), value
+
+
+def _in_safe_range(peak: float, work: np.dtype, size: int) -> bool:
+    """Whether entries up to ``peak`` need no rescaling in the working dtype ``work``.
+
+    The float64 Gram terms square the entries (safe within ``2**±200``), and the projections,
+    computed in ``work``, hold entries up to ``‖y‖ <= √size · peak``: with float32 input near
+    its largest value they would overflow to inf (and lose their low bits near its smallest).
+    """
+    exponent = math.log2(peak)
+    headroom = 0.5 * math.log2(size) + 8  # bits above the peak that a projection may reach
+    finfo = np.finfo(work)
+    return (
+        abs(exponent) <= _SAFE_EXPONENT
+        and exponent + headroom < math.log2(float(finfo.max))
+        and exponent - headroom > math.log2(float(finfo.tiny))
+    )
 
 
 def _squares(chunk: np.ndarray, block_info: Any = None) -> np.ndarray:

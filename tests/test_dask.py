@@ -182,3 +182,20 @@ def test_tensor_larger_than_the_memory_limit(method):
     sample = x[:16, :16, :16].compute()
     dense = nl.tucker_to_tensor(t.core, [f[:16] for f in t.factors])
     assert np.linalg.norm(sample - dense) < 0.05 * np.linalg.norm(sample)
+
+
+@pytest.mark.parametrize("magnitude", [3e38, 1e-37])
+def test_float32_near_its_limits_is_rescaled_like_numpy(magnitude):
+    """Projections are computed in float32: entries near its limits are rescaled first, exactly."""
+    x = (low_rank_tensor() / np.abs(low_rank_tensor()).max() * magnitude).astype(np.float32)
+    lazy, passes = counted_dask(x)
+    if magnitude > 1:  # the core reaches ‖x‖, beyond float32: refused as numpy refuses it
+        with pytest.raises(ValueError, match="cannot be represented in float32"):
+            nl.sthosvd(x, (3, 4, 2))
+        with pytest.raises(ValueError, match="cannot be represented in float32"):
+            nl.sthosvd(lazy, (3, 4, 2))
+        return
+    t = nl.sthosvd(lazy, (3, 4, 2))
+    assert passes() == 3 + 1 + 1  # one extra pass after the rescale
+    reference = nl.sthosvd(x.astype(np.float64), (3, 4, 2))
+    np.testing.assert_allclose(t.to_dense(), reference.to_dense(), rtol=0, atol=1e-5 * magnitude)
