@@ -15,6 +15,7 @@ import os
 import re
 import warnings
 from collections.abc import Collection, Sequence
+from dataclasses import replace
 from typing import Any
 
 import array_api_compat.torch as torch_xp
@@ -26,16 +27,10 @@ from ..decompose import check_tol
 from ..ranks import budget_ranks
 from ._host import DeltaHost
 from .formats import FORMATS, diffusers, kohya, peft
-from .formats._layer import (
-    LowRankLayer,
-    block_sum,
-    keys_of,
-    lora_form,
-    orthonormal_form,
-    truncate_form,
-)
+from .formats._compress import small_forms, truncate_forms
+from .formats._layer import TRANSPOSED, LowRankLayer, block_sum, keys_of, lora_form
 from .io import METADATA_KEY, _fspath, load_adapters
-from .layers import TuckerAdapter, supported_layers
+from .layers import TransposedLinearAdapter, TuckerAdapter, supported_layers
 from .model import add_adapters, iter_adapters, remove_adapters
 from .named import chosen_adapter
 from .truncate import TruncationReport
@@ -62,8 +57,9 @@ def export_adapters(
     Parameters
     ----------
     model : nn.Module
-        A model with layer adapters (linear, convolution; embeddings and parameter adapters
-        on 2-D parameters for PEFT, as its ``target_parameters``).
+        A model with layer adapters (linear, convolution; transformers ``Conv1D`` for PEFT and
+        diffusers, in ``nn.Linear``'s layout with ``fan_in_fan_out``; embeddings and parameter
+        adapters on 2-D parameters for PEFT, as its ``target_parameters``).
     path : str or os.PathLike
         ``format="peft"``: a directory (created if missing) that gets ``adapter_model.safetensors``
         and ``adapter_config.json``, for ``PeftModel.from_pretrained``. Otherwise the
@@ -91,8 +87,8 @@ def export_adapters(
     ValueError
         Naming the layer, if the format cannot reproduce it exactly (a grouped or dilated
         convolution in PEFT or kohya, a padding mode other than zeros, a parameter adapter
-        outside PEFT or on a parameter of 3 or more modes, an embedding outside PEFT); nothing
-        is written.
+        outside PEFT or on a parameter of 3 or more modes, an embedding outside PEFT, a
+        transformers ``Conv1D`` in kohya or LyCORIS); nothing is written.
 
     Notes
     -----
@@ -143,7 +139,22 @@ def _read(path: str, model: nn.Module, format: str | None, strict: bool = True) 
             f"{path}: {len(skipped)} layers name no layer of the model and were left out ({shown})",
             stacklevel=3,
         )
-    return layers
+    # a linear delta on a transformers Conv1D: the file's nn.Linear layout, transposed onto its (in, out) weight
+    return [
+        replace(layer, kind=TRANSPOSED) if layer.kind == "linear" and _is_conv1d(model, layer.name) else layer
+        for layer in layers
+    ]
+
+
+def _is_conv1d(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a transformers ``Conv1D`` (GPT-2), adapted or not."""
+    if not _has_module(model, name):
+        return False
+    module = model.get_submodule(name)
+    return isinstance(module, TransposedLinearAdapter) or any(
+        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+        for cls in type(module).__mro__
+    )
 
 
 def _is_ndlowrank_file(path: str) -> bool:
@@ -237,7 +248,7 @@ def _compress(
     budget: int | None,
 ) -> list[tuple[torch.Tensor, list[torch.Tensor], float]]:
     """Every exact Tucker form brought to small ranks: to ``tol``, to ``ranks``, or sharing ``budget``."""
-    small = [orthonormal_form(core, factors) for core, factors in forms]
+    small = small_forms(forms)
     targets: list[Any] = [ranks] * len(small)
     if budget is not None:
         if isinstance(budget, bool) or not hasattr(budget, "__index__"):
@@ -247,10 +258,7 @@ def _compress(
             raise ValueError(f"budget={budget} is below {minimum}, the size of every delta at ranks 1")
         spectra = [[mode_spectrum(core, n, xp=torch_xp) for n in range(core.ndim)] for core, _ in small]
         targets = list(budget_ranks(spectra, shapes, int(budget)))
-    return [
-        truncate_form(core, qs, tol=tol, ranks=target)
-        for (core, qs), target in zip(small, targets, strict=True)
-    ]
+    return truncate_forms(small, tol=tol, ranks=targets)
 
 
 def _compress_layers(
@@ -276,7 +284,9 @@ def import_adapters(
 
     Each layer's ``ΔW = scale · up · down`` (or with a LoCon middle kernel) is brought to
     Tucker form without forming ``ΔW``: QR of ``up``, ST-HOSVD of the small core
-    ``R · down``. This is also how to resize a LoRA, with a guarantee.
+    ``R · down``, batched over the layers of equal shapes. This is also how to resize a
+    LoRA, with a guarantee. A linear delta on a transformers ``Conv1D`` (GPT-2), stored in
+    ``nn.Linear``'s layout as PEFT saves it, is transposed onto the ``(in, out)`` weight.
 
     Parameters
     ----------
@@ -324,7 +334,7 @@ def import_adapters(
     dtypes = {_target_weight(model, layer.name, where, layer.kind).dtype for layer in layers}
     results = _compress_layers(layers, dtypes, tol=tol, ranks=ranks, budget=budget)
     parameters = {layer.name for layer in layers if layer.kind == "parameter"}
-    old_shapes = [tuple(layer.tucker()[0].shape) for layer in layers]
+    old_shapes = [layer.tucker_shape for layer in layers]
     return _install(model, [layer.name for layer in layers], old_shapes, results, parameters)
 
 
@@ -538,6 +548,6 @@ def convert_adapters(
         converted.append(
             lora_form(layer.name, layer.kind, core.to(dtype), [f.to(dtype) for f in factors], tucker=tucker)
         )
-        reports.append(TruncationReport(layer.name, tuple(layer.tucker()[0].shape), tuple(core.shape), error))
+        reports.append(TruncationReport(layer.name, layer.tucker_shape, tuple(core.shape), error))
     FORMATS[format].write(out, converted, prefix=prefix if dotted else "")
     return reports

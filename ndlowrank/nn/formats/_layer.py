@@ -35,7 +35,7 @@ from ..._validation import validate_ranks
 from ...decompose import sthosvd
 from ...tenalg import multi_mode_product
 from .._host import DeltaHost
-from ..layers import ConvAdapter, EmbeddingAdapter, LinearAdapter
+from ..layers import ConvAdapter, EmbeddingAdapter, LinearAdapter, TransposedLinearAdapter
 from ..parameters import ParameterAdapter
 
 __all__ = [
@@ -46,16 +46,26 @@ __all__ = [
     "lora_layers",
     "orthonormal_form",
     "refuse_geometry",
+    "target_ranks",
     "truncate_form",
 ]
 
 
+TRANSPOSED = "transposed_linear"
+"""The kind of transformers' ``Conv1D`` (GPT-2), whose weight is ``(in, out)``."""
+
+
 @dataclass(frozen=True)
 class LowRankLayer:
-    """``ΔW = scale · up ×₀ down`` (or ``scale · up ×₀ (mid ×₁ downᵀ)``) of the layer ``name``."""
+    """``ΔW = scale · up ×₀ down`` (or ``scale · up ×₀ (mid ×₁ downᵀ)``) of the layer ``name``.
+
+    A transformers ``Conv1D`` (kind ``"transposed_linear"``, weight ``(in, out)``) keeps its
+    factors in ``nn.Linear``'s layout, as the files do (``up`` ``(out, r)``, ``down`` ``(r, in)``;
+    PEFT runs them with ``fan_in_fan_out=True``): its ``ΔW`` is ``(scale · up · down)ᵀ``.
+    """
 
     name: str
-    kind: str  # "linear", "conv", "embedding" or "parameter" (a 2-D parameter, PEFT's target_parameters)
+    kind: str  # "linear", "transposed_linear", "conv", "embedding" or "parameter" (PEFT's target_parameters)
     up: torch.Tensor
     down: torch.Tensor
     mid: torch.Tensor | None = None
@@ -68,12 +78,23 @@ class LowRankLayer:
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of ``ΔW`` (the layer's weight)."""
+        if self.kind == TRANSPOSED:
+            return (int(self.down.shape[1]), int(self.up.shape[0]))
         if self.mid is None:
             return (int(self.up.shape[0]), *self.down.shape[1:])
         return (int(self.up.shape[0]), int(self.down.shape[1]), *self.mid.shape[2:])
 
+    @property
+    def tucker_shape(self) -> tuple[int, ...]:
+        """Core shape of :meth:`tucker`'s form."""
+        if self.kind == TRANSPOSED:
+            return (self.rank, int(self.up.shape[0]))
+        return tuple((self.down if self.mid is None else self.mid).shape)
+
     def tucker(self) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """An exact Tucker form ``(core, factors)`` of ``ΔW``; ``None`` stands for an identity factor."""
+        if self.kind == TRANSPOSED:  # ΔW = (scale · up · down)ᵀ = downᵀ ×₀ (scale · upᵀ)
+            return self.scale * self.up.T, [self.down.T, None]
         if self.mid is None:
             core = self.scale * self.down
             return core, [self.up, *([None] * (core.ndim - 1))]
@@ -83,7 +104,9 @@ class LowRankLayer:
 
 def from_host(name: str, host: DeltaHost, *, tucker: bool = False) -> LowRankLayer:
     """The exact ``up``/``down`` (with ``tucker``, ``mid``) form of a layer adapter's ``ΔW``, scale folded in."""
-    if not isinstance(host, (LinearAdapter, ConvAdapter, EmbeddingAdapter, ParameterAdapter)):
+    if not isinstance(
+        host, (LinearAdapter, TransposedLinearAdapter, ConvAdapter, EmbeddingAdapter, ParameterAdapter)
+    ):
         raise TypeError(f"{name}: a {type(host).__name__} has no LoRA form")
     delta = host.delta
     core = delta.scale * delta.core.detach()
@@ -108,11 +131,13 @@ def lora_form(
 ) -> LowRankLayer:
     """The exact LoRA form of ``core ×ₙ factors[n]`` (with ``tucker``, the LoCon-Tucker form).
 
-    LoRA: ``up = A0``, ``down = G ×₁ A1 ×₂ A2 …``. LoCon-Tucker (a kernel's modes ≥ 2):
+    LoRA: ``up = A0``, ``down = G ×₁ A1 ×₂ A2 …`` (transposed for a ``Conv1D``). LoCon-Tucker (a kernel's modes ≥ 2):
     ``r = max(r0, r1)``, ``up = A0``, ``mid = G ×₂ A2 …``, ``down = A1ᵀ``, each zero-padded to ``r``.
     """
     if not tucker:
         down = multi_mode_product(core, list(factors[1:]), modes=range(1, core.ndim))
+        if kind == TRANSPOSED:  # (A0 · G A1ᵀ)ᵀ = (A1 Gᵀ) · A0ᵀ, in nn.Linear's layout
+            return LowRankLayer(name, kind, down.T, factors[0].T)
         return LowRankLayer(name, kind, factors[0], down)
     spatial = multi_mode_product(core, list(factors[2:]), modes=range(2, core.ndim))
     r = max(core.shape[:2])
@@ -171,6 +196,11 @@ def refuse_geometry(
     convolution other than with zeros.
     """
     kind = getattr(host, "kind", "")
+    if kind == TRANSPOSED and kind not in kinds:
+        raise ValueError(
+            f"layer {name!r} is a transformers Conv1D (weight stored (in, out)), which {fmt} loaders"
+            " do not transpose: the file would not reproduce the model; use format='peft' or 'diffusers'"
+        )
     if kind not in kinds:
         what = f"a parameter adapter on {name!r}" if kind == "parameter" else f"layer {name!r} ({kind})"
         raise ValueError(f"{fmt} files cannot hold {what}; they hold {', '.join(kinds)} layers")
@@ -216,6 +246,14 @@ def orthonormal_form(
     return multi_mode_product(core.to(torch.float64), rs, modes=modes), qs
 
 
+def target_ranks(ranks: int | Sequence[int], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``ranks`` for a small core of ``shape``: one per mode, each clipped to its mode's size."""
+    ranks = validate_ranks(ranks, shape, clip=True) if isinstance(ranks, int) else ranks
+    if len(ranks) != len(shape):
+        raise ValueError(f"ranks={tuple(ranks)} gives {len(ranks)} ranks for a delta with {len(shape)} modes")
+    return tuple(min(int(r), size) for r, size in zip(ranks, shape, strict=True))
+
+
 @torch.no_grad()
 def truncate_form(
     small: torch.Tensor,
@@ -231,12 +269,7 @@ def truncate_form(
     """
     norm = float(torch.linalg.vector_norm(small))
     if ranks is not None:
-        ranks = validate_ranks(ranks, tuple(small.shape), clip=True) if isinstance(ranks, int) else ranks
-        if len(ranks) != small.ndim:
-            raise ValueError(
-                f"ranks={tuple(ranks)} gives {len(ranks)} ranks for a delta with {small.ndim} modes"
-            )
-        ranks = tuple(min(int(r), size) for r, size in zip(ranks, small.shape, strict=True))
+        ranks = target_ranks(ranks, tuple(small.shape))
     if norm == 0.0:
         shape = (1,) * small.ndim if ranks is None else tuple(ranks)
         t_core = torch.zeros(shape, dtype=torch.float64)

@@ -5,7 +5,8 @@ encoder, ``transformer.`` for a DiT), read by ``pipe.load_lora_weights`` and
 ``model.load_lora_adapter(..., prefix="unet")``. The scale is ``alpha / r`` with ``alpha``
 from the ``lora_adapter_metadata`` JSON in the file's metadata, ``alpha = r`` without it
 (what this package writes: the scale is folded into ``lora_A``). diffusers runs the file
-through PEFT, so the same layers are refused as for PEFT.
+through PEFT, so the same layers are refused as for PEFT, and a transformers ``Conv1D`` is
+written as for PEFT (PEFT sets ``fan_in_fan_out`` for it when it loads the file).
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import torch
 
 from .._host import DeltaHost
 from . import peft
-from ._layer import LowRankLayer, lora_layers, read_safetensors, refuse_geometry, write_safetensors
+from ._layer import (
+    TRANSPOSED,
+    LowRankLayer,
+    lora_layers,
+    read_safetensors,
+    refuse_geometry,
+    write_safetensors,
+)
 
 __all__ = ["check", "layers", "read", "write"]
 
@@ -30,7 +38,9 @@ METADATA_KEY = "lora_adapter_metadata"
 
 def check(name: str, host: DeltaHost) -> None:
     """Raise ``ValueError`` naming the layer if a diffusers LoRA cannot reproduce it exactly."""
-    refuse_geometry(name, host, "diffusers LoRA", groups=False, dilation=False, kinds=("linear", "conv"))
+    refuse_geometry(
+        name, host, "diffusers LoRA", groups=False, dilation=False, kinds=("linear", TRANSPOSED, "conv")
+    )
 
 
 layers = lora_layers

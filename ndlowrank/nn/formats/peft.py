@@ -5,6 +5,8 @@ Keys (as ``PeftModel.save_pretrained`` writes them, the adapter name removed):
 ``.lora_B.weight`` (``(O, r)``, ``(O, r, 1, …)``); embeddings ``.lora_embedding_A`` ``(r, num)`` and
 ``.lora_embedding_B`` ``(dim, r)``. The scale is ``lora_alpha / r`` per layer (``alpha_pattern``
 and ``rank_pattern`` override the defaults; ``/ sqrt(r)`` with ``use_rslora``).
+A transformers ``Conv1D`` (GPT-2) gets the ``nn.Linear`` layout, ``lora_A`` ``(r, in)`` and
+``lora_B`` ``(out, r)``, with ``fan_in_fan_out=True`` as PEFT expects there.
 PEFT runs ``lora_A`` with the base convolution's kernel, stride and padding but neither its
 groups, dilation nor padding mode, so such layers are refused.
 """
@@ -23,6 +25,7 @@ import torch
 
 from .._host import DeltaHost
 from ._layer import (
+    TRANSPOSED,
     LowRankLayer,
     lora_layers,
     read_safetensors,
@@ -50,7 +53,7 @@ def check(name: str, host: DeltaHost) -> None:
         "PEFT LoRA",
         groups=False,
         dilation=False,
-        kinds=("linear", "conv", "embedding", "parameter"),
+        kinds=("linear", TRANSPOSED, "conv", "embedding", "parameter"),
     )
     if host.kind == "parameter" and host.weight.ndim != 2:
         raise ValueError(
@@ -105,7 +108,9 @@ def write(path: str, entries: list[LowRankLayer], **_: Any) -> list[str]:
         "target_parameters": parameters or None,
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # GPT-2's Conv1D: PEFT wants True there (it flips the flag per module with a warning
+        # otherwise), and refuses it for target_parameters
+        "fan_in_fan_out": any(layer.kind == TRANSPOSED for layer in entries) and not parameters,
         "use_rslora": False,
         "use_dora": False,
         "inference_mode": True,
