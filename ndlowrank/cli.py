@@ -54,7 +54,8 @@ def _decompose_one(x: np.ndarray, name: str, args: argparse.Namespace) -> tuple[
     ranks = _ranks_option(args.ranks, x.ndim, name)
     if isinstance(ranks, int):
         ranks = tuple(min(ranks, size) for size in x.shape)
-    options: dict[str, Any] = {"seed": 0} if args.method == "randomized" else {}
+    # the random methods are seeded, so that the same file gives the same factors every run
+    options: dict[str, Any] = {"seed": 0} if args.method in ("randomized", "sketch") else {}
     tol = None if ranks is not None else args.tol
     try:
         t = tucker(x, ranks, tol=tol, method=args.method, **options)
@@ -75,7 +76,7 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 
 def cmd_decompose(args: argparse.Namespace) -> int:
     """Decompose every large-enough floating tensor of a file into Tucker factors."""
-    if args.method in ("hosvd", "randomized") and args.ranks is None:
+    if args.method in ("hosvd", "randomized", "sketch") and args.ranks is None:
         raise UsageError(f"--method {args.method} needs --ranks")
     tensors = read_tensors(args.input)
     out: dict[str, np.ndarray] = {}

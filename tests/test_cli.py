@@ -590,6 +590,10 @@ BAD: dict[str, tuple[Setup, str]] = {
         lambda t: _decompose(_good_npy(t), t / "f.safetensors", "--method", "randomized"),
         r"--method randomized needs --ranks",
     ),
+    "sketch without ranks": (
+        lambda t: _decompose(_good_npy(t), t / "f.safetensors", "--method", "sketch"),
+        r"--method sketch needs --ranks",
+    ),
     "nothing floating": (
         lambda t: (
             np.save(t / "ints.npy", np.ones((40, 40), np.int64))
@@ -807,3 +811,19 @@ def test_atomic_path_refuses_a_directory_or_a_missing_parent(tmp_path):
         with atomic_path(tmp_path / "nowhere" / "x.bin"):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["randomized", "sketch"])
+def test_random_methods_give_the_same_factors_every_run(method, tmp_path, capsys):
+    x = lowrank((24, 16, 3, 3), (4, 3, 2, 2), seed=6, noise=1e-2)
+    np.save(tmp_path / "k.npy", x)
+    stored = []
+    for run_ in range(2):
+        out = tmp_path / f"f{run_}.safetensors"
+        run(
+            ["decompose", str(tmp_path / "k.npy"), "-o", str(out), "--method", method, "--ranks", "4", "-q"],
+            capsys,
+        )
+        stored.append(factors_file(out)[1])
+    for key in stored[0]:
+        np.testing.assert_array_equal(stored[0][key], stored[1][key])
