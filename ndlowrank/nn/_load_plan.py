@@ -35,10 +35,11 @@ from ._file_format import (
     _safetensors,
 )
 from ._host import DeltaHost
+from ._iter import iter_adapters
 from .layers import PATHS, TuckerAdapter, _adapter_class
-from .model import _is_internal, iter_adapters
 from .modules_to_save import ModuleEntry, is_module_entry, parse_module_entry
 from .parameters import ParameterAdapter
+from .targets import _is_internal
 from .ties import check_untied
 
 
