@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -207,6 +208,52 @@ def add_adapters(
     if target_modules is None and exclude_modules is not None:
         raise ValueError("exclude_modules narrows target_modules; pass target_modules too")
     check_adapter_name(adapter_name)
+    chosen = _resolve(
+        model, target_modules, exclude_modules, target_parameters, modules_to_save, dropout, adapter_name
+    )
+    _check_fits(model, chosen, ranks, rank_pattern, init, adapter_name)
+    options: dict[str, Any] = {"init": init, "scale": scale, "dtype": dtype}
+    built = _build(model, chosen, ranks, rank_pattern, options, seed, dropout, path, adapter_name)
+    _commit(model, chosen, built, ranks, rank_pattern, options, seed, adapter_name)
+    _warn_tied(model, chosen.targets())
+    return model
+
+
+@dataclass
+class _Chosen:
+    """What :func:`add_adapters` adapts, before it changes anything."""
+
+    hosts: dict[str, DeltaHost]  # adapters that may take the named adapter beside theirs
+    runs: bool  # whether the new adapter runs once added
+    names: list[str]  # layers that get a layer adapter
+    parameter_names: list[str]  # parameters that get a parameter adapter (routed ones first)
+    routed: dict[str, str]  # parameter routed from a target module: that module's name
+    saved: list[str]  # modules trained in full
+    weights: list[torch.Tensor]  # of ``names`` then ``parameter_names``
+
+    def all_names(self) -> list[str]:
+        return [*self.names, *self.parameter_names]
+
+    def targets(self) -> list[tuple[str, torch.Tensor, bool]]:
+        """``(name, weight, whether it is a parameter)`` per target."""
+        kinds = [False] * len(self.names) + [True] * len(self.parameter_names)
+        return list(zip(self.all_names(), self.weights, kinds, strict=True))
+
+    def ranks_of(self, name: str, ranks: Ranks, rank_pattern: Mapping[str, Ranks] | None) -> Ranks:
+        """A rank_pattern key for a parameter itself wins over one for the module it is routed from."""
+        return _ranks_for(name, _ranks_for(self.routed.get(name, name), ranks, rank_pattern), rank_pattern)
+
+
+def _resolve(
+    model: nn.Module,
+    target_modules: Targets | None,
+    exclude_modules: Targets | None,
+    target_parameters: Sequence[str] | None,
+    modules_to_save: Targets | None,
+    dropout: float,
+    adapter_name: str,
+) -> _Chosen:
+    """The layers, parameters and modules trained in full that :func:`add_adapters` adapts."""
     # adapters that may take this named adapter beside theirs
     hosts = {n: h for n, h in iter_adapters(model) if adapter_name not in h.adapter_names}
     runs = runs_at_once(model, adapter_name)
@@ -254,43 +301,63 @@ def add_adapters(
             raise TypeError(f"module {name!r}: {exc}") from None
     weights: list[torch.Tensor] = [model.get_submodule(n).weight for n in names]  # type: ignore[misc]
     weights += [hosts[n].weight if n in hosts else model.get_parameter(n) for n in parameter_names]
-    for name in [*names, *parameter_names]:
+    return _Chosen(hosts, runs, names, parameter_names, routed, saved, weights)
+
+
+def _check_fits(
+    model: nn.Module,
+    chosen: _Chosen,
+    ranks: Ranks,
+    rank_pattern: Mapping[str, Ranks] | None,
+    init: str,
+    adapter_name: str,
+) -> None:
+    """Every target can take the adapter: a free name on existing adapters, valid ranks, untied for ``"principal"``."""
+    hosts = chosen.hosts
+    for name in chosen.all_names():
         if name in hosts:
             try:
                 hosts[name].check_can_add(adapter_name, init)
-                if runs:
+                if chosen.runs:
                     hosts[name].check_active(
                         [*hosts[name].active_adapters, adapter_name], adding=adapter_name
                     )
             except ValueError as exc:
                 raise ValueError(f"{name!r}: {exc}") from None
-    for name, weight in zip([*names, *parameter_names], weights, strict=True):
+    for name, weight in zip(chosen.all_names(), chosen.weights, strict=True):
         try:  # every rank is checked before any principal init changes a weight
-            validate_ranks(
-                _ranks_for(name, _ranks_for(routed.get(name, name), ranks, rank_pattern), rank_pattern),
-                tuple(weight.shape),
-                clip=True,
-            )
+            validate_ranks(chosen.ranks_of(name, ranks, rank_pattern), tuple(weight.shape), clip=True)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{name!r}: {exc}") from None
-    kinds = [False] * len(names) + [True] * len(parameter_names)  # whether each target is a parameter
-    targets = list(zip([*names, *parameter_names], weights, kinds, strict=True))
     if init == "principal":
         check_untied(
             model,
-            targets,
+            chosen.targets(),
             "the principal init (which replaces the weight by its residual)",
             "use another init, or untie the weights first",
         )
-    snapshots = [w.detach().clone() for w in weights] if init == "principal" else []
-    options: dict[str, Any] = {"init": init, "scale": scale, "dtype": dtype}
+
+
+def _build(
+    model: nn.Module,
+    chosen: _Chosen,
+    ranks: Ranks,
+    rank_pattern: Mapping[str, Ranks] | None,
+    options: dict[str, Any],
+    seed: int | None,
+    dropout: float,
+    path: str,
+    adapter_name: str,
+) -> list[tuple[str, DeltaHost]]:
+    """The new adapters, not yet in ``model``; a failure restores the weights a principal init changed."""
+    snapshots = [w.detach().clone() for w in chosen.weights] if options["init"] == "principal" else []
     built: list[tuple[str, DeltaHost]] = []
     try:
-        for name in [n for n in names if n not in hosts]:
+        for name in [n for n in chosen.names if n not in chosen.hosts]:
             layer = model.get_submodule(name)
             adapter: DeltaHost = TuckerAdapter(
                 layer,
-                _ranks_for(name, ranks, rank_pattern),
+                chosen.ranks_of(name, ranks, rank_pattern),
                 seed=layer_seed(seed, name),
                 dropout=dropout,
                 path=path,
@@ -298,28 +365,43 @@ def add_adapters(
                 **options,
             )
             built.append((name, adapter))
-        for name in [n for n in parameter_names if n not in hosts]:
+        for name in [n for n in chosen.parameter_names if n not in chosen.hosts]:
             parameter = model.get_parameter(name)
-            # a rank_pattern key for the parameter itself wins over one for its module
-            parameter_ranks = _ranks_for(
-                name, _ranks_for(routed.get(name, name), ranks, rank_pattern), rank_pattern
-            )
             adapter = ParameterAdapter(
-                parameter, parameter_ranks, seed=layer_seed(seed, name), adapter_name=adapter_name, **options
+                parameter,
+                chosen.ranks_of(name, ranks, rank_pattern),
+                seed=layer_seed(seed, name),
+                adapter_name=adapter_name,
+                **options,
             )
             built.append((name, adapter))
     except (ValueError, TypeError) as exc:
         with torch.no_grad():  # undo the principal init's change of the base weights, bit for bit
-            for weight, snapshot in zip(weights, snapshots, strict=False):
+            for weight, snapshot in zip(chosen.weights, snapshots, strict=False):
                 weight.copy_(snapshot)
         raise type(exc)(f"{name!r}: {exc}") from None
-    for name in [n for n in [*names, *parameter_names] if n in hosts]:
-        ranks_here = _ranks_for(name, _ranks_for(routed.get(name, name), ranks, rank_pattern), rank_pattern)
+    return built
+
+
+def _commit(
+    model: nn.Module,
+    chosen: _Chosen,
+    built: list[tuple[str, DeltaHost]],
+    ranks: Ranks,
+    rank_pattern: Mapping[str, Ranks] | None,
+    options: dict[str, Any],
+    seed: int | None,
+    adapter_name: str,
+) -> None:
+    """Put the adapters in ``model``, wrap the modules trained in full and train only those."""
+    hosts = chosen.hosts
+    for name in [n for n in chosen.all_names() if n in hosts]:
+        ranks_here = chosen.ranks_of(name, ranks, rank_pattern)
         hosts[name].add_adapter(adapter_name, ranks_here, seed=layer_seed(seed, name), **options)
-        if runs:
+        if chosen.runs:
             hosts[name].set_active([*hosts[name].active_adapters, adapter_name])
     for name, adapter in built:
-        if not runs:
+        if not chosen.runs:
             adapter.set_active(None)
         if isinstance(adapter, TuckerAdapter):
             _set_submodule(model, name, adapter)
@@ -327,10 +409,14 @@ def add_adapters(
             owner_name, _, attribute = name.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             attach_parameter_adapter(owner, attribute, adapter)  # type: ignore[arg-type]
-    for name in saved:
+    for name in chosen.saved:
         if not isinstance(model.get_submodule(name), TrainedCopy):
             _set_submodule(model, name, TrainedCopy(model.get_submodule(name)))
     mark_only_adapters_trainable(model)
+
+
+def _warn_tied(model: nn.Module, targets: list[tuple[str, torch.Tensor, bool]]) -> None:
+    """Warn, from :func:`add_adapters`' caller, about each target whose weight is shared."""
     uses = parameter_uses(model)
     for name, weight, is_parameter in targets:
         users = tied_users(model, weight, name, parameter=is_parameter, uses=uses)
@@ -339,9 +425,8 @@ def add_adapters(
                 f"{name!r}: its weight is tied to {users}; the adapter changes only {name!r}'s use of it, "
                 "merge_adapters refuses to write into the shared weight, and remove_adapters(merge=True) "
                 "gives the module a weight of its own",
-                stacklevel=2,
+                stacklevel=3,
             )
-    return model
 
 
 T = TypeVar("T")
