@@ -25,11 +25,12 @@ from torch import nn
 from .._subspace import mode_spectrum
 from ..decompose import check_tol
 from ..ranks import budget_ranks
+from ._file_format import METADATA_KEY, _fspath
 from ._host import DeltaHost
 from .formats import FORMATS, diffusers, kohya, peft
 from .formats._compress import small_forms, truncate_forms
 from .formats._layer import TRANSPOSED, LowRankLayer, block_sum, keys_of, lora_form
-from .io import METADATA_KEY, _fspath, load_adapters
+from .io import load_adapters
 from .layers import TransposedLinearAdapter, TuckerAdapter, supported_layers
 from .model import add_adapters, iter_adapters, remove_adapters
 from .named import chosen_adapter

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
-import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .._validation import validate_ranks
 from ._host import DEFAULT_ADAPTER, DeltaHost, check_adapter_name
+from ._iter import _parameter_adapters, check_model, iter_adapters
 from .delta import TuckerDelta, layer_seed
 from .layers import TuckerAdapter, _adapter_class
 from .modules_to_save import TrainedCopy, iter_trained_copies
 from .parameters import ParameterAdapter, attach_parameter_adapter, detach_parameter_adapter
-from .targets import Targets, _candidates, _is_internal, _select, select_targets
+from .routing import (
+    READ_BY_ATTRIBUTE as READ_BY_ATTRIBUTE,
+)
+from .routing import (
+    Ranks,
+    _ranks_for,
+    _regex,
+    _routed_parameters,
+    _select_modules,
+    _target_parameters,
+    _without_parameter_adapters,
+)
+from .targets import Targets, _candidates, _select
 from .ties import check_untied, parameter_uses, tied_users, untie
 
 __all__ = [
@@ -30,236 +40,6 @@ __all__ = [
     "remove_adapters",
     "unmerge_adapters",
 ]
-
-Ranks = int | Sequence[int]
-
-READ_BY_ATTRIBUTE: tuple[tuple[type[nn.Module], str], ...] = (
-    # F.multi_head_attention_forward(..., out_proj.weight, out_proj.bias): in training too
-    (nn.MultiheadAttention, "out_proj"),
-    # the inference fast path, torch._transformer_encoder_layer_fwd(..., linear1.weight, ...)
-    (nn.TransformerEncoderLayer, "linear1"),
-    (nn.TransformerEncoderLayer, "linear2"),
-)
-"""``(parent type, child name)``: an ``nn.Linear`` its parent reads as ``.weight``/``.bias`` instead of calling it.
-
-A layer adapter in its place would be bypassed (or break the parent), so :func:`add_adapters`
-gives such a target a :class:`ParameterAdapter` on its ``weight`` instead. torch's
-``nn.TransformerDecoderLayer`` calls its own linears, and ``nn.TransformerEncoder`` reads only
-the children of its layers listed here. Where torch has ``nn.LinearCrossEntropyLoss``, its
-``linear`` (whose weight and bias ``forward`` reshapes) is in the table too.
-"""
-if hasattr(nn, "LinearCrossEntropyLoss"):
-    READ_BY_ATTRIBUTE += ((nn.LinearCrossEntropyLoss, "linear"),)
-
-
-def _parameter_adapters(model: nn.Module) -> Iterator[tuple[str, ParameterAdapter, nn.Module, str]]:
-    """``(parameter name, adapter, owning module, attribute)`` for every parameter adapter."""
-    for module_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for attribute, parametrizations in module.parametrizations.items():
-            for adapter in parametrizations:
-                if isinstance(adapter, ParameterAdapter):
-                    yield (
-                        f"{module_name}.{attribute}" if module_name else attribute,
-                        adapter,
-                        module,
-                        attribute,
-                    )
-
-
-def iter_adapters(model: nn.Module) -> Iterator[tuple[str, DeltaHost]]:
-    """``(name, adapter)`` for every adapter in ``model``.
-
-    Layer adapters (:class:`TuckerAdapter`) are named by their module path
-    (``"layer1.0.conv1"``), parameter adapters (:class:`ParameterAdapter`) by their
-    parameter's path (``"attn.in_proj_weight"``). Each comes once, whatever named adapters
-    it holds (``adapter.adapter_names``); ``adapter.delta`` is its active one's delta.
-    """
-    check_model(model)
-    for name, module in model.named_modules():
-        if isinstance(module, TuckerAdapter):
-            yield name, module
-    for name, adapter, _, _ in _parameter_adapters(model):
-        yield name, adapter
-
-
-def check_model(model: Any) -> None:
-    """Refuse anything but an ``nn.Module`` by name (instead of an ``AttributeError`` deep inside)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def _regex(pattern: str, what: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"{what} is not a valid regular expression ({exc})") from None
-
-
-def _suffix_match(pattern: str, name: str) -> bool:
-    """PEFT's rule for a list entry or a rank_pattern key: the name or a dotted suffix of it."""
-    return re.fullmatch(rf"(.*\.)?({pattern})", name) is not None
-
-
-def _already_adapted(model: nn.Module, matches: Callable[[str], bool], what: str, adapter_name: str) -> None:
-    """Raise if ``what`` (a target that selects nothing adaptable) selects an adapter that holds ``adapter_name``."""
-    for name, adapter in iter_adapters(model):
-        if adapter_name not in adapter.adapter_names:
-            continue
-        covered = [name]
-        if isinstance(adapter, TuckerAdapter):  # the wrapped layer's parameters, by their user-facing names
-            covered += [f"{name}.{key}" if name else key for key, _ in adapter.base_layer.named_parameters()]
-            covered += [f"{name}.{key}" if name else key for key, _ in adapter.named_parameters()]
-        if any(matches(n) for n in covered):
-            raise ValueError(_adapted_message(what, name, adapter, adapter_name))
-
-
-def _select_modules(
-    model: nn.Module, target_modules: Targets, exclude_modules: Targets | None, adapter_name: str
-) -> list[str]:
-    """:func:`select_targets`, saying so when a target selects nothing because it already has this adapter."""
-    try:
-        return select_targets(
-            model, target_modules, exclude_modules=exclude_modules, adapter_name=adapter_name
-        )
-    except ValueError as exc:
-        if "matches no module" not in str(exc):
-            raise
-        if isinstance(target_modules, str):
-            compiled = re.compile(target_modules)
-            _already_adapted(
-                model,
-                lambda n: compiled.fullmatch(n) is not None,
-                f"target_modules={target_modules!r}",
-                adapter_name,
-            )
-        elif isinstance(target_modules, Sequence):
-            for entry in target_modules:
-                if isinstance(entry, str):
-                    _already_adapted(model, _suffix_of(entry), f"target module {entry!r}", adapter_name)
-        raise
-
-
-def _adapted_message(what: str, name: str, adapter: nn.Module, adapter_name: str | None = None) -> str:
-    named = f" named {adapter_name!r}" if adapter_name is not None else ""
-    return (
-        f"{what} already has an adapter{named} ({type(adapter).__name__} {name!r}); a weight takes one "
-        "adapter of each name and one kind of adapter: remove it first (ndlowrank.nn.remove_adapters), load "
-        "trained values into it (ndlowrank.nn.load_adapters) or add another one under another adapter_name"
-    )
-
-
-def _suffix_of(target: str) -> Callable[[str], bool]:
-    return lambda name: name == target or name.endswith("." + target)
-
-
-def _without_parameter_adapters(model: nn.Module, names: list[str]) -> list[str]:
-    """``names``, after checking that no parameter of these modules has a parameter adapter already."""
-    for name in names:
-        module = model.get_submodule(name)
-        if parametrize.is_parametrized(module):
-            parametrized: Any = module.parametrizations
-            for attribute, parametrizations in parametrized.items():
-                adapters = [p for p in parametrizations if isinstance(p, ParameterAdapter)]
-                if adapters:
-                    raise ValueError(_adapted_message(f"module {name!r}", f"{name}.{attribute}", adapters[0]))
-    return names
-
-
-def _target_parameters(
-    model: nn.Module,
-    target_parameters: Sequence[str],
-    hosts: Mapping[str, DeltaHost] | None = None,
-    adapter_name: str = DEFAULT_ADAPTER,
-) -> list[str]:
-    """Names of the parameters ``target_parameters`` selects (exact names or dotted suffixes).
-
-    ``hosts``: parameter adapters that may take another named adapter, candidates too.
-    """
-    if isinstance(target_parameters, str):
-        raise TypeError("target_parameters must be a list of parameter names, e.g. ['attn.in_proj_weight']")
-    owned = {id(p) for _, adapter in iter_adapters(model) for p in adapter.parameters()}
-    # every name of a tied parameter (GPT-2's lm_head.weight is wte.weight) can be a target
-    candidates = [
-        name
-        for name, p in model.named_parameters(remove_duplicate=False)
-        if not _is_internal(name) and id(p) not in owned
-    ]
-    candidates += [name for name, host in (hosts or {}).items() if isinstance(host, ParameterAdapter)]
-    chosen: list[str] = []
-    for k, target in enumerate(target_parameters):
-        if not isinstance(target, str):
-            raise TypeError(
-                f"target_parameters[{k}]={target!r} is a {type(target).__name__}; give parameter names as strings"
-            )
-        matched = [name for name in candidates if _suffix_of(target)(name)]
-        if not matched:
-            _already_adapted(model, _suffix_of(target), f"target parameter {target!r}", adapter_name)
-            raise ValueError(f"target parameter {target!r} matches no parameter of the model")
-        for name in matched:
-            shape = tuple(
-                (hosts[name].weight if hosts and name in hosts else model.get_parameter(name)).shape
-            )
-            if len(shape) < 2:
-                raise ValueError(
-                    f"parameter {name!r} has shape {shape}: a Tucker delta needs at least 2 modes"
-                )
-        chosen += [name for name in matched if name not in chosen]
-    return chosen
-
-
-def _read_by_parent(model: nn.Module, name: str) -> bool:
-    """Whether its parent reads the layer ``name``'s weight instead of calling it.
-
-    True for the pairs of :data:`READ_BY_ATTRIBUTE` and for any child whose weight the
-    parent's ``forward`` passes on as ``self.<child>.weight`` (timm's BEiT/EVA attention:
-    ``F.linear(x, self.qkv.weight, ...)``), found in the parent class's source.
-    """
-    if not name:
-        return False
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if any(
-        isinstance(parent, parent_type) and child == child_name
-        for parent_type, child_name in READ_BY_ATTRIBUTE
-    ):
-        return isinstance(model.get_submodule(name), nn.Linear)
-    return child in _weights_read_in_forward(type(parent).forward)
-
-
-@functools.cache
-def _weights_read_in_forward(forward: Callable[..., Any]) -> frozenset[str]:
-    """Children whose weight a parent's ``forward`` uses as a tensor (``self.<child>.weight`` not followed by ``.`` or ``[``)."""
-    try:
-        source = inspect.getsource(forward)
-    except (OSError, TypeError):  # no source (a compiled or built-in class): nothing is known
-        return frozenset()
-    return frozenset(re.findall(r"self\.(\w+)\.weight\b(?!\s*[.\[])", source))
-
-
-def _routed_parameters(model: nn.Module, name: str) -> list[str]:
-    """Parameters that stand for the target module ``name``: its weight if its parent reads it, the projections of attention.
-
-    Empty for a module that gets a layer adapter.
-    """
-    module = model.get_submodule(name)
-    prefix = f"{name}." if name else ""
-    if isinstance(module, nn.MultiheadAttention):
-        projections = ["in_proj_weight"] if module.in_proj_weight is not None else []
-        projections = projections or ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-        return [prefix + p for p in projections] + [f"{prefix}out_proj.weight"]
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.ndim >= 2 and _read_by_parent(model, name):
-        return [f"{prefix}weight"]
-    return []
-
-
-def _ranks_for(name: str, ranks: Ranks, rank_pattern: Mapping[str, Ranks] | None) -> Ranks:
-    for pattern, pattern_ranks in (rank_pattern or {}).items():
-        if _suffix_match(pattern, name):
-            return pattern_ranks
-    return ranks
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -428,6 +208,52 @@ def add_adapters(
     if target_modules is None and exclude_modules is not None:
         raise ValueError("exclude_modules narrows target_modules; pass target_modules too")
     check_adapter_name(adapter_name)
+    chosen = _resolve(
+        model, target_modules, exclude_modules, target_parameters, modules_to_save, dropout, adapter_name
+    )
+    _check_fits(model, chosen, ranks, rank_pattern, init, adapter_name)
+    options: dict[str, Any] = {"init": init, "scale": scale, "dtype": dtype}
+    built = _build(model, chosen, ranks, rank_pattern, options, seed, dropout, path, adapter_name)
+    _commit(model, chosen, built, ranks, rank_pattern, options, seed, adapter_name)
+    _warn_tied(model, chosen.targets())
+    return model
+
+
+@dataclass
+class _Chosen:
+    """What :func:`add_adapters` adapts, before it changes anything."""
+
+    hosts: dict[str, DeltaHost]  # adapters that may take the named adapter beside theirs
+    runs: bool  # whether the new adapter runs once added
+    names: list[str]  # layers that get a layer adapter
+    parameter_names: list[str]  # parameters that get a parameter adapter (routed ones first)
+    routed: dict[str, str]  # parameter routed from a target module: that module's name
+    saved: list[str]  # modules trained in full
+    weights: list[torch.Tensor]  # of ``names`` then ``parameter_names``
+
+    def all_names(self) -> list[str]:
+        return [*self.names, *self.parameter_names]
+
+    def targets(self) -> list[tuple[str, torch.Tensor, bool]]:
+        """``(name, weight, whether it is a parameter)`` per target."""
+        kinds = [False] * len(self.names) + [True] * len(self.parameter_names)
+        return list(zip(self.all_names(), self.weights, kinds, strict=True))
+
+    def ranks_of(self, name: str, ranks: Ranks, rank_pattern: Mapping[str, Ranks] | None) -> Ranks:
+        """A rank_pattern key for a parameter itself wins over one for the module it is routed from."""
+        return _ranks_for(name, _ranks_for(self.routed.get(name, name), ranks, rank_pattern), rank_pattern)
+
+
+def _resolve(
+    model: nn.Module,
+    target_modules: Targets | None,
+    exclude_modules: Targets | None,
+    target_parameters: Sequence[str] | None,
+    modules_to_save: Targets | None,
+    dropout: float,
+    adapter_name: str,
+) -> _Chosen:
+    """The layers, parameters and modules trained in full that :func:`add_adapters` adapts."""
     # adapters that may take this named adapter beside theirs
     hosts = {n: h for n, h in iter_adapters(model) if adapter_name not in h.adapter_names}
     runs = runs_at_once(model, adapter_name)
@@ -475,43 +301,63 @@ def add_adapters(
             raise TypeError(f"module {name!r}: {exc}") from None
     weights: list[torch.Tensor] = [model.get_submodule(n).weight for n in names]  # type: ignore[misc]
     weights += [hosts[n].weight if n in hosts else model.get_parameter(n) for n in parameter_names]
-    for name in [*names, *parameter_names]:
+    return _Chosen(hosts, runs, names, parameter_names, routed, saved, weights)
+
+
+def _check_fits(
+    model: nn.Module,
+    chosen: _Chosen,
+    ranks: Ranks,
+    rank_pattern: Mapping[str, Ranks] | None,
+    init: str,
+    adapter_name: str,
+) -> None:
+    """Every target can take the adapter: a free name on existing adapters, valid ranks, untied for ``"principal"``."""
+    hosts = chosen.hosts
+    for name in chosen.all_names():
         if name in hosts:
             try:
                 hosts[name].check_can_add(adapter_name, init)
-                if runs:
+                if chosen.runs:
                     hosts[name].check_active(
                         [*hosts[name].active_adapters, adapter_name], adding=adapter_name
                     )
             except ValueError as exc:
                 raise ValueError(f"{name!r}: {exc}") from None
-    for name, weight in zip([*names, *parameter_names], weights, strict=True):
+    for name, weight in zip(chosen.all_names(), chosen.weights, strict=True):
         try:  # every rank is checked before any principal init changes a weight
-            validate_ranks(
-                _ranks_for(name, _ranks_for(routed.get(name, name), ranks, rank_pattern), rank_pattern),
-                tuple(weight.shape),
-                clip=True,
-            )
+            validate_ranks(chosen.ranks_of(name, ranks, rank_pattern), tuple(weight.shape), clip=True)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{name!r}: {exc}") from None
-    kinds = [False] * len(names) + [True] * len(parameter_names)  # whether each target is a parameter
-    targets = list(zip([*names, *parameter_names], weights, kinds, strict=True))
     if init == "principal":
         check_untied(
             model,
-            targets,
+            chosen.targets(),
             "the principal init (which replaces the weight by its residual)",
             "use another init, or untie the weights first",
         )
-    snapshots = [w.detach().clone() for w in weights] if init == "principal" else []
-    options: dict[str, Any] = {"init": init, "scale": scale, "dtype": dtype}
+
+
+def _build(
+    model: nn.Module,
+    chosen: _Chosen,
+    ranks: Ranks,
+    rank_pattern: Mapping[str, Ranks] | None,
+    options: dict[str, Any],
+    seed: int | None,
+    dropout: float,
+    path: str,
+    adapter_name: str,
+) -> list[tuple[str, DeltaHost]]:
+    """The new adapters, not yet in ``model``; a failure restores the weights a principal init changed."""
+    snapshots = [w.detach().clone() for w in chosen.weights] if options["init"] == "principal" else []
     built: list[tuple[str, DeltaHost]] = []
     try:
-        for name in [n for n in names if n not in hosts]:
+        for name in [n for n in chosen.names if n not in chosen.hosts]:
             layer = model.get_submodule(name)
             adapter: DeltaHost = TuckerAdapter(
                 layer,
-                _ranks_for(name, ranks, rank_pattern),
+                chosen.ranks_of(name, ranks, rank_pattern),
                 seed=layer_seed(seed, name),
                 dropout=dropout,
                 path=path,
@@ -519,28 +365,43 @@ def add_adapters(
                 **options,
             )
             built.append((name, adapter))
-        for name in [n for n in parameter_names if n not in hosts]:
+        for name in [n for n in chosen.parameter_names if n not in chosen.hosts]:
             parameter = model.get_parameter(name)
-            # a rank_pattern key for the parameter itself wins over one for its module
-            parameter_ranks = _ranks_for(
-                name, _ranks_for(routed.get(name, name), ranks, rank_pattern), rank_pattern
-            )
             adapter = ParameterAdapter(
-                parameter, parameter_ranks, seed=layer_seed(seed, name), adapter_name=adapter_name, **options
+                parameter,
+                chosen.ranks_of(name, ranks, rank_pattern),
+                seed=layer_seed(seed, name),
+                adapter_name=adapter_name,
+                **options,
             )
             built.append((name, adapter))
     except (ValueError, TypeError) as exc:
         with torch.no_grad():  # undo the principal init's change of the base weights, bit for bit
-            for weight, snapshot in zip(weights, snapshots, strict=False):
+            for weight, snapshot in zip(chosen.weights, snapshots, strict=False):
                 weight.copy_(snapshot)
         raise type(exc)(f"{name!r}: {exc}") from None
-    for name in [n for n in [*names, *parameter_names] if n in hosts]:
-        ranks_here = _ranks_for(name, _ranks_for(routed.get(name, name), ranks, rank_pattern), rank_pattern)
+    return built
+
+
+def _commit(
+    model: nn.Module,
+    chosen: _Chosen,
+    built: list[tuple[str, DeltaHost]],
+    ranks: Ranks,
+    rank_pattern: Mapping[str, Ranks] | None,
+    options: dict[str, Any],
+    seed: int | None,
+    adapter_name: str,
+) -> None:
+    """Put the adapters in ``model``, wrap the modules trained in full and train only those."""
+    hosts = chosen.hosts
+    for name in [n for n in chosen.all_names() if n in hosts]:
+        ranks_here = chosen.ranks_of(name, ranks, rank_pattern)
         hosts[name].add_adapter(adapter_name, ranks_here, seed=layer_seed(seed, name), **options)
-        if runs:
+        if chosen.runs:
             hosts[name].set_active([*hosts[name].active_adapters, adapter_name])
     for name, adapter in built:
-        if not runs:
+        if not chosen.runs:
             adapter.set_active(None)
         if isinstance(adapter, TuckerAdapter):
             _set_submodule(model, name, adapter)
@@ -548,10 +409,14 @@ def add_adapters(
             owner_name, _, attribute = name.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             attach_parameter_adapter(owner, attribute, adapter)  # type: ignore[arg-type]
-    for name in saved:
+    for name in chosen.saved:
         if not isinstance(model.get_submodule(name), TrainedCopy):
             _set_submodule(model, name, TrainedCopy(model.get_submodule(name)))
     mark_only_adapters_trainable(model)
+
+
+def _warn_tied(model: nn.Module, targets: list[tuple[str, torch.Tensor, bool]]) -> None:
+    """Warn, from :func:`add_adapters`' caller, about each target whose weight is shared."""
     uses = parameter_uses(model)
     for name, weight, is_parameter in targets:
         users = tied_users(model, weight, name, parameter=is_parameter, uses=uses)
@@ -560,9 +425,8 @@ def add_adapters(
                 f"{name!r}: its weight is tied to {users}; the adapter changes only {name!r}'s use of it, "
                 "merge_adapters refuses to write into the shared weight, and remove_adapters(merge=True) "
                 "gives the module a weight of its own",
-                stacklevel=2,
+                stacklevel=3,
             )
-    return model
 
 
 T = TypeVar("T")

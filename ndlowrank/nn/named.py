@@ -24,9 +24,10 @@ from torch import nn
 
 from ..tenalg import mode_product
 from ._host import DeltaHost, check_adapter_name
+from ._iter import _parameter_adapters, iter_adapters
 from .delta import TuckerDelta
 from .layers import TuckerAdapter
-from .model import _parameter_adapters, _set_submodule, iter_adapters
+from .model import _set_submodule
 from .parameters import detach_parameter_adapter
 
 __all__ = [
