@@ -292,8 +292,11 @@ def sthosvd(
     >>> bool(np.linalg.norm(x - t.to_dense()) <= 1e-6 * np.linalg.norm(x))
     True
     """
+    for option, value in (("oversample", oversample), ("power_iters", power_iters)):
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"{option} must be a non-negative int, got {value!r}")
     if (native := native_routine(x, "sthosvd")) is not None:
-        options = {"oversample": oversample, "power_iters": power_iters, "seed": seed}
+        options = {"oversample": int(oversample), "power_iters": int(power_iters), "seed": seed}
         return native(x, ranks, tol=tol, order=order, solver=solver, **options)
     prepared = PreparedTensor(x)
     shape = tuple(prepared.y.shape)
@@ -302,9 +305,6 @@ def sthosvd(
     if solver == "randomized" and fixed is None:
         raise ValueError('solver="randomized" needs ranks=; it cannot choose ranks from tol=')
     modes = _check_order(order, len(shape))
-    for option, value in (("oversample", oversample), ("power_iters", power_iters)):
-        if not _is_int(value) or value < 0:
-            raise ValueError(f"{option} must be a non-negative int, got {value!r}")
     rng = make_rng(seed)
     xp = prepared.xp
     if tol is not None:
@@ -378,14 +378,6 @@ def hooi(
     >>> bool(np.linalg.norm(x - t.to_dense()) <= np.linalg.norm(x - start.to_dense()))
     True
     """
-    if (native := native_routine(x, "hooi")) is not None:
-        options = {"callback": callback, "verbose": verbose}
-        return native(x, ranks, init=init, max_iter=max_iter, tol=tol, solver=solver, **options)
-    prepared = PreparedTensor(x)
-    ranks = validate_ranks(ranks, prepared.y.shape)
-    solver = _check_solver(solver)
-    if solver == "randomized":
-        raise ValueError('hooi does not take solver="randomized"; use "auto", "gram" or "svd"')
     if not _is_int(max_iter) or max_iter < 0:
         raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
     max_iter = int(max_iter)
@@ -394,6 +386,14 @@ def hooi(
     tol = float(tol)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(iteration, relative_error), got {callback!r}")
+    if (native := native_routine(x, "hooi")) is not None:
+        options = {"callback": callback, "verbose": verbose}
+        return native(x, ranks, init=init, max_iter=max_iter, tol=tol, solver=solver, **options)
+    prepared = PreparedTensor(x)
+    ranks = validate_ranks(ranks, prepared.y.shape)
+    solver = _check_solver(solver)
+    if solver == "randomized":
+        raise ValueError('hooi does not take solver="randomized"; use "auto", "gram" or "svd"')
     if prepared.is_zero:
         return _zero_result(prepared, ranks)
     xp, y = prepared.xp, prepared.y

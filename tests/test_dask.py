@@ -132,7 +132,19 @@ def test_bad_arguments_read_nothing():
         nl.hosvd(lazy, 2, solver="randomized")
     with pytest.raises(ValueError, match="init has factors of shapes"):
         nl.hooi(lazy, 2, init=[np.ones((20, 2)), np.ones((16, 3)), np.ones((12, 2))])
+    with pytest.raises(ValueError, match="power_iters must be a non-negative int"):
+        nl.sthosvd(lazy, 2, solver="randomized", power_iters=-1)
+    with pytest.raises(ValueError, match="seed must be None, a non-negative int"):
+        nl.sthosvd(lazy, 2, solver="randomized", seed="zero")
+    with pytest.raises(TypeError, match="callback must be callable"):
+        nl.hooi(lazy, 2, callback=1)
     assert passes() == 0
+
+
+def test_hooi_takes_numpy_ints_like_numpy():
+    x = low_rank_tensor()
+    lazy = da.from_array(x, chunks=(7, 5, 6))
+    _assert_same(nl.hooi(lazy, 2, max_iter=np.int64(3)), nl.hooi(x, 2, max_iter=np.int64(3)))
 
 
 # the first pass's Gram sums may meet inf - inf in dask's own tree sum; that pass is redone rescaled
