@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ._backend import device_of, from_numpy
-from ._validation import validate_ranks
+from ._validation import make_rng, validate_ranks
 from .decompose import PreparedTensor, _zero_result, hosvd
 from .tenalg import multi_mode_product, unfold
 from .tucker import TuckerTensor
@@ -116,7 +116,7 @@ def _start(
     if init == "svd":
         start = hosvd(y, ranks)
         return xp.abs(start.core), [xp.abs(f) for f in start.factors]
-    rng = np.random.default_rng(seed)
+    rng = make_rng(seed)
     factors = [_uniform((size, r), rng, y, xp=xp) for size, r in zip(y.shape, ranks, strict=True)]
     core = _uniform(ranks, rng, y, xp=xp)
     scale = math.sqrt(norm2) / float(TuckerTensor(core, factors).norm())

@@ -10,7 +10,7 @@ import array_api_compat.numpy as npx
 import numpy as np
 
 from ._backend import device_of, from_numpy, get_namespace, native_routine
-from ._validation import validate_ranks
+from ._validation import make_rng, validate_ranks
 from .decompose import PreparedTensor, _zero_result, sthosvd
 from .tenalg import multi_mode_product, unfold
 
@@ -91,7 +91,7 @@ def tucker_sketch(
     ranks = validate_ranks(ranks, shape)
     widths = _widths(width, [2 * r + 1 for r in ranks], shape, ranks, "width")
     core_widths = _widths(core_width, [2 * k + 1 for k in widths], shape, widths, "core_width")
-    rng = np.random.default_rng(seed)
+    rng = make_rng(seed)
     omegas = [
         [rng.standard_normal((size, widths[n])) for k, size in enumerate(shape) if k != n]
         for n in range(len(shape))
