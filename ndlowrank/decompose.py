@@ -498,6 +498,7 @@ def tucker(
     if method not in METHODS:
         raise ValueError(f"unknown method={method!r}; known methods: {list(METHODS)}")
     if isinstance(ranks, (float, str)):
+        require_arrays(x=x)  # the rule reads x.shape
         if isinstance(ranks, str) and ranks != "same":
             raise TypeError(f"ranks must be an int, a sequence of ints, a float or 'same', got {ranks!r}")
         from .ranks import fraction_ranks  # imported here: ranks builds on this module

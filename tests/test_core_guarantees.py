@@ -284,6 +284,9 @@ def test_scale_of_principal_and_huge_scales_follow_one_rule():
         (lambda: nl.TuckerTensor(None, []), "core must be an array"),
         (lambda: nl.TuckerTensor(np.ones((2, 2)), np.ones((3, 2))), "wrap a single array in a list"),
         (lambda: nl.sthosvd(None, 2), "x must be an array"),
+        (lambda: nl.tucker(None, 0.5), "x must be an array"),
+        (lambda: nl.tucker_sketch(None, 2), "x must be an array"),
+        (lambda: nl.select_ranks(None, energy=0.9), "x must be an array"),
         (lambda: nl.hooi(np.ones((4, 3)), 2, callback=3), "callback must be callable"),
     ],
 )
