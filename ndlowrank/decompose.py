@@ -81,7 +81,12 @@ class PreparedTensor:
         return float(self.xp.linalg.vector_norm(self.y)) ** 2
 
     def finish(self, core: Any, factors: Sequence[Any]) -> TuckerTensor:
-        """Undo the rescaling and return the result in the output dtype.
+        """Undo the rescaling and return the result in the output dtype (see :meth:`restore`)."""
+        core, factors = self.restore(core, factors)
+        return TuckerTensor(core, factors)
+
+    def restore(self, core: Any, factors: Sequence[Any]) -> tuple[Any, list[Any]]:
+        """Undo the rescaling of ``core`` and cast it and ``factors`` to the output dtype.
 
         Raises
         ------
@@ -103,7 +108,7 @@ class PreparedTensor:
             )
         cast = [a if a.dtype == self.out_dtype else xp.astype(a, self.out_dtype) for a in (core, *factors)]
         core = cast[0] if self.exponent == 0 else times_power_of_two(cast[0], self.exponent)
-        return TuckerTensor(core, cast[1:])
+        return core, cast[1:]
 
 
 def _check_solver(solver: Any) -> str:
