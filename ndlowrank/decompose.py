@@ -137,6 +137,25 @@ def warn_unreachable_tol(tol: float, dtype: Any, xp: ModuleType) -> None:
         )
 
 
+def check_iterations(max_iter: Any, tol: Any, callback: Any) -> tuple[int, float]:
+    """The stopping options of an iterative method, checked: ``max_iter`` and ``tol`` as int and float.
+
+    Raises
+    ------
+    ValueError
+        If ``max_iter`` is not a non-negative int or ``tol`` not a non-negative number.
+    TypeError
+        If ``callback`` is neither ``None`` nor callable.
+    """
+    if not _is_int(max_iter) or max_iter < 0:
+        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not tol >= 0:
+        raise ValueError(f"tol must be a non-negative float, got {tol!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(iteration, relative_error), got {callback!r}")
+    return int(max_iter), float(tol)
+
+
 def check_tol(tol: Any) -> float:
     if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating, np.integer)):
         raise TypeError(f"tol must be a float in (0, 1), got {tol!r} ({type(tol).__name__})")
@@ -383,14 +402,7 @@ def hooi(
     >>> bool(np.linalg.norm(x - t.to_dense()) <= np.linalg.norm(x - start.to_dense()))
     True
     """
-    if not _is_int(max_iter) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
-    max_iter = int(max_iter)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not tol >= 0:
-        raise ValueError(f"tol must be a non-negative float, got {tol!r}")
-    tol = float(tol)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable as callback(iteration, relative_error), got {callback!r}")
+    max_iter, tol = check_iterations(max_iter, tol, callback)
     if (native := native_routine(x, "hooi")) is not None:
         options = {"callback": callback, "verbose": verbose}
         return native(x, ranks, init=init, max_iter=max_iter, tol=tol, solver=solver, **options)

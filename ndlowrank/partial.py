@@ -11,7 +11,7 @@ import array_api_compat
 from ._backend import device_of, get_namespace
 from ._subspace import leading_subspace
 from ._validation import validate_ranks
-from .decompose import PreparedTensor, hooi, sthosvd
+from .decompose import PreparedTensor, check_iterations, hooi, sthosvd
 from .tenalg import check_mode, multi_mode_product, unfold
 from .tucker import TuckerTensor
 
@@ -73,6 +73,7 @@ def partial_tucker(
     ((3, 3, 1), [(4, 3), (3, 1)])
     """
     _refuse_dask(x, "partial_tucker")
+    max_iter, tol = check_iterations(max_iter, tol, None)
     prepared = PreparedTensor(x)
     xp, y = prepared.xp, prepared.y
     chosen = [check_mode(m, y.ndim, name=f"modes[{k}]") for k, m in enumerate(modes)]
@@ -151,6 +152,7 @@ def masked_tucker(
     True
     """
     _refuse_dask(x, "masked_tucker")
+    max_iter, tol = check_iterations(max_iter, tol, callback)
     xp = get_namespace(x, mask, names=("x", "mask"))
     if tuple(mask.shape) != tuple(x.shape):
         raise ValueError(f"mask has shape {tuple(mask.shape)}; it must have x's shape {tuple(x.shape)}")
