@@ -491,7 +491,7 @@ def tucker(
     tol : float in (0, 1), optional
         Relative error bound ``‖x − t‖ ≤ tol · ‖x‖``, guaranteed by every method that
         accepts it: ``"sthosvd"`` chooses the ranks; ``"hooi"`` starts from that
-        ST-HOSVD and only improves on it. ``"hosvd"`` and ``"randomized"`` need ``ranks``.
+        ST-HOSVD and only improves on it. ``"hosvd"``, ``"randomized"`` and ``"sketch"`` need ``ranks``.
     method : {"sthosvd", "hosvd", "hooi", "randomized", "sketch"}, default "sthosvd"
         ``"randomized"`` is :func:`sthosvd` with ``solver="randomized"``; ``"sketch"`` is
         :func:`ndlowrank.tucker_sketch`, which reads ``x`` once.
