@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from ._backend import compute_dtype, eigh
 from ._subspace import _fix_signs, rank_for_budget
-from ._validation import validate_ranks
+from ._validation import make_rng, validate_ranks
 from .decompose import _check_order, _check_solver, _ranks_or_tol
 from .tenalg import multi_mode_product
 from .tucker import TuckerTensor
@@ -358,14 +358,17 @@ def sthosvd(
     power_iters: int = 2,
     seed: int | np.random.Generator | None = None,
 ) -> TuckerTensor:
-    """:func:`ndlowrank.sthosvd` of a dask array (see the module docstring)."""
+    """:func:`ndlowrank.sthosvd` of a dask array (see the module docstring).
+
+    ``oversample`` and ``power_iters`` are checked by :func:`ndlowrank.sthosvd`.
+    """
     shape = tuple(int(s) for s in x.shape)
     fixed, tol = _ranks_or_tol(ranks, tol, shape)
     solver = _dask_solver(solver, method="sthosvd")
     if solver == "randomized" and fixed is None:
         raise ValueError('solver="randomized" needs ranks=; it cannot choose ranks from tol=')
     modes = _check_order(order, len(shape))
-    options = _Sketching(oversample, power_iters, np.random.default_rng(seed))
+    options = _Sketching(oversample, power_iters, make_rng(seed))
     first_rank = None if fixed is None else fixed[modes[0]]
     prepared, first = _prepare(x, lambda y: _mode_statistic(y, modes[0], solver, first_rank, options))
     if prepared.is_zero:
@@ -435,13 +438,12 @@ def hooi(
     callback: Callable[[int, float], Any] | None = None,
     verbose: bool = False,
 ) -> TuckerTensor:
-    """:func:`ndlowrank.hooi` of a dask array: one pass per mode and sweep, one for the core."""
+    """:func:`ndlowrank.hooi` of a dask array: one pass per mode and sweep, one for the core.
+
+    ``max_iter``, ``tol`` and ``callback`` are checked by :func:`ndlowrank.hooi`.
+    """
     ranks = validate_ranks(ranks, tuple(x.shape))
     _dask_solver(solver, method="hooi")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
-    if not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be a non-negative float, got {tol!r}")
     factors = _start_factors(x, ranks, init)
     if factors is not None:
         start = factors

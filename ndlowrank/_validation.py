@@ -121,7 +121,7 @@ def validate_ranks(ranks: Any, shape: Sequence[int], *, clip: bool = False) -> t
     return checked
 
 
-def check_scale(scale: Any, *, principal: bool = False, name: str = "scale") -> float:
+def check_scale(scale: Any, *, principal: bool = False) -> float:
     """Validate the multiplier of a delta and return it as a float: the one rule for every ``scale``.
 
     ``scale`` must be a real number (not a bool) with ``|scale| <= MAX_SCALE`` (1e6);
@@ -143,33 +143,33 @@ def check_scale(scale: Any, *, principal: bool = False, name: str = "scale") -> 
     4.0
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {scale!r} ({type(scale).__name__})")
+        raise TypeError(f"scale must be a real number, got {scale!r} ({type(scale).__name__})")
     try:
         value = float(scale)
     except OverflowError:  # an int beyond float's range, such as 10**400
         value = math.inf
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {scale!r}")
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
     if abs(value) > MAX_SCALE:
         raise ValueError(
-            f"{name}={value!r} is too large: |{name}| <= {MAX_SCALE:g} keeps {name} · ΔW representable; "
+            f"scale={value!r} is too large: |scale| <= {MAX_SCALE:g} keeps scale · ΔW representable; "
             "scale the learning rate or the initial values instead"
         )
     if principal and abs(value) < MIN_PRINCIPAL_SCALE:
         raise ValueError(
-            f"init='principal' divides the core by {name}, so it needs |{name}| >= {MIN_PRINCIPAL_SCALE:g}, "
-            f"got {name}={value!r}"
+            f"init='principal' divides the core by scale, so it needs |scale| >= {MIN_PRINCIPAL_SCALE:g}, "
+            f"got scale={value!r}"
         )
     return value
 
 
-def check_seed(seed: Any, *, generator: bool = True, name: str = "seed") -> Any:
+def check_seed(seed: Any, *, generator: bool = True) -> Any:
     """Validate a seed: ``None``, a non-negative int (returned as ``int``) or, with ``generator``, a numpy ``Generator``.
 
     Raises
     ------
     ValueError
-        For anything else (a bool, a string, a float, a negative int), naming the argument.
+        For anything else (a bool, a string, a float, a negative int), naming ``seed``.
     """
     if seed is None or (generator and isinstance(seed, np.random.Generator)):
         return seed
@@ -177,10 +177,10 @@ def check_seed(seed: Any, *, generator: bool = True, name: str = "seed") -> Any:
         allowed = (
             "None, a non-negative int or a numpy Generator" if generator else "None or a non-negative int"
         )
-        raise ValueError(f"{name} must be {allowed}, got {seed!r} ({type(seed).__name__})")
+        raise ValueError(f"seed must be {allowed}, got {seed!r} ({type(seed).__name__})")
     return int(seed)
 
 
-def make_rng(seed: Any, *, name: str = "seed") -> np.random.Generator:
+def make_rng(seed: Any) -> np.random.Generator:
     """A numpy ``Generator`` from a seed that :func:`check_seed` accepts (a ``Generator`` is returned as is)."""
-    return np.random.default_rng(check_seed(seed, name=name))
+    return np.random.default_rng(check_seed(seed))

@@ -81,7 +81,12 @@ class PreparedTensor:
         return float(self.xp.linalg.vector_norm(self.y)) ** 2
 
     def finish(self, core: Any, factors: Sequence[Any]) -> TuckerTensor:
-        """Undo the rescaling and return the result in the output dtype.
+        """Undo the rescaling and return the result in the output dtype (see :meth:`restore`)."""
+        core, factors = self.restore(core, factors)
+        return TuckerTensor(core, factors)
+
+    def restore(self, core: Any, factors: Sequence[Any]) -> tuple[Any, list[Any]]:
+        """Undo the rescaling of ``core`` and cast it and ``factors`` to the output dtype.
 
         Raises
         ------
@@ -103,7 +108,7 @@ class PreparedTensor:
             )
         cast = [a if a.dtype == self.out_dtype else xp.astype(a, self.out_dtype) for a in (core, *factors)]
         core = cast[0] if self.exponent == 0 else times_power_of_two(cast[0], self.exponent)
-        return TuckerTensor(core, cast[1:])
+        return core, cast[1:]
 
 
 def _check_solver(solver: Any) -> str:
@@ -130,6 +135,25 @@ def warn_unreachable_tol(tol: float, dtype: Any, xp: ModuleType) -> None:
             ToleranceWarning,
             stacklevel=3,
         )
+
+
+def check_iterations(max_iter: Any, tol: Any, callback: Any) -> tuple[int, float]:
+    """The stopping options of an iterative method, checked: ``max_iter`` and ``tol`` as int and float.
+
+    Raises
+    ------
+    ValueError
+        If ``max_iter`` is not a non-negative int or ``tol`` not a non-negative number.
+    TypeError
+        If ``callback`` is neither ``None`` nor callable.
+    """
+    if not _is_int(max_iter) or max_iter < 0:
+        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not tol >= 0:
+        raise ValueError(f"tol must be a non-negative float, got {tol!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(iteration, relative_error), got {callback!r}")
+    return int(max_iter), float(tol)
 
 
 def check_tol(tol: Any) -> float:
@@ -292,8 +316,11 @@ def sthosvd(
     >>> bool(np.linalg.norm(x - t.to_dense()) <= 1e-6 * np.linalg.norm(x))
     True
     """
+    for option, value in (("oversample", oversample), ("power_iters", power_iters)):
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"{option} must be a non-negative int, got {value!r}")
     if (native := native_routine(x, "sthosvd")) is not None:
-        options = {"oversample": oversample, "power_iters": power_iters, "seed": seed}
+        options = {"oversample": int(oversample), "power_iters": int(power_iters), "seed": seed}
         return native(x, ranks, tol=tol, order=order, solver=solver, **options)
     prepared = PreparedTensor(x)
     shape = tuple(prepared.y.shape)
@@ -302,9 +329,6 @@ def sthosvd(
     if solver == "randomized" and fixed is None:
         raise ValueError('solver="randomized" needs ranks=; it cannot choose ranks from tol=')
     modes = _check_order(order, len(shape))
-    for option, value in (("oversample", oversample), ("power_iters", power_iters)):
-        if not _is_int(value) or value < 0:
-            raise ValueError(f"{option} must be a non-negative int, got {value!r}")
     rng = make_rng(seed)
     xp = prepared.xp
     if tol is not None:
@@ -378,6 +402,7 @@ def hooi(
     >>> bool(np.linalg.norm(x - t.to_dense()) <= np.linalg.norm(x - start.to_dense()))
     True
     """
+    max_iter, tol = check_iterations(max_iter, tol, callback)
     if (native := native_routine(x, "hooi")) is not None:
         options = {"callback": callback, "verbose": verbose}
         return native(x, ranks, init=init, max_iter=max_iter, tol=tol, solver=solver, **options)
@@ -386,14 +411,6 @@ def hooi(
     solver = _check_solver(solver)
     if solver == "randomized":
         raise ValueError('hooi does not take solver="randomized"; use "auto", "gram" or "svd"')
-    if not _is_int(max_iter) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
-    max_iter = int(max_iter)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not tol >= 0:
-        raise ValueError(f"tol must be a non-negative float, got {tol!r}")
-    tol = float(tol)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable as callback(iteration, relative_error), got {callback!r}")
     if prepared.is_zero:
         return _zero_result(prepared, ranks)
     xp, y = prepared.xp, prepared.y
@@ -474,7 +491,7 @@ def tucker(
     tol : float in (0, 1), optional
         Relative error bound ``‖x − t‖ ≤ tol · ‖x‖``, guaranteed by every method that
         accepts it: ``"sthosvd"`` chooses the ranks; ``"hooi"`` starts from that
-        ST-HOSVD and only improves on it. ``"hosvd"`` and ``"randomized"`` need ``ranks``.
+        ST-HOSVD and only improves on it. ``"hosvd"``, ``"randomized"`` and ``"sketch"`` need ``ranks``.
     method : {"sthosvd", "hosvd", "hooi", "randomized", "sketch"}, default "sthosvd"
         ``"randomized"`` is :func:`sthosvd` with ``solver="randomized"``; ``"sketch"`` is
         :func:`ndlowrank.tucker_sketch`, which reads ``x`` once.
@@ -498,6 +515,7 @@ def tucker(
     if method not in METHODS:
         raise ValueError(f"unknown method={method!r}; known methods: {list(METHODS)}")
     if isinstance(ranks, (float, str)):
+        require_arrays(x=x)  # the rule reads x.shape
         if isinstance(ranks, str) and ranks != "same":
             raise TypeError(f"ranks must be an int, a sequence of ints, a float or 'same', got {ranks!r}")
         from .ranks import fraction_ranks  # imported here: ranks builds on this module

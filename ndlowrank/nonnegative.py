@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from ._backend import device_of, from_numpy
-from ._validation import validate_ranks
-from .decompose import PreparedTensor, _zero_result, hosvd
+from ._validation import make_rng, validate_ranks
+from .decompose import PreparedTensor, _zero_result, check_iterations, hosvd
 from .tenalg import multi_mode_product, unfold
 from .tucker import TuckerTensor
 
@@ -76,8 +76,7 @@ def non_negative_tucker(
     ranks = validate_ranks(ranks, y.shape)
     if init not in ("svd", "random"):
         raise ValueError(f"unknown init={init!r}; use 'svd' or 'random'")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    max_iter, tol = check_iterations(max_iter, tol, callback)
     if float(xp.min(y)) < 0:
         raise ValueError("x has negative entries; a non-negative Tucker decomposition needs x >= 0")
     norm2 = prepared.squared_norm()
@@ -116,7 +115,7 @@ def _start(
     if init == "svd":
         start = hosvd(y, ranks)
         return xp.abs(start.core), [xp.abs(f) for f in start.factors]
-    rng = np.random.default_rng(seed)
+    rng = make_rng(seed)
     factors = [_uniform((size, r), rng, y, xp=xp) for size, r in zip(y.shape, ranks, strict=True)]
     core = _uniform(ranks, rng, y, xp=xp)
     scale = math.sqrt(norm2) / float(TuckerTensor(core, factors).norm())

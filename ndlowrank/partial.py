@@ -8,10 +8,10 @@ from typing import Any
 
 import array_api_compat
 
-from ._backend import device_of, get_namespace, times_power_of_two
+from ._backend import device_of, get_namespace
 from ._subspace import leading_subspace
 from ._validation import validate_ranks
-from .decompose import PreparedTensor, hooi, sthosvd
+from .decompose import PreparedTensor, check_iterations, hooi, sthosvd
 from .tenalg import check_mode, multi_mode_product, unfold
 from .tucker import TuckerTensor
 
@@ -57,6 +57,12 @@ def partial_tucker(
         ``factors[k]`` of shape ``(I_{modes[k]}, ranks[k])``, orthonormal columns.
         ``multi_mode_product(core, factors, modes)`` approximates ``x``.
 
+    Raises
+    ------
+    ValueError
+        For bad modes or ranks, NaN or Inf in ``x``, or a core that ``x``'s dtype cannot
+        hold (as :func:`ndlowrank.sthosvd`).
+
     Examples
     --------
     >>> import numpy as np
@@ -67,6 +73,7 @@ def partial_tucker(
     ((3, 3, 1), [(4, 3), (3, 1)])
     """
     _refuse_dask(x, "partial_tucker")
+    max_iter, tol = check_iterations(max_iter, tol, None)
     prepared = PreparedTensor(x)
     xp, y = prepared.xp, prepared.y
     chosen = [check_mode(m, y.ndim, name=f"modes[{k}]") for k, m in enumerate(modes)]
@@ -95,9 +102,7 @@ def partial_tucker(
             best_error, best = error, list(factors)
         if sweep > 0 and previous - error <= tol * previous:
             break
-    core = times_power_of_two(multi_mode_product(y, best, chosen, transpose=True), prepared.exponent)
-    cast = [a if a.dtype == prepared.out_dtype else xp.astype(a, prepared.out_dtype) for a in (core, *best)]
-    return cast[0], cast[1:]
+    return prepared.restore(multi_mode_product(y, best, chosen, transpose=True), best)
 
 
 def masked_tucker(
@@ -147,6 +152,7 @@ def masked_tucker(
     True
     """
     _refuse_dask(x, "masked_tucker")
+    max_iter, tol = check_iterations(max_iter, tol, callback)
     xp = get_namespace(x, mask, names=("x", "mask"))
     if tuple(mask.shape) != tuple(x.shape):
         raise ValueError(f"mask has shape {tuple(mask.shape)}; it must have x's shape {tuple(x.shape)}")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ._backend import from_numpy, resolve_backend, resolve_dtype
-from ._validation import check_shape, validate_ranks
+from ._validation import check_shape, make_rng, validate_ranks
 from .tucker import TuckerTensor
 
 __all__ = ["random_tucker"]
@@ -55,7 +55,7 @@ def random_tucker(
     Raises
     ------
     ValueError
-        For an invalid shape or rank, or ``orthogonal`` with ``non_negative``.
+        For an invalid shape, rank or seed, or ``orthogonal`` with ``non_negative``.
 
     Examples
     --------
@@ -72,7 +72,7 @@ def random_tucker(
         raise ValueError("orthogonal=True and non_negative=True exclude each other: pick one")
     xp = resolve_backend(backend)
     dtype = resolve_dtype(xp, dtype, default="float64")
-    rng = np.random.default_rng(seed)
+    rng = make_rng(seed)
     draw = rng.random if non_negative else rng.standard_normal
     core = draw(ranks)
     factors = [draw((size, rank)) for size, rank in zip(sizes, ranks, strict=True)]

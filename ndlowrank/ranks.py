@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import get_namespace, native_routine
+from ._backend import get_namespace, native_routine, require_arrays
 from ._subspace import mode_spectrum, rank_for_budget
 from ._validation import check_shape, validate_ranks
 from .decompose import PreparedTensor, check_tol, sthosvd
@@ -190,7 +190,8 @@ def select_ranks(
         raise ValueError(f"give exactly one of tol=, energy= or budget=, got {given or 'none'}")
     if tol is not None:
         return sthosvd(x, tol=check_tol(tol)).ranks
-    get_namespace(x, names=("x",))  # a clear TypeError for what is not an array
+    require_arrays(x=x)  # a clear TypeError for what is not an array
+    get_namespace(x, names=("x",))
     shape = tuple(int(s) for s in x.shape)
     if budget is not None:
         if isinstance(budget, bool) or not hasattr(budget, "__index__"):

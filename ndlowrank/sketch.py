@@ -9,8 +9,8 @@ from typing import Any
 import array_api_compat.numpy as npx
 import numpy as np
 
-from ._backend import device_of, from_numpy, get_namespace, native_routine
-from ._validation import validate_ranks
+from ._backend import device_of, from_numpy, get_namespace, native_routine, require_arrays
+from ._validation import make_rng, validate_ranks
 from .decompose import PreparedTensor, _zero_result, sthosvd
 from .tenalg import multi_mode_product, unfold
 
@@ -84,14 +84,15 @@ def tucker_sketch(
     >>> bool(np.linalg.norm(x - t.to_dense()) < 1e-8 * np.linalg.norm(x))
     True
     """
-    get_namespace(x, names=("x",))  # a clear TypeError for what is not an array
+    require_arrays(x=x)  # a clear TypeError for what is not an array
+    get_namespace(x, names=("x",))
     shape = tuple(int(s) for s in x.shape)
     if len(shape) < 2:
         raise ValueError(f"x has shape {shape}; tucker_sketch needs at least 2 modes")
     ranks = validate_ranks(ranks, shape)
     widths = _widths(width, [2 * r + 1 for r in ranks], shape, ranks, "width")
     core_widths = _widths(core_width, [2 * k + 1 for k in widths], shape, widths, "core_width")
-    rng = np.random.default_rng(seed)
+    rng = make_rng(seed)
     omegas = [
         [rng.standard_normal((size, widths[n])) for k, size in enumerate(shape) if k != n]
         for n in range(len(shape))

@@ -30,7 +30,8 @@ class TuckerTensor:
         factor's column count differs from the core's size on that mode (the message
         names the mode), or a rank is 0.
     TypeError
-        If the core and the factors come from different backends, or are complex.
+        If the core and the factors come from different backends, or are complex, or if
+        the core is ``None`` or ``factors`` is not a sequence of arrays (one array alone).
 
     Examples
     --------

@@ -284,6 +284,9 @@ def test_scale_of_principal_and_huge_scales_follow_one_rule():
         (lambda: nl.TuckerTensor(None, []), "core must be an array"),
         (lambda: nl.TuckerTensor(np.ones((2, 2)), np.ones((3, 2))), "wrap a single array in a list"),
         (lambda: nl.sthosvd(None, 2), "x must be an array"),
+        (lambda: nl.tucker(None, 0.5), "x must be an array"),
+        (lambda: nl.tucker_sketch(None, 2), "x must be an array"),
+        (lambda: nl.select_ranks(None, energy=0.9), "x must be an array"),
         (lambda: nl.hooi(np.ones((4, 3)), 2, callback=3), "callback must be callable"),
     ],
 )
@@ -322,3 +325,23 @@ def test_extract_of_a_difference_beyond_float32_says_so(tmp_path, capsys):
         main(["extract", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "-o",
               str(tmp_path / "a.safetensors"), "-q", "--min-size", "10"])  # fmt: skip
     assert "TUNED − BASE exceeds float32's range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        lambda x, **options: nl.hooi(x, 2, **options),
+        lambda x, **options: nl.non_negative_tucker(x, 2, **options),
+        lambda x, **options: nl.masked_tucker(x, 2, np.ones(x.shape, dtype=bool), **options),
+        lambda x, **options: nl.partial_tucker(x, 2, modes=[0], **options),
+    ],
+)
+def test_iterative_methods_check_their_stopping_options_alike(method):
+    x = np.ones((4, 3, 3))
+    for max_iter in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="max_iter must be a non-negative int"):
+            method(x, max_iter=max_iter)
+    for tol in (-1.0, "0", float("nan")):
+        with pytest.raises(ValueError, match="tol must be a non-negative float"):
+            method(x, tol=tol)
+    method(x, max_iter=np.int64(2), tol=np.float32(0.0))

@@ -253,3 +253,11 @@ def test_tucker_mode_product_identity(backend, shape, rows, data):
     assert_close(
         nl.tucker_mode_product(t, m, mode).to_dense(), expected, backend=backend, rtol=1e-10, atol=1e-12
     )
+
+
+def test_partial_tucker_core_out_of_the_dtype_range_is_refused():
+    x = np.full((4, 4, 4), 3e38, dtype=np.float32)  # finite, but ‖x‖ exceeds float32's largest
+    with pytest.raises(ValueError, match="cannot be represented in float32"):
+        nl.partial_tucker(x, 1, modes=[0, 1, 2])
+    core, _ = nl.partial_tucker(x / 2**20, 1, modes=[0, 1, 2])  # rescaled and undone exactly
+    assert np.isfinite(core).all() and core.dtype == np.float32

@@ -70,3 +70,19 @@ def test_bad_widths_and_zero_tensor():
         nl.tucker(x, tol=0.1, method="sketch")
     assert not nl.tucker_sketch(np.zeros((4, 5)), 2).core.any()
     assert not nl.tucker_sketch(da.zeros((4, 5), chunks=2), 2).core.any()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda seed: nl.tucker_sketch(np.ones((5, 6, 7)), 2, seed=seed),
+        lambda seed: nl.random_tucker((5, 6, 7), 2, seed=seed),
+        lambda seed: nl.non_negative_tucker(np.ones((5, 6, 7)), 2, init="random", seed=seed),
+    ],
+)
+def test_bad_seed_is_named(call):
+    for seed in (-1, 1.5, "0", True):
+        with pytest.raises(ValueError, match="seed must be None, a non-negative int or a numpy Generator"):
+            call(seed)
+    generator = np.random.default_rng(0)
+    assert call(generator).ranks == call(np.random.default_rng(0)).ranks
