@@ -284,7 +284,9 @@ class DeltaHost(nn.Module):
 
     @torch.no_grad()
     def set_scale(self, scale: float) -> None:
-        """Change the delta's multiplier; the weight stays right when merged or disabled.
+        """Change the multiplier of the active adapters' deltas; the weight stays right when merged or disabled.
+
+        With several active adapters, each gets ``scale``; with none, the first adapter does.
 
         A merged adapter is unmerged, rescaled and merged again, so the merged weight holds
         ``W + ΔW`` at the new scale and a later :meth:`unmerge` gives ``W`` back (bit for bit

@@ -104,7 +104,7 @@ def set_adapter_scale(model: nn.Module, scale: float, *, targets: Sequence[str] 
         :func:`~ndlowrank.nn.save_adapters`.
     targets : sequence of str, optional
         Adapted layers or parameters by their names in :func:`~ndlowrank.nn.iter_adapters`;
-        all by default. The scale changes for each one's active adapter.
+        all by default. The scale changes for each one's active adapters (each gets ``scale``).
 
     Returns
     -------
