@@ -34,6 +34,7 @@ from .io import load_adapters
 from .layers import TransposedLinearAdapter, TuckerAdapter, supported_layers
 from .model import add_adapters, iter_adapters, remove_adapters
 from .named import chosen_adapter
+from .targets import _is_transformers_conv1d
 from .truncate import TruncationReport
 
 __all__ = ["combine_adapters", "convert_adapters", "export_adapters", "import_adapters"]
@@ -152,10 +153,7 @@ def _is_conv1d(model: nn.Module, name: str) -> bool:
     if not _has_module(model, name):
         return False
     module = model.get_submodule(name)
-    return isinstance(module, TransposedLinearAdapter) or any(
-        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
-        for cls in type(module).__mro__
-    )
+    return isinstance(module, TransposedLinearAdapter) or _is_transformers_conv1d(module)
 
 
 def _is_ndlowrank_file(path: str) -> bool:
