@@ -22,6 +22,7 @@ import array_api_compat.torch as torch_xp
 import torch
 from torch import nn
 
+from .._files import FileError, read_metadata
 from .._subspace import mode_spectrum
 from ..decompose import check_tol
 from ..ranks import budget_ranks
@@ -160,12 +161,9 @@ def _is_ndlowrank_file(path: str) -> bool:
     """Whether ``path`` is an adapter file written by :func:`save_adapters` (its metadata says so)."""
     if not os.path.isfile(path):
         return False
-    from safetensors import safe_open
-
     try:
-        with safe_open(path, framework="pt") as handle:
-            return METADATA_KEY in (handle.metadata() or {})
-    except Exception:  # not safetensors: the format readers say why
+        return METADATA_KEY in read_metadata(path)
+    except FileError:  # not safetensors: the format readers say why
         return False
 
 
