@@ -302,13 +302,25 @@ class DeltaHost(nn.Module):
             scale = check_scale(scale)
         except TypeError as exc:  # set_scale has always raised ValueError
             raise ValueError(f"scale={scale!r} must be a finite number ({exc})") from None
-        deltas = [self.delta_of(name) for name in self.active_adapters] or [self.delta]
+        self._set_scales([float(scale)] * len(self._scaled_deltas()))
+
+    def _scaled_deltas(self) -> list[TuckerDelta]:
+        """The deltas :meth:`set_scale` changes: the active adapters' (the first adapter's when none runs)."""
+        return [self.delta_of(name) for name in self.active_adapters] or [self.delta]
+
+    @torch.no_grad()
+    def _set_scales(self, scales: Sequence[float]) -> None:
+        """:meth:`set_scale` with one (already checked) scale per delta of :meth:`_scaled_deltas`, in order.
+
+        For putting back scales that differ, which :meth:`set_scale` cannot do.
+        """
+        deltas = self._scaled_deltas()
         old = [delta.scale for delta in deltas]
         merged = self.merged
         if merged:
             self.unmerge()
-        for delta in deltas:
-            delta.scale = float(scale)
+        for delta, value in zip(deltas, scales, strict=True):
+            delta.scale = value
         try:
             if merged:
                 self.merge()
