@@ -219,6 +219,31 @@ def test_set_scale_that_overflows_a_merged_weight_is_all_or_nothing():
         assert torch.equal(weight, weights[name]), name
 
 
+def test_set_scale_rollback_puts_back_each_active_adapters_own_scale():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).half()
+    model = nlnn.add_adapters(model, ["0", "1"], ranks=2, init="orthogonal", seed=0)
+    model = nlnn.add_adapters(
+        model, ["0", "1"], ranks=2, init="orthogonal", scale=0.5, adapter_name="b", seed=1
+    )
+    with torch.no_grad():
+        for _, adapter in nlnn.iter_adapters(model):
+            for name in adapter.adapter_names:
+                adapter.delta_of(name).core.normal_()
+        model[1].delta.core.mul_(1e3)  # only the second layer overflows float16 at a large scale
+    nlnn.set_active_adapter(model, ["default", "b"])
+    nlnn.merge_adapters(model)
+    scales = {(k, n): a.delta_of(n).scale for k, a in nlnn.iter_adapters(model) for n in a.adapter_names}
+    weights = [layer.base_layer.weight.clone() for layer in model]
+    with pytest.raises(ValueError, match="'1': merging would put NaN or Inf"):
+        nlnn.set_adapter_scale(model, 2e3)
+    assert {
+        (k, n): a.delta_of(n).scale for k, a in nlnn.iter_adapters(model) for n in a.adapter_names
+    } == scales
+    for layer, weight in zip(model, weights, strict=True):
+        assert torch.equal(layer.base_layer.weight, weight)
+
+
 def test_peft_set_scale_on_a_merged_layer_corrupts_the_weight_and_ours_does_not():
     """The PEFT behaviour the docs describe: its unmerge after set_scale subtracts the rescaled delta."""
     from _helpers import import_peer

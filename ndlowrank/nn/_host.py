@@ -10,7 +10,8 @@ which subtracts the start from the weight), merges and unmerges it, gives the we
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -67,6 +68,16 @@ class DeltaHost(nn.Module):
         state["_active"], state["_also_active"] = active, also
         state.pop("delta", None)
         state["delta"] = self.__getattr__("delta")
+
+    @contextmanager
+    def _pointing_at(self, name: str) -> Iterator[None]:
+        """Inside the block, ``delta`` (and what reads it) is the adapter ``name``'s; then as before."""
+        before = self.active_adapter, self.__dict__["_also_active"]
+        self._point_at(name)
+        try:
+            yield
+        finally:
+            self._point_at(*before)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -136,12 +147,8 @@ class DeltaHost(nn.Module):
             self.named_deltas = nn.ModuleDict()
         self.named_deltas[name] = delta
         self._inits[name] = init
-        before = self.active_adapter, self.__dict__["_also_active"]
-        self._point_at(name)
-        try:
+        with self._pointing_at(name):
             self._after_init()
-        finally:
-            self._point_at(*before)
 
     def check_can_add(self, name: str, init: str) -> None:
         """Raise ``ValueError`` if :meth:`add_adapter` would refuse ``name`` with ``init`` (ranks aside)."""
@@ -277,7 +284,9 @@ class DeltaHost(nn.Module):
 
     @torch.no_grad()
     def set_scale(self, scale: float) -> None:
-        """Change the delta's multiplier; the weight stays right when merged or disabled.
+        """Change the multiplier of the active adapters' deltas; the weight stays right when merged or disabled.
+
+        With several active adapters, each gets ``scale``; with none, the first adapter does.
 
         A merged adapter is unmerged, rescaled and merged again, so the merged weight holds
         ``W + ΔW`` at the new scale and a later :meth:`unmerge` gives ``W`` back (bit for bit
@@ -293,13 +302,25 @@ class DeltaHost(nn.Module):
             scale = check_scale(scale)
         except TypeError as exc:  # set_scale has always raised ValueError
             raise ValueError(f"scale={scale!r} must be a finite number ({exc})") from None
-        deltas = [self.delta_of(name) for name in self.active_adapters] or [self.delta]
+        self._set_scales([float(scale)] * len(self._scaled_deltas()))
+
+    def _scaled_deltas(self) -> list[TuckerDelta]:
+        """The deltas :meth:`set_scale` changes: the active adapters' (the first adapter's when none runs)."""
+        return [self.delta_of(name) for name in self.active_adapters] or [self.delta]
+
+    @torch.no_grad()
+    def _set_scales(self, scales: Sequence[float]) -> None:
+        """:meth:`set_scale` with one (already checked) scale per delta of :meth:`_scaled_deltas`, in order.
+
+        For putting back scales that differ, which :meth:`set_scale` cannot do.
+        """
+        deltas = self._scaled_deltas()
         old = [delta.scale for delta in deltas]
         merged = self.merged
         if merged:
             self.unmerge()
-        for delta in deltas:
-            delta.scale = float(scale)
+        for delta, value in zip(deltas, scales, strict=True):
+            delta.scale = value
         try:
             if merged:
                 self.merge()
@@ -454,19 +475,12 @@ class DeltaHost(nn.Module):
             unmerged = self._enabled_weight if self._enabled_weight is not None else self.weight
             if self._merge_on_enable and not torch.isfinite(unmerged + self.total_delta_weight()).all():
                 raise ValueError("enabling it again would merge NaN or Inf into the base weight")
-        elif not self.merged:
-            unmerged = self.weight
-        elif self._original_weight is not None:
-            unmerged = self._original_weight
         else:
-            unmerged = self.weight - self.total_delta_weight()
+            unmerged = self._unmerged_weight()
         if merge and names is None and self.merged and not self.disabled:
             final = self.weight  # merge_for_good keeps the merged weight as it is
         elif merge:
-            chosen = self.active_adapters if names is None else [n for n in self.adapter_names if n in names]
-            final = unmerged.clone()
-            for name in chosen:
-                final += self._delta_weight_of(name)
+            final = self._plus_deltas(unmerged, names)
         else:
             final = unmerged + self._principal_start()
         if not torch.isfinite(final).all():
@@ -491,28 +505,33 @@ class DeltaHost(nn.Module):
         """
         self.enable()
         if names is not None or not self.merged:
-            base = self.weight.detach()
-            if self.merged:  # what unmerge() would give back
-                unmerged = self._original_weight
-                base = unmerged if unmerged is not None else base - self.total_delta_weight()
-            chosen = self.active_adapters if names is None else [n for n in self.adapter_names if n in names]
-            merged = base.clone()
-            for name in chosen:
-                merged += self._delta_weight_of(name)
+            merged = self._plus_deltas(self._unmerged_weight(), names)
             if not torch.isfinite(merged).all():
                 raise ValueError("merging would put NaN or Inf into the base weight; nothing was changed")
             self.weight.copy_(merged)
         self._original_weight = None
         self.merged = True
 
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The weight :meth:`unmerge` would give back (the weight itself when not merged)."""
+        if not self.merged:
+            return self.weight
+        if self._original_weight is not None:
+            return self._original_weight
+        return self.weight - self.total_delta_weight()
+
+    def _plus_deltas(self, base: torch.Tensor, names: Sequence[str] | None) -> torch.Tensor:
+        """A copy of ``base`` plus ``ΔW`` of the adapters ``names`` this host holds (the active ones by default)."""
+        chosen = self.active_adapters if names is None else [n for n in self.adapter_names if n in names]
+        total = base.clone()
+        for name in chosen:
+            total += self._delta_weight_of(name)
+        return total
+
     def _delta_weight_of(self, name: str) -> torch.Tensor:
         """``ΔW`` of the adapter ``name``, active or not."""
-        before = self.active_adapter, self.__dict__["_also_active"]
-        self._point_at(name)
-        try:
+        with self._pointing_at(name):
             return self.delta_weight()
-        finally:
-            self._point_at(*before)
 
     def total_delta_weight(self) -> torch.Tensor:
         """``ΔW`` of the active adapters, summed (that of the active one when one runs)."""

@@ -45,6 +45,12 @@ def iter_adapters(model: nn.Module) -> Iterator[tuple[str, DeltaHost]]:
         yield name, adapter
 
 
+def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module that holds ``name`` (the dotted path of a module or parameter) and its attribute there."""
+    owner_name, _, attribute = name.rpartition(".")
+    return model.get_submodule(owner_name), attribute
+
+
 def check_model(model: Any) -> None:
     """Refuse anything but an ``nn.Module`` by name (instead of an ``AttributeError`` deep inside)."""
     if not isinstance(model, nn.Module):

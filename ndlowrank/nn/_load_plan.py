@@ -321,7 +321,22 @@ def _plan(
                 f"{where}: the model has adapters {extra} that the file does not hold "
                 "(pass strict=False to load the file's adapters only)"
             )
+    _check_tensors(targets, tensors, strict=strict, where=where, modules=modules)
+    return plan
 
+
+def _check_tensors(
+    targets: list[_Target],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    strict: bool,
+    where: str,
+    modules: tuple[ModuleEntry, ...],
+) -> None:
+    """``ValueError`` unless ``tensors`` has each tensor the targets need, of its shape, floating and finite.
+
+    With ``strict``, also if it has tensors that neither the targets nor ``modules`` use.
+    """
     expected: dict[str, tuple[int, ...]] = {}
     for target in targets:
         expected.update(target.expected_shapes())
@@ -348,7 +363,6 @@ def _plan(
     )
     if unexpected and strict:
         raise ValueError(f"{where}: unexpected tensors {unexpected} (pass strict=False to ignore them)")
-    return plan
 
 
 def _check_addable(host: DeltaHost, target: _Target, adapter_name: str, at: str, *, runs: bool) -> None:

@@ -22,6 +22,7 @@ import array_api_compat.torch as torch_xp
 import torch
 from torch import nn
 
+from .._files import FileError, read_metadata
 from .._subspace import mode_spectrum
 from ..decompose import check_tol
 from ..ranks import budget_ranks
@@ -34,6 +35,7 @@ from .io import load_adapters
 from .layers import TransposedLinearAdapter, TuckerAdapter, supported_layers
 from .model import add_adapters, iter_adapters, remove_adapters
 from .named import chosen_adapter
+from .targets import _is_transformers_conv1d
 from .truncate import TruncationReport
 
 __all__ = ["combine_adapters", "convert_adapters", "export_adapters", "import_adapters"]
@@ -152,22 +154,16 @@ def _is_conv1d(model: nn.Module, name: str) -> bool:
     if not _has_module(model, name):
         return False
     module = model.get_submodule(name)
-    return isinstance(module, TransposedLinearAdapter) or any(
-        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
-        for cls in type(module).__mro__
-    )
+    return isinstance(module, TransposedLinearAdapter) or _is_transformers_conv1d(module)
 
 
 def _is_ndlowrank_file(path: str) -> bool:
     """Whether ``path`` is an adapter file written by :func:`save_adapters` (its metadata says so)."""
     if not os.path.isfile(path):
         return False
-    from safetensors import safe_open
-
     try:
-        with safe_open(path, framework="pt") as handle:
-            return METADATA_KEY in (handle.metadata() or {})
-    except Exception:  # not safetensors: the format readers say why
+        return METADATA_KEY in read_metadata(path)
+    except FileError:  # not safetensors: the format readers say why
         return False
 
 

@@ -52,6 +52,7 @@ from ._file_format import (
     _safetensors,
 )
 from ._host import DEFAULT_ADAPTER, DeltaHost, check_adapter_name
+from ._iter import owner_of
 from ._load_plan import _parse_header, _plan, _read_file, _Target
 from .bypass import untrained_adapters
 from .delta import TuckerDelta
@@ -354,8 +355,7 @@ def _build(
             )
     _copy_trained(adapter.delta, target, tensors)
     if isinstance(base, nn.Parameter):
-        owner_name, _, attribute = target.name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
+        owner, attribute = owner_of(model, target.name)
         undo.append(partial(remove_parameter_adapter, owner, attribute))
         adapter.train(owner.training)
         attach_parameter_adapter(owner, attribute, adapter)  # type: ignore[arg-type]

@@ -36,9 +36,9 @@ PATHS = ("auto", "materialize", "factorized")
 _FUSED_STEP_OVERHEAD = 150_000
 """The fixed cost of a training step of a conv adapter's fused (materialize) path, in flops.
 
-Its hand-written backward and the two builds of ``ΔW`` cost about 50-90 µs more per call on
-a CPU than the factorized path's autograd nodes, about the time of this many flops of small
-products; without it ``auto`` picked the slower path on small convolutions.
+Its hand-written backward and the two builds of ``ΔW`` cost a fixed time per call on a CPU
+beyond the factorized path's autograd nodes, counted here as flops of small products;
+without it ``auto`` picked the slower path on small convolutions.
 """
 _AUTO_PATHS_KEPT = 64  # input shapes whose path="auto" choice an adapter remembers
 

@@ -104,7 +104,7 @@ def set_adapter_scale(model: nn.Module, scale: float, *, targets: Sequence[str] 
         :func:`~ndlowrank.nn.save_adapters`.
     targets : sequence of str, optional
         Adapted layers or parameters by their names in :func:`~ndlowrank.nn.iter_adapters`;
-        all by default. The scale changes for each one's active adapter.
+        all by default. The scale changes for each one's active adapters (each gets ``scale``).
 
     Returns
     -------
@@ -139,7 +139,7 @@ def set_adapter_scale(model: nn.Module, scale: float, *, targets: Sequence[str] 
     unknown = [name for name in names if name not in found]
     if unknown:
         raise ValueError(f"targets {unknown} are not adapted in the model; adapted: {sorted(found)}")
-    old = {name: found[name].scale for name in names}
+    old = {name: [delta.scale for delta in found[name]._scaled_deltas()] for name in names}
     done: list[str] = []
     try:
         for name in names:
@@ -150,6 +150,6 @@ def set_adapter_scale(model: nn.Module, scale: float, *, targets: Sequence[str] 
             done.append(name)
     except ValueError:
         for name in reversed(done):
-            found[name].set_scale(old[name])
+            found[name]._set_scales(old[name])
         raise
     return model

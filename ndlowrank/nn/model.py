@@ -12,7 +12,7 @@ from torch import nn
 
 from .._validation import validate_ranks
 from ._host import DEFAULT_ADAPTER, DeltaHost, check_adapter_name
-from ._iter import _parameter_adapters, check_model, iter_adapters
+from ._iter import _parameter_adapters, check_model, iter_adapters, owner_of
 from .delta import TuckerDelta, layer_seed
 from .layers import TuckerAdapter, _adapter_class
 from .modules_to_save import TrainedCopy, iter_trained_copies
@@ -43,8 +43,7 @@ __all__ = [
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent, child = owner_of(model, name)
     setattr(parent, child, module)
 
 
@@ -406,9 +405,7 @@ def _commit(
         if isinstance(adapter, TuckerAdapter):
             _set_submodule(model, name, adapter)
         else:
-            owner_name, _, attribute = name.rpartition(".")
-            owner = model.get_submodule(owner_name) if owner_name else model
-            attach_parameter_adapter(owner, attribute, adapter)  # type: ignore[arg-type]
+            attach_parameter_adapter(*owner_of(model, name), adapter)  # type: ignore[arg-type]
     for name in chosen.saved:
         if not isinstance(model.get_submodule(name), TrainedCopy):
             _set_submodule(model, name, TrainedCopy(model.get_submodule(name)))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._file_format import _prefix
 from .delta import TuckerDelta
 from .distributed import copy_full, gathered
 
@@ -91,10 +92,6 @@ def unsaved_trainable(model: nn.Module) -> list[str]:
     saved = {id(p) for m in model.modules() if isinstance(m, TuckerDelta) for p in m.parameters()}
     saved |= {id(p) for _, wrapper in iter_trained_copies(model) for p in wrapper.trained_module.parameters()}
     return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in saved]
-
-
-def _prefix(name: str) -> str:
-    return f"{name}." if name else ""
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:

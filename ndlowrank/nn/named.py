@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -158,14 +158,10 @@ def chosen_adapter(
     if must_exist:
         _check_known(model, name)
     hosts = [(n, h) for n, h in iter_adapters(model) if name in h.adapter_names]
-    before = [(host.active_adapter, host.__dict__["_also_active"]) for _, host in hosts]
-    for _, host in hosts:
-        host._point_at(name)
-    try:
+    with ExitStack() as stack:
+        for _, host in hosts:
+            stack.enter_context(host._pointing_at(name))
         yield hosts
-    finally:
-        for (_, host), (active, also) in zip(hosts, before, strict=True):
-            host._point_at(active, also)
 
 
 def _weighted_sum(deltas: list[TuckerDelta], weights: list[float]) -> tuple[torch.Tensor, list[torch.Tensor]]:

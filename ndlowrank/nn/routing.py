@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._host import DEFAULT_ADAPTER, DeltaHost
-from ._iter import iter_adapters
+from ._iter import iter_adapters, owner_of
 from .layers import TuckerAdapter
 from .parameters import ParameterAdapter
 from .targets import Targets, _is_internal, select_targets
@@ -174,8 +174,7 @@ def _read_by_parent(model: nn.Module, name: str) -> bool:
     """
     if not name:
         return False
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent, child = owner_of(model, name)
     if any(
         isinstance(parent, parent_type) and child == child_name
         for parent_type, child_name in READ_BY_ATTRIBUTE

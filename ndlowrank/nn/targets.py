@@ -59,7 +59,12 @@ def _candidates(
 
 def _is_linear(layer: nn.Module) -> bool:
     """An ``nn.Linear`` or transformers' ``Conv1D`` (a linear with its weight stored transposed), as in PEFT."""
-    return isinstance(layer, nn.Linear) or any(
+    return isinstance(layer, nn.Linear) or _is_transformers_conv1d(layer)
+
+
+def _is_transformers_conv1d(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a transformers ``Conv1D`` (GPT-2), without importing transformers."""
+    return any(
         cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.") for cls in type(layer).__mro__
     )
 

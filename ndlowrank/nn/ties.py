@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ._host import DeltaHost
+from ._iter import owner_of
 from .parameters import ParameterAdapter
 
 __all__ = ["check_untied", "parameter_uses", "tied_users", "untie"]
@@ -39,8 +40,7 @@ def _holders(model: nn.Module, name: str, parameter: bool) -> tuple[str | None, 
     """
     if not parameter:
         return name, []
-    owner_name, _, attribute = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
+    owner, attribute = owner_of(model, name)
     holders = [owner]
     parametrizations = getattr(owner, "parametrizations", None)
     if parametrizations is not None and attribute in parametrizations:
@@ -111,8 +111,7 @@ def untie(model: nn.Module, name: str, adapter: DeltaHost, *, uses: Uses | None 
         return
     if parameter:
         copy = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-        owner_name, _, attribute = name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
+        owner, attribute = owner_of(model, name)
         owner.parametrizations[attribute].original = copy  # type: ignore[index,union-attr]
     else:  # a layer of its own: the layer object itself may be registered at other paths too
         adapter.base_layer = deepcopy(adapter.base_layer)

@@ -213,9 +213,7 @@ def _truncated(
     core, factors = core.to(dtype), [f.to(dtype) for f in factors]
     if adapter is not None and adapter.merged:  # it is unmerged, truncated and merged again
         new_delta = (delta.scale * multi_mode_product(core, factors)).to(adapter.weight.dtype)
-        original = adapter._original_weight  # what unmerge gives back, exactly
-        unmerged = original if original is not None else adapter.weight - adapter.delta_weight()
-        if not torch.isfinite(unmerged + new_delta).all():
+        if not torch.isfinite(adapter._unmerged_weight() + new_delta).all():
             raise ValueError("merging the truncated delta would put NaN or Inf into the base weight")
     return core, factors, change
 

@@ -22,12 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._subspace import rank_for_budget
+from ..._subspace import _GRAM_SAFETY, rank_for_budget
 from ._layer import target_ranks, truncate_form
 
 __all__ = ["small_forms", "truncate_forms"]
-
-_GRAM_SAFETY = 10.0  # as in ndlowrank._subspace: the Gram matrix's rounding, δ = 10 eps √m trace
 
 Form = tuple[torch.Tensor, list[torch.Tensor | None]]
 Result = tuple[torch.Tensor, list[torch.Tensor], float]
