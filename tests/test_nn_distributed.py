@@ -89,6 +89,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
         )
         with torch.no_grad():
             assert torch.equal(fresh_replica(x), replicated(x))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -79,6 +79,9 @@ def _ddp_worker(rank: int, port: int, folder: str) -> None:
         _train(model, x[half], y[half])  # DDP averages the gradients: the full batch's mean loss
         state = {k.removeprefix("module."): v for k, v in _adapter_state(model).items()}
         torch.save(state, f"{folder}/rank{rank}.pt")
+        # no rank tears gloo down while the other still talks to it ("terminate called without an
+        # active exception", SIGABRT, seen on a loaded machine)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
