@@ -174,3 +174,32 @@ def generated_dask(shape, chunks, seed=0):
 
     blocks = tuple((c,) * (i // c) for i, c in zip(shape, chunks, strict=True))
     return da.map_blocks(block, chunks=blocks, dtype=np.float64, meta=np.empty((0, 0, 0)))
+
+
+def check_larger_than_memory(decompose) -> None:
+    """``decompose(x, rank)`` of a generated dask tensor 3x the memory limit stays within it and fits.
+
+    The peak is tracemalloc's under dask's synchronous scheduler; the fit is checked on a corner
+    of the tensor against its dense values.
+    """
+    import tracemalloc
+
+    import dask
+
+    import ndlowrank as nl
+
+    shape, chunks, limit = MEMORY_CASE
+    x = generated_dask(shape, chunks)
+    assert x.nbytes >= 3 * limit
+    decompose(x[:8, :8, :8], 2)  # imports done before measuring
+    tracemalloc.start()
+    try:
+        with dask.config.set(scheduler="synchronous"):
+            t = decompose(x, 4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < limit, f"peak {peak / 2**20:.1f} MiB"
+    sample = x[:16, :16, :16].compute()
+    dense = nl.tucker_to_tensor(t.core, [f[:16] for f in t.factors])
+    assert np.linalg.norm(sample - dense) < 0.05 * np.linalg.norm(sample)

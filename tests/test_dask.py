@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,7 +9,12 @@ from hypothesis import strategies as st
 
 import ndlowrank as nl
 
-from _helpers import MEMORY_CASE, counted_dask, generated_dask, import_peer, low_rank_tensor
+from _helpers import (
+    check_larger_than_memory,
+    counted_dask,
+    import_peer,
+    low_rank_tensor,
+)
 
 da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
@@ -178,21 +181,7 @@ def test_distributed_scheduler():
 
 
 def test_tensor_larger_than_the_memory_limit():
-    shape, chunks, limit = MEMORY_CASE
-    x = generated_dask(shape, chunks)
-    assert x.nbytes >= 3 * limit
-    nl.sthosvd(x[:8, :8, :8], 2)  # imports done before measuring
-    tracemalloc.start()
-    try:
-        with dask.config.set(scheduler="synchronous"):
-            t = nl.sthosvd(x, 4)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < limit, f"peak {peak / 2**20:.1f} MiB"
-    sample = x[:16, :16, :16].compute()
-    dense = nl.tucker_to_tensor(t.core, [f[:16] for f in t.factors])
-    assert np.linalg.norm(sample - dense) < 0.05 * np.linalg.norm(sample)
+    check_larger_than_memory(nl.sthosvd)
 
 
 @pytest.mark.parametrize("magnitude", [3e38, 1e-37])

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
 
 import ndlowrank as nl
 
-from _helpers import MEMORY_CASE, assert_close, counted_dask, generated_dask, low_rank_tensor
+from _helpers import (
+    assert_close,
+    check_larger_than_memory,
+    counted_dask,
+    low_rank_tensor,
+)
 
 da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
@@ -43,21 +46,7 @@ def test_dask_reads_once_and_matches_numpy():
 
 
 def test_tensor_larger_than_the_memory_limit():
-    shape, chunks, limit = MEMORY_CASE
-    x = generated_dask(shape, chunks)
-    assert x.nbytes >= 3 * limit
-    nl.tucker_sketch(x[:8, :8, :8], 2)  # imports done before measuring
-    tracemalloc.start()
-    try:
-        with dask.config.set(scheduler="synchronous"):
-            t = nl.tucker_sketch(x, 4, seed=0)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < limit, f"peak {peak / 2**20:.1f} MiB"
-    sample = x[:16, :16, :16].compute()
-    dense = nl.tucker_to_tensor(t.core, [f[:16] for f in t.factors])
-    assert np.linalg.norm(sample - dense) < 0.05 * np.linalg.norm(sample)
+    check_larger_than_memory(lambda x, rank: nl.tucker_sketch(x, rank, seed=0))
 
 
 def test_bad_widths_and_zero_tensor():
