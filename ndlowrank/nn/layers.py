@@ -18,9 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._conv import ConvGeometry, FusedTuckerConv, conv_delta, factorized_branch
+from ._conv import (
+    ConvGeometry,
+    FactorizedTuckerConv,
+    FusedTuckerConv,
+    conv_costs,
+    conv_delta,
+    factorized_branch,
+    merged_weight,
+    spatial_fold,
+)
 from ._host import DEFAULT_ADAPTER, DeltaHost
-from .delta import trailing_mode_products
 
 __all__ = [
     "PATHS",
@@ -33,12 +41,27 @@ __all__ = [
 ]
 
 PATHS = ("auto", "materialize", "factorized")
-_FUSED_STEP_OVERHEAD = 150_000
-"""The fixed cost of a training step of a conv adapter's fused (materialize) path, in flops.
+_FUNCTION_STEP_OVERHEAD = 1_300_000
+"""The fixed cost of a conv adapter's training step through one of its autograd functions beyond plain autograd, in flops.
 
-Its hand-written backward and the two builds of ``ΔW`` cost a fixed time per call on a CPU
-beyond the factorized path's autograd nodes, counted here as flops of small products;
-without it ``auto`` picked the slower path on small convolutions.
+:class:`FusedTuckerConv` and :class:`FactorizedTuckerConv` run a Python backward; on a
+small convolution a step is dominated by per-call costs, and materializing with plain
+autograd (``conv(x, W + ΔW)``, whose backward computes the full weight gradient in the
+same call as the input gradient) has no Python backward and runs fewer, larger kernels
+than the branch's small convolutions and products. Measured side by side on one CPU
+thread at rank 8 (Conv2d(64, 16, 1) on a 1×1 map and Conv2d(16, 16, 3) on 8×8, batch 8;
+a diffusers UNet's 32- and 64-channel convolutions on 8×8 and 16×16, batch 2) plain
+autograd is the faster path though its weight gradient costs up to 23 times the
+branch's flops; on Conv2d(64, 64, 3) at 16×16 and larger, and Conv2d(256, 256, 1) at
+16×16 (batch 8), the functions are faster. The two functions have about the same fixed
+cost, so their flops decide between them.
+"""
+_PLAIN_DISCOUNT = 4
+"""How many times faster per flop plain autograd's materialize runs than the branch's small products and convolutions.
+
+Its weight gradient runs in the convolution backward the input gradient needs anyway
+(sharing its unfolded input), and it and the build of ``ΔW`` are products of full-width
+matrices; fitted with :data:`_FUNCTION_STEP_OVERHEAD` to the measurements there.
 """
 _AUTO_PATHS_KEPT = 64  # input shapes whose path="auto" choice an adapter remembers
 
@@ -305,6 +328,33 @@ class TransposedLinearAdapter(TuckerAdapter):
         return _linear_costs(input_shape, out, inp, r_out, r_in, training=training)
 
 
+_PLAIN_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+def runs_plain_forward(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether calling the conv ``layer`` on ``x`` is just its convolution (so an adapter may compute it itself).
+
+    Not so with hooks on the layer (or global module hooks), a ``forward`` replaced on the
+    instance (as accelerate's offloading does) or overridden by a subclass, or autocast
+    enabled on ``x``'s device: then the layer's own call must run.
+    """
+    from torch.nn.modules import module as module_globals
+
+    return not (
+        layer._forward_hooks
+        or layer._forward_pre_hooks
+        or layer._backward_hooks
+        or layer._backward_pre_hooks
+        or module_globals._global_forward_hooks
+        or module_globals._global_forward_pre_hooks
+        or module_globals._global_backward_hooks
+        or module_globals._global_backward_pre_hooks
+        or "forward" in layer.__dict__
+        or type(layer).forward not in _PLAIN_CONV_FORWARDS
+        or torch.is_autocast_enabled(x.device.type)
+    )
+
+
 class ConvAdapter(TuckerAdapter):
     """Tucker adapter of an ``nn.Conv1d/2d/3d``: ``ΔW`` of shape ``(out, in/groups, *kernel)``.
 
@@ -317,63 +367,88 @@ class ConvAdapter(TuckerAdapter):
 
     def _after_init(self) -> None:
         self.geometry = ConvGeometry(self.base_layer)
+        # per input shape and grad mode: whether materialize runs with plain autograd (see _forward_materialize)
+        self._plain_materialize: dict[tuple[Any, ...], bool] = {}
+
+    def _parts(self) -> list[torch.Tensor]:
+        """The active delta's core, ``A0``, ``A1`` and spatial factors, in the weight's dtype."""
+        delta = self.delta
+        dtype = self.base_layer.weight.dtype
+        # the ParameterList's own dict: iterating the list itself costs microseconds a call
+        parts = [delta.core, *delta.factors._parameters.values()]
+        return [p if p.dtype == dtype else p.to(dtype) for p in parts]
 
     def spatial_core(self) -> torch.Tensor:
         """``scale · G ×_2 K_2 … ×_N K_N`` of shape ``(r0, r1, *kernel)``, in the weight's dtype."""
-        delta = self.delta
-        core = delta.core if delta.scale == 1.0 else delta.core * delta.scale  # x · 1.0 is x: skip the call
-        return self._cast(trailing_mode_products(core, list(delta.factors)[2:]))
+        core, _, _, *spatial = self._parts()
+        return spatial_fold(core, spatial, self.delta.scale)
 
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
-        a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
+        """``conv(x, W + ΔW)`` with plain autograd where the full weight gradient is cheap, else :class:`FusedTuckerConv`."""
+        key = (tuple(x.shape), torch.is_grad_enabled(), tuple(self.delta.core.shape))
+        autograd = self._plain_materialize.get(key)
+        if autograd is None:
+            if len(self._plain_materialize) >= _AUTO_PATHS_KEPT:  # inputs of ever new shapes: start over
+                self._plain_materialize.clear()
+            plain, fused = self._materialize_costs(key[0]) if key[1] else (0.0, 1.0)
+            autograd = self._plain_materialize[key] = plain <= fused
+        if autograd and runs_plain_forward(self.base_layer, x):
+            core, a0, a1, *spatial = self._parts()
+            layer = self.base_layer
+            weight = merged_weight(layer.weight, a0, a1, spatial_fold(core, spatial, self.delta.scale))
+            return layer._conv_forward(x, weight, layer.bias)
+        return self._forward_fused(FusedTuckerConv, x)
+
+    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_fused(FactorizedTuckerConv, x)
+
+    def _forward_fused(self, function: type[torch.autograd.Function], x: torch.Tensor) -> torch.Tensor:
+        """One call of ``function`` (:class:`FusedTuckerConv` or :class:`FactorizedTuckerConv`): one autograd node.
+
+        Where the base layer's own call must run (see :func:`runs_plain_forward`) or
+        dropout is active, the base layer's call plus the factorized branch as separate
+        autograd operations instead.
+        """
         layer = self.base_layer
-        return FusedTuckerConv.apply(
-            self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, self.spatial_core(), self.geometry
+        core, a0, a1, *spatial = self._parts()
+        scale = self.delta.scale
+        if (self.dropout_p > 0 and self.training) or not runs_plain_forward(layer, x):
+            prepared = self.geometry.prepare(self.dropout(x))
+            branch = factorized_branch(prepared, self.geometry, a0, a1, spatial_fold(core, spatial, scale))
+            return layer(x).add_(branch)
+        prepared = self.geometry.prepare(x)
+        return function.apply(
+            prepared, layer.weight, layer.bias, a0, a1, core, self.geometry, scale, *spatial
         )
 
     def _forward_summed(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.base_layer
         return layer._conv_forward(x, self.weight + self.total_delta_weight(), layer.bias)
 
-    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
-        branch = factorized_branch(
-            self.geometry.prepare(self.dropout(x)), self.geometry, a0, a1, self.spatial_core()
-        )
-        return self.base_layer(x).add_(branch)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == self.weight.ndim - 1:  # an unbatched input, as nn.ConvNd accepts
+        if x.ndim == self.geometry.dims + 1:  # an unbatched input, as nn.ConvNd accepts
             return super().forward(x.unsqueeze(0)).squeeze(0)
         return super().forward(x)
 
     def delta_weight(self) -> torch.Tensor:
-        a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
-        return conv_delta(a0, a1, self.spatial_core())
+        core, a0, a1, *spatial = self._parts()
+        return conv_delta(a0, a1, spatial_fold(core, spatial, self.delta.scale))
+
+    def _materialize_costs(self, input_shape: tuple[int, ...]) -> tuple[float, float]:
+        """Training-step costs of materializing ``(with plain autograd, with FusedTuckerConv)``, in flops."""
+        costs = conv_costs(input_shape, self.weight.shape, self.ranks, self.geometry)
+        # plain autograd: the delta's build, its backward through the build, the full weight gradient;
+        # FusedTuckerConv: the build, each projection twice and the core three times in its backward
+        plain = (3 * costs.build + costs.weight_gradient) / _PLAIN_DISCOUNT
+        fused = 3 * costs.build + 2 * costs.projections + 3 * costs.core + _FUNCTION_STEP_OVERHEAD
+        return float(plain), float(fused)
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
-        out, in_per_group = self.weight.shape[:2]
-        kernel = math.prod(self.weight.shape[2:])
-        r0, r1 = self.ranks[:2]
-        groups = self.geometry.groups
-        batch = input_shape[0] if len(input_shape) == self.weight.ndim else 1
-        in_pixels = math.prod(input_shape[-(self.weight.ndim - 2) :])
-        out_pixels = math.prod(self.geometry.output_size(input_shape[-(self.weight.ndim - 2) :]))
-        build = out * in_per_group * kernel * r0 + r0 * in_per_group * kernel * r1
-        pixels_read = out_pixels if self.geometry.pointwise else in_pixels  # a pointwise conv reads strided
-        core = batch * out_pixels * groups * r0 * r1 * kernel
-        projections = batch * (pixels_read * in_per_group * groups * r1 + out_pixels * out * r0)
-        if self.geometry.pointwise:  # the factorized branch folds the core into A1 first
-            branch = batch * out_pixels * (in_per_group * groups * r0 + out * r0) + in_per_group * r0 * r1
-        else:
-            branch = projections + core
+        costs = conv_costs(input_shape, self.weight.shape, self.ranks, self.geometry)
         if not training:
-            return float(build), float(branch)
-        # the fused path's backward runs each projection twice and the core three times (its
-        # two gradients and its output again), plus its fixed cost; the factorized path runs
-        # its branch three times
-        fused = 3 * build + 2 * projections + 3 * core + _FUSED_STEP_OVERHEAD
-        return float(fused), float(3 * branch)
+            return float(costs.build), float(costs.branch)
+        # the factorized path runs its branch three times (forward and two gradients)
+        return min(self._materialize_costs(input_shape)), float(3 * costs.branch + _FUNCTION_STEP_OVERHEAD)
 
 
 class EmbeddingAdapter(TuckerAdapter):
