@@ -73,8 +73,9 @@ class ConvGeometry:
             self.padding = [0] * self.dims
         else:
             self.padding = reversed_twice[::2][::-1]
+        self.unit_kernel = all(k == 1 for k in self.kernel)
         # a 1×…×1 kernel without padding: the convolution is a matrix product on a strided input
-        self.pointwise = self.pre_pad is None and all(k == 1 for k in self.kernel) and not any(self.padding)
+        self.pointwise = self.pre_pad is None and self.unit_kernel and not any(self.padding)
 
     def output_size(self, spatial: Sequence[int]) -> list[int]:
         """Spatial size of the convolution's output for an input of spatial size ``spatial``."""
@@ -128,7 +129,7 @@ def _inner(a1: torch.Tensor, spatial_core: torch.Tensor) -> torch.Tensor:
     """``Gs ×_1 A1`` laid out ``(r0, in/g · k)``: one product, no transposition."""
     r0, r1 = spatial_core.shape[:2]
     if spatial_core.numel() == r0 * r1:  # a 1×…×1 kernel: one plain product
-        return torch.mm(spatial_core.reshape(r0, r1), a1.T)
+        return F.linear(spatial_core.reshape(r0, r1), a1)
     return torch.matmul(a1, spatial_core.reshape(r0, r1, -1)).reshape(r0, -1)
 
 
@@ -147,12 +148,14 @@ def merged_weight(
     return torch.addmm(weight.reshape(weight.shape[0], -1), a0, _inner(a1, spatial_core)).view(weight.shape)
 
 
-def spatial_fold(core: torch.Tensor, spatial: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+def spatial_fold(
+    core: torch.Tensor, spatial: Sequence[torch.Tensor], scale: float, geometry: ConvGeometry
+) -> torch.Tensor:
     """The spatial core ``Gs = scale · core ×_2 K_2 … ×_N K_N`` of shape ``(r0, r1, *kernel)``.
 
     For a 1×…×1 kernel every ``K_d`` is a 1 × 1 number: their product times the core.
     """
-    if core.numel() == core.shape[0] * core.shape[1] and all(k.numel() == 1 for k in spatial):
+    if geometry.unit_kernel:
         folded = core * functools.reduce(operator.mul, spatial) if spatial else core
     else:
         folded = trailing_mode_products(core, spatial)
@@ -362,7 +365,7 @@ class FactorizedTuckerConv(torch.autograd.Function):
         scale: float,
         *spatial: torch.Tensor,
     ) -> torch.Tensor:
-        gs = spatial_fold(core, spatial, scale)
+        gs = spatial_fold(core, spatial, scale, geometry)
         y = geometry.conv(x, weight, bias)
         mid, t = _branch(x, geometry, a1, gs)
         if y.is_contiguous():
@@ -413,7 +416,7 @@ class FusedTuckerConv(torch.autograd.Function):
         scale: float,
         *spatial: torch.Tensor,
     ) -> torch.Tensor:
-        gs = spatial_fold(core, spatial, scale)
+        gs = spatial_fold(core, spatial, scale, geometry)
         merged = merged_weight(weight, a0, a1, gs)
         ctx.geometry, ctx.scale, ctx.has_bias = geometry, scale, bias is not None
         ctx.save_for_backward(x, merged, a0, a1, core, gs, *spatial)

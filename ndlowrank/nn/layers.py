@@ -114,10 +114,11 @@ class TuckerAdapter(DeltaHost):
         Dropout on the adapter branch's input (for an embedding: on the looked-up factor
         rows); the factorized path only.
     path : {"auto", "materialize", "factorized"}, default "auto"
-        ``"materialize"`` runs the layer once with ``W + ΔW`` (for convolutions the factor
-        gradients are then computed in factorized form, see :mod:`ndlowrank.nn._conv`);
-        ``"factorized"`` adds the delta computed on the activations; ``"auto"`` picks the
-        one with fewer estimated flops (:meth:`path_costs`), factorized when dropout is on.
+        ``"materialize"`` runs the layer once with ``W + ΔW`` (for convolutions in training,
+        the factor gradients come from the full weight gradient or, where that costs more,
+        in factorized form, see :mod:`ndlowrank.nn._conv`); ``"factorized"`` adds the delta
+        computed on the activations; ``"auto"`` picks the one with the lower estimated cost
+        (:meth:`path_costs`), factorized when dropout is on.
     dtype : torch.dtype, optional
         dtype of the adapter parameters: float32 by default (float64 for a float64 layer),
         also for a bfloat16/float16 layer; pass the layer's dtype to match it.
@@ -359,8 +360,10 @@ class ConvAdapter(TuckerAdapter):
     """Tucker adapter of an ``nn.Conv1d/2d/3d``: ``ΔW`` of shape ``(out, in/groups, *kernel)``.
 
     The spatial factors and the scale are folded into the core (``spatial_core``) before
-    use, so both paths work with three small convolutions at most; see
-    :mod:`ndlowrank.nn._conv` for the factorized and fused forms.
+    use, so both paths work with three small convolutions at most. The factorized path is
+    one autograd node (:class:`~ndlowrank.nn._conv.FactorizedTuckerConv`); materialize is
+    plain autograd through ``conv(x, W + ΔW)`` where the full weight gradient is cheap, else
+    one node (:class:`~ndlowrank.nn._conv.FusedTuckerConv`). See :mod:`ndlowrank.nn._conv`.
     """
 
     kind = "conv"
@@ -375,17 +378,17 @@ class ConvAdapter(TuckerAdapter):
         delta = self.delta
         dtype = self.base_layer.weight.dtype
         # the ParameterList's own dict: iterating the list itself costs microseconds a call
-        parts = [delta.core, *delta.factors._parameters.values()]
+        parts: list[torch.Tensor] = [delta.core, *delta.factors._parameters.values()]  # type: ignore[list-item]
         return [p if p.dtype == dtype else p.to(dtype) for p in parts]
 
     def spatial_core(self) -> torch.Tensor:
         """``scale · G ×_2 K_2 … ×_N K_N`` of shape ``(r0, r1, *kernel)``, in the weight's dtype."""
         core, _, _, *spatial = self._parts()
-        return spatial_fold(core, spatial, self.delta.scale)
+        return spatial_fold(core, spatial, self.delta.scale, self.geometry)
 
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         """``conv(x, W + ΔW)`` with plain autograd where the full weight gradient is cheap, else :class:`FusedTuckerConv`."""
-        key = (tuple(x.shape), torch.is_grad_enabled(), tuple(self.delta.core.shape))
+        key = (x.shape, torch.is_grad_enabled(), self.delta.core.shape)
         autograd = self._plain_materialize.get(key)
         if autograd is None:
             if len(self._plain_materialize) >= _AUTO_PATHS_KEPT:  # inputs of ever new shapes: start over
@@ -395,7 +398,9 @@ class ConvAdapter(TuckerAdapter):
         if autograd and runs_plain_forward(self.base_layer, x):
             core, a0, a1, *spatial = self._parts()
             layer = self.base_layer
-            weight = merged_weight(layer.weight, a0, a1, spatial_fold(core, spatial, self.delta.scale))
+            weight = merged_weight(
+                layer.weight, a0, a1, spatial_fold(core, spatial, self.delta.scale, self.geometry)
+            )
             return layer._conv_forward(x, weight, layer.bias)
         return self._forward_fused(FusedTuckerConv, x)
 
@@ -414,7 +419,9 @@ class ConvAdapter(TuckerAdapter):
         scale = self.delta.scale
         if (self.dropout_p > 0 and self.training) or not runs_plain_forward(layer, x):
             prepared = self.geometry.prepare(self.dropout(x))
-            branch = factorized_branch(prepared, self.geometry, a0, a1, spatial_fold(core, spatial, scale))
+            branch = factorized_branch(
+                prepared, self.geometry, a0, a1, spatial_fold(core, spatial, scale, self.geometry)
+            )
             return layer(x).add_(branch)
         prepared = self.geometry.prepare(x)
         return function.apply(
@@ -432,7 +439,7 @@ class ConvAdapter(TuckerAdapter):
 
     def delta_weight(self) -> torch.Tensor:
         core, a0, a1, *spatial = self._parts()
-        return conv_delta(a0, a1, spatial_fold(core, spatial, self.delta.scale))
+        return conv_delta(a0, a1, spatial_fold(core, spatial, self.delta.scale, self.geometry))
 
     def _materialize_costs(self, input_shape: tuple[int, ...]) -> tuple[float, float]:
         """Training-step costs of materializing ``(with plain autograd, with FusedTuckerConv)``, in flops."""
