@@ -171,40 +171,58 @@ def spatial_unfold_grads(
 ) -> list[torch.Tensor | None]:
     """Gradients of ``core`` and of each spatial factor (where ``needs`` says) from that of :func:`spatial_fold`.
 
-    ``Gs = scale · P_d ×_d K_d`` with ``P_d`` the core times every spatial factor but ``K_d``,
-    so ``∂K_d`` is ``scale`` times the contraction of ``grad`` and ``P_d`` over every mode but
-    ``d``, and ``∂core = scale · grad ×_2 K_2ᵀ … ×_N K_Nᵀ``. A 1×…×1 kernel (every ``K_d``
-    a 1 × 1 number) takes a shortcut of a few scalar products.
+    Reverse mode through the fold's mode products, last one first: with ``P_d`` the core
+    times ``K_2 … K_{d-1}`` (the fold's intermediate before ``K_d``) and ``∂P_{d+1}`` the
+    gradient arriving there, ``∂K_d`` is the contraction of ``∂P_{d+1}`` and ``P_d`` over every
+    mode but ``d``, and ``∂P_d = ∂P_{d+1} ×_d K_dᵀ``; ``∂core = ∂P_2``, all times ``scale``. A
+    1×…×1 kernel (every ``K_d`` a 1 × 1 number) takes a shortcut of a few scalar products.
     """
     if scale != 1.0:
         grad = grad * scale
     grads: list[torch.Tensor | None] = [None] * (1 + len(spatial))
     if grad.shape == core.shape and all(k.numel() == 1 for k in spatial):
-        numbers = [k.reshape(()) for k in spatial]
         if needs[0]:
-            grads[0] = grad * math.prod(numbers) if numbers else grad
+            grads[0] = grad * functools.reduce(operator.mul, spatial) if spatial else grad
         if any(needs[1:]):
             dot = torch.dot(grad.reshape(-1), core.reshape(-1))
             for d in range(len(spatial)):
                 if needs[1 + d]:
-                    grads[1 + d] = (dot * math.prod(n for j, n in enumerate(numbers) if j != d)).reshape(1, 1)
+                    others = [k for j, k in enumerate(spatial) if j != d]
+                    grads[1 + d] = (
+                        dot * functools.reduce(operator.mul, others) if others else dot.reshape(1, 1)
+                    )
         return grads
-    if needs[0]:
-        grads[0] = trailing_mode_products(grad, [k.T for k in spatial])
-    for d in range(len(spatial)):
+    chain = [core]  # the fold's intermediates, needed for the factors' gradients only
+    if any(needs[1:]):
+        for d, k in enumerate(spatial[:-1]):
+            chain.append(_mode_product(chain[-1], k, 2 + d))
+    for d in reversed(range(len(spatial))):
         if needs[1 + d]:
-            partial = core
-            for j, k in enumerate(spatial):
-                if j != d:
-                    partial = _mode_product(partial, k, 2 + j)
-            others = [m for m in range(grad.ndim) if m != 2 + d]
-            grads[1 + d] = torch.tensordot(grad, partial, dims=(others, others))
+            grads[1 + d] = _mode_gram(grad, chain[d], 2 + d)
+        if d > 0 or needs[0]:
+            grad = _mode_product(grad, spatial[d].T, 2 + d)
+    if needs[0]:
+        grads[0] = grad
     return grads
 
 
 def _mode_product(x: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
-    """``x ×_mode matrix`` for a ``matrix`` of shape ``(J, I_mode)``."""
+    """``x ×_mode matrix`` for a ``matrix`` of shape ``(J, I_mode)``, without moving axes for the last two modes."""
+    if mode == x.ndim - 1:
+        return F.linear(x, matrix)
+    if mode == x.ndim - 2:
+        return torch.matmul(matrix, x)
     return torch.movedim(torch.tensordot(x, matrix, dims=([mode], [1])), -1, mode)
+
+
+def _mode_gram(a: torch.Tensor, b: torch.Tensor, mode: int) -> torch.Tensor:
+    """``Σ a[…, i, …] b[…, j, …]`` over every mode but ``mode``: shape ``(a.shape[mode], b.shape[mode])``."""
+    if mode == a.ndim - 1:
+        return torch.mm(a.reshape(-1, a.shape[-1]).T, b.reshape(-1, b.shape[-1]))
+    if mode == a.ndim - 2:
+        return torch.matmul(a, b.transpose(-1, -2)).reshape(-1, a.shape[-2], b.shape[-2]).sum(0)
+    others = [m for m in range(a.ndim) if m != mode]
+    return torch.tensordot(a, b, dims=(others, others))
 
 
 def _branch(
