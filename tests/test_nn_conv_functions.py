@@ -269,3 +269,26 @@ def test_active_dropout_reaches_the_branch_only():
     adapter.dropout_p, adapter.dropout = 1.0, nn.Dropout(1.0)  # everything dropped: the base layer alone
     x = torch.randn(2, 4, 5, 5)
     torch.testing.assert_close(adapter(x), adapter.base_layer(x))
+
+
+@pytest.mark.parametrize("path", ["materialize", "factorized"])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_a_channels_last_input_gives_the_reference_output_and_gradients(path, kernel):
+    layer = nn.Conv2d(4, 6, kernel, padding=kernel // 2).to(F64)
+    adapter = nlnn.TuckerAdapter(layer, 2, init="orthogonal", seed=0, path=path)
+    with torch.no_grad():
+        adapter.delta.core.normal_(generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 4, 5, 5, dtype=F64).to(memory_format=torch.channels_last)
+    probe = torch.randn(2, 6, 5, 5, dtype=F64)
+    expected = outputs_and_grads(lambda inp: reference(adapter, inp), adapter, x, probe)
+    for function in FUNCTIONS.values():
+
+        def call(inp, function=function):
+            delta = adapter.delta
+            return function.apply(
+                inp, layer.weight, layer.bias, *delta.factors[:2], delta.core, adapter.geometry, delta.scale,
+                *delta.factors[2:],
+            )  # fmt: skip
+
+        assert_all_close(outputs_and_grads(call, adapter, x, probe), expected)
+    assert_all_close(outputs_and_grads(adapter, adapter, x, probe), expected)
