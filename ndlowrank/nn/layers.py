@@ -20,6 +20,7 @@ from torch import nn
 
 from ._conv import ConvGeometry, FusedTuckerConv, conv_delta, factorized_branch
 from ._host import DEFAULT_ADAPTER, DeltaHost
+from ._linear import FusedTuckerLinear
 from .delta import trailing_mode_products
 
 __all__ = [
@@ -58,12 +59,17 @@ def _adapter_types() -> dict[type[nn.Module], type[TuckerAdapter]]:
     return types
 
 
-def _adapter_class(base_layer: nn.Module) -> type[TuckerAdapter]:
-    for layer_type, adapter_type in _adapter_types().items():
+def _registered_type(base_layer: nn.Module) -> type[nn.Module]:
+    """The supported layer type ``base_layer`` is an instance of."""
+    for layer_type in _adapter_types():
         if isinstance(base_layer, layer_type):
-            return adapter_type
+            return layer_type
     names = ", ".join(t.__name__ for t in _adapter_types())
     raise TypeError(f"cannot adapt a {type(base_layer).__name__}; supported layers: {names}")
+
+
+def _adapter_class(base_layer: nn.Module) -> type[TuckerAdapter]:
+    return _adapter_types()[_registered_type(base_layer)]
 
 
 class TuckerAdapter(DeltaHost):
@@ -136,6 +142,8 @@ class TuckerAdapter(DeltaHost):
                 "path='materialize' cannot apply dropout to the adapter branch; use path='factorized'"
             )
         self.base_layer = base_layer
+        # a layer running its type's own forward, which a fused path may compute in its place
+        self._plain_base = type(base_layer).forward is _registered_type(base_layer).forward
         self.path, self.dropout_p = path, float(dropout)
         self._auto_paths: dict[tuple[Any, ...], str] = {}  # path="auto"'s choice per input shape and mode
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -164,11 +172,34 @@ class TuckerAdapter(DeltaHost):
 
     # -- generic behaviour -----------------------------------------------------------
     def _factors_and_core(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``A0``, ``A1`` and ``scale · G`` of a two-mode delta, in the weight's dtype (for the forward paths)."""
+        """``A0``, ``A1`` and ``G`` of a two-mode delta, in the weight's dtype (for the forward paths)."""
         delta = self.delta
-        a0, a1 = (self._cast(f) for f in delta.factors)
-        core = self._cast(delta.core)
-        return a0, a1, core if delta.scale == 1.0 else core * delta.scale  # x · 1.0 is x: skip the call
+        a0, a1 = delta.factors._parameters.values()  # not per-index lookups: this runs on every call
+        core = delta.core
+        assert a0 is not None and a1 is not None
+        dtype = self.base_layer.weight.dtype
+        if a0.dtype == dtype and a1.dtype == dtype and core.dtype == dtype:
+            return a0, a1, core
+        return a0.to(dtype), a1.to(dtype), core.to(dtype)
+
+    def _runs_base_here(self, x: torch.Tensor) -> bool:
+        """Whether a forward may compute the base layer's product itself instead of calling the layer.
+
+        Not when anything could change what calling the layer does: hooks on it, a
+        replaced ``forward`` (accelerate's offloading does that) or a subclass's own one,
+        autocast, or dropout on the branch (its input then differs from the layer's).
+        """
+        base = self.base_layer
+        return not (
+            not self._plain_base
+            or base._forward_hooks
+            or base._forward_pre_hooks
+            or base._backward_hooks
+            or base._backward_pre_hooks
+            or "forward" in base.__dict__
+            or (self.training and self.dropout_p > 0)
+            or torch.is_autocast_enabled(x.device.type)
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -259,13 +290,23 @@ class LinearAdapter(TuckerAdapter):
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1, core = self._factors_and_core()
+        scale = self.delta.scale
+        if self._runs_base_here(x):
+            layer = self.base_layer
+            return FusedTuckerLinear.apply(x, layer.weight, layer.bias, a0, core, a1, scale, False, False)
         # G A1ᵀ (r0 × in) first: two products on the activations, as in LoRA, and one tiny one
-        return self.base_layer(x) + F.linear(F.linear(self.dropout(x), F.linear(core, a1)), a0)
+        return self.base_layer(x) + F.linear(
+            F.linear(self.dropout(x), F.linear(_scaled(core, scale), a1)), a0
+        )
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
         out, inp = self.weight.shape
         r_out, r_in = self.ranks
         return _linear_costs(input_shape, out, inp, r_out, r_in, training=training)
+
+
+def _scaled(core: torch.Tensor, scale: float) -> torch.Tensor:
+    return core if scale == 1.0 else core * scale  # x · 1.0 is x: skip the call
 
 
 def _linear_costs(
@@ -297,7 +338,11 @@ class TransposedLinearAdapter(TuckerAdapter):
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1, core = self._factors_and_core()
-        return self.base_layer(x) + F.linear(self.dropout(x) @ (a0 @ core), a1)  # A0 G (in × r1) first
+        scale = self.delta.scale
+        if self._runs_base_here(x):  # as (out, in): U = A1, V = A0 and the core transposed
+            layer = self.base_layer
+            return FusedTuckerLinear.apply(x, layer.weight, layer.bias, a1, core, a0, scale, True, True)
+        return self.base_layer(x) + F.linear(self.dropout(x) @ (a0 @ _scaled(core, scale)), a1)  # A0 G first
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
         inp, out = self.weight.shape
@@ -425,7 +470,7 @@ class EmbeddingAdapter(TuckerAdapter):
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1, core = self._factors_and_core()
         rows = self.dropout(F.embedding(x, a0, **self._options()))
-        return self.base_layer(x) + rows @ (core @ a1.T)
+        return self.base_layer(x) + rows @ (_scaled(core, self.delta.scale) @ a1.T)
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
         num, dim = self.weight.shape

@@ -1,0 +1,99 @@
+"""A linear layer with a Tucker delta as one autograd node: :class:`FusedTuckerLinear`.
+
+A linear weight ``W`` of shape ``(out, in)`` gets ``ΔW = scale · U G Vᵀ`` with ``U`` of shape
+``(out, r_out)``, ``G`` of shape ``(r_out, r_in)`` and ``V`` of shape ``(in, r_in)``. The layer
+computes ``x Wᵀ + b + scale · (x M ᵀ) Uᵀ`` with the small ``M = G Vᵀ`` of shape ``(r_out, in)``:
+two skinny products on the activations, as LoRA makes.
+
+Written out as torch calls this is five or six autograd nodes (the base layer, ``M``, two
+products, the scale and the sum), and on the small layers of real networks the fixed cost of
+each call and node outweighs the arithmetic. As one node, the forward is three matrix
+products (the last one accumulating into the base output in place) and the backward chooses
+for every product the operand layout that the CPU matrix kernels run fastest for a rank of a
+few: a reduction over the tokens is computed with the rank on the left (``(hᵀ g)ᵀ`` rather than
+``gᵀ h``), and a skinny right operand is a transposed view of a row-major ``(r, n)`` matrix.
+Measured in ``benchmarks/RESULTS.md`` (the whole-model and per-call tables).
+
+The same node serves transformers' ``Conv1D``, whose weight is stored as ``(in, out)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["FusedTuckerLinear"]
+
+
+class FusedTuckerLinear(torch.autograd.Function):
+    """``x Wᵀ + b + scale · x (U G Vᵀ)ᵀ`` and its gradients as one autograd function.
+
+    Inputs: the input ``x`` (any leading shape, features last), the base ``weight`` and
+    ``bias`` (``bias`` may be ``None``), the out-side factor ``U`` (out × r_out), the core ``G``
+    and the in-side factor ``V`` (in × r_in), the ``scale`` (a float), and two layout flags:
+    ``weight_transposed`` when the weight is stored ``(in, out)`` (transformers' ``Conv1D``),
+    and ``core_transposed`` when the core is stored ``(r_in, r_out)``. Gradients flow to every
+    tensor input that requires them; the base weight's (the full ``out × in`` product) is
+    computed only when the base weight is trainable.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        u: torch.Tensor,
+        core: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        weight_transposed: bool,
+        core_transposed: bool,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        weight_in_out = weight if weight_transposed else weight.T
+        g = core.T if core_transposed else core
+        m = g @ v.T  # (r_out, in)
+        h_t = m @ x2.T  # hᵀ (r_out × tokens): the rank on the left is the fast layout
+        y = x2 @ weight_in_out if bias is None else torch.addmm(bias, x2, weight_in_out)
+        y.addmm_(h_t.T, u.T, alpha=scale)
+        ctx.save_for_backward(x2, weight_in_out, u, g, v, m, h_t)
+        ctx.scale, ctx.weight_transposed, ctx.core_transposed = scale, weight_transposed, core_transposed
+        ctx.input_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        x2, weight_in_out, u, g, v, m, h_t = ctx.saved_tensors
+        need_x, need_w, need_b, need_u, need_core, need_v = ctx.needs_input_grad[:6]
+        scale = ctx.scale
+        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_b = grad_u = grad_core = grad_v = None
+        # the branch's gradient at h, transposed and without the scale (that rides on alpha and
+        # one small mul_)
+        grad_h_t = u.T.contiguous() @ grad.T if (need_x or need_core or need_v) else None
+        if need_x:
+            assert grad_h_t is not None
+            grad_x = (grad @ weight_in_out.T).addmm_(grad_h_t.T, m, alpha=scale).view(ctx.input_shape)
+        if need_w:
+            grad_in_out = x2.T @ grad
+            grad_w = grad_in_out if ctx.weight_transposed else grad_in_out.T
+        if need_b:
+            grad_b = grad.sum(0)
+        if need_u:
+            grad_u = (h_t @ grad).T  # rank on the left: several times faster than gradᵀ h
+            if scale != 1.0:
+                grad_u = grad_u * scale
+        if need_core or need_v:
+            assert grad_h_t is not None
+            grad_m = grad_h_t @ x2
+            if scale != 1.0:
+                grad_m.mul_(scale)
+            if need_core:
+                grad_g = grad_m @ v
+                grad_core = grad_g.T if ctx.core_transposed else grad_g
+            if need_v:
+                grad_v = grad_m.T @ g
+        return grad_x, grad_w, grad_b, grad_u, grad_core, grad_v, None, None, None
