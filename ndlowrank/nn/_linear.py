@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["FusedTuckerLinear"]
 
@@ -51,35 +52,40 @@ class FusedTuckerLinear(torch.autograd.Function):
         weight_transposed: bool,
         core_transposed: bool,
     ) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        weight_in_out = weight if weight_transposed else weight.T
+        # each torch call costs a fixed time that outweighs the arithmetic on small layers, so
+        # the products are written with the fewest calls (F.linear(a, b) is a bᵀ in one)
+        x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
         g = core.T if core_transposed else core
-        m = g @ v.T  # (r_out, in)
-        h_t = m @ x2.T  # hᵀ (r_out × tokens): the rank on the left is the fast layout
-        y = x2 @ weight_in_out if bias is None else torch.addmm(bias, x2, weight_in_out)
+        m = F.linear(g, v)  # G Vᵀ (r_out × in)
+        h_t = F.linear(m, x2)  # hᵀ (r_out × tokens): the rank on the left is the fast layout
+        y = torch.addmm(bias, x2, weight) if weight_transposed and bias is not None else (
+            x2 @ weight if weight_transposed else F.linear(x2, weight, bias)
+        )  # fmt: skip
         y.addmm_(h_t.T, u.T, alpha=scale)
-        ctx.save_for_backward(x2, weight_in_out, u, g, v, m, h_t)
+        ctx.save_for_backward(x2, weight, u, g, v, m, h_t)
         ctx.scale, ctx.weight_transposed, ctx.core_transposed = scale, weight_transposed, core_transposed
         ctx.input_shape = x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y if x.ndim == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        x2, weight_in_out, u, g, v, m, h_t = ctx.saved_tensors
+        x2, weight, u, g, v, m, h_t = ctx.saved_tensors
         need_x, need_w, need_b, need_u, need_core, need_v = ctx.needs_input_grad[:6]
-        scale = ctx.scale
-        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        scale, weight_transposed = ctx.scale, ctx.weight_transposed
+        grad = grad_out if grad_out.ndim == 2 else grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = grad_b = grad_u = grad_core = grad_v = None
         # the branch's gradient at h, transposed and without the scale (that rides on alpha and
-        # one small mul_)
-        grad_h_t = u.T.contiguous() @ grad.T if (need_x or need_core or need_v) else None
+        # one small mul_); Uᵀ made row-major first, the fast layout
+        grad_h_t = F.linear(u.T.contiguous(), grad) if (need_x or need_core or need_v) else None
         if need_x:
             assert grad_h_t is not None
-            grad_x = (grad @ weight_in_out.T).addmm_(grad_h_t.T, m, alpha=scale).view(ctx.input_shape)
+            grad_x = F.linear(grad, weight) if weight_transposed else grad @ weight
+            grad_x.addmm_(grad_h_t.T, m, alpha=scale)
+            if grad_x.shape != ctx.input_shape:
+                grad_x = grad_x.view(ctx.input_shape)
         if need_w:
-            grad_in_out = x2.T @ grad
-            grad_w = grad_in_out if ctx.weight_transposed else grad_in_out.T
+            grad_w = x2.T @ grad if weight_transposed else grad.T @ x2
         if need_b:
             grad_b = grad.sum(0)
         if need_u:
