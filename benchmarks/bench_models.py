@@ -15,6 +15,11 @@ gives the medians of interleaved runs, the ratio to PEFT LoRA's, the trainable p
 each and the peak extra memory of a step; then the merged model's forward under ``no_grad``
 against the base model's.
 
+A third contender is the *floor*: the frozen model with a zero scalar parameter added to each
+target layer's output, so that its backward runs through every target layer as an adapter's
+must, and adds nothing else. The step minus the floor is what the adapters themselves cost;
+the table gives ndlowrank's adapter cost as a ratio to PEFT LoRA's.
+
 The second table isolates the fixed cost per adapted layer: a training step of single small
 layers (where the work is a few microseconds) for the frozen layer, PEFT LoRA and ndlowrank.
 The results go to the ``bench_models`` section of ``benchmarks/RESULTS.md``.
@@ -204,6 +209,24 @@ def _step(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor]) -> Cal
     return step
 
 
+def floor_model(model: nn.Module, targets: list[str]) -> nn.Module:
+    """The frozen ``model`` whose target layers each add a trainable zero scalar to their output.
+
+    The backward then reaches every target layer (its input gradient), which any adapter's
+    does too, and computes nothing for the layers themselves: a step of this model is the
+    least an adapter method can cost.
+    """
+    floor = model.requires_grad_(False)
+    names = [  # PEFT's rule for a list of targets: the whole name or its last dotted parts
+        name for name, _ in floor.named_modules() if any(name == t or name.endswith(f".{t}") for t in targets)
+    ]
+    for name in names:
+        layer = floor.get_submodule(name)
+        layer.register_parameter("floor_zero", nn.Parameter(torch.zeros(())))
+        layer.register_forward_hook(lambda module, args, out: out + module.floor_zero)
+    return floor
+
+
 def run_model(case: ModelCase, repeats: int) -> Row:
     from peft import LoraConfig, get_peft_model
 
@@ -222,9 +245,10 @@ def run_model(case: ModelCase, repeats: int) -> Row:
     except Exception as error:
         return Row(case, unavailable=f"{type(error).__name__}: {str(error)[:120]}")
     steps = {name: _step(model, forward) for name, model in models.items()}
+    steps["floor"] = _step(floor_model(copy.deepcopy(base), case.targets), forward)
     times = interleaved_medians(steps, repeats)
     trainable = {name: sum(p.numel() for p in _trainable(model)) for name, model in models.items()}
-    peaks = {name: cpu_peak_extra_bytes(step) for name, step in steps.items()}
+    peaks = {name: cpu_peak_extra_bytes(steps[name]) for name in models}
 
     merged_model = nlnn.add_adapters(copy.deepcopy(base), case.targets, RANK, seed=0)
     nlnn.merge_adapters(merged_model)
@@ -243,10 +267,16 @@ def run_model(case: ModelCase, repeats: int) -> Row:
     row = Row(case, times=times, trainable=trainable, peaks=peaks, merged=merged)
     print(
         f"  step: ndlowrank {times['ndlowrank'] * 1e3:.2f} ms, PEFT LoRA {times['peft'] * 1e3:.2f} ms "
-        f"({times['ndlowrank'] / times['peft']:.2f}x); merged forward {merged['merged'] / merged['base']:.2f}x base",
+        f"({times['ndlowrank'] / times['peft']:.2f}x), floor {times['floor'] * 1e3:.2f} ms "
+        f"(adapter cost {_adapter_cost(times):.2f}x PEFT's); merged forward {merged['merged'] / merged['base']:.2f}x base",
         flush=True,
     )
     return row
+
+
+def _adapter_cost(times: dict[str, float]) -> float:
+    """ndlowrank's step minus the floor, over PEFT LoRA's step minus the floor."""
+    return (times["ndlowrank"] - times["floor"]) / (times["peft"] - times["floor"])
 
 
 # -- per-call overhead on small layers -------------------------------------------------------
@@ -327,15 +357,15 @@ def report(rows: list[Row], small: list[tuple[str, dict[str, float]]], repeats: 
         "the same seeded model. Peak memory as in the adapters section (torch.profiler's allocator events). "
         f"Targets: every model ≤ {TARGET_VS_PEFT}× PEFT LoRA's step, the geometric mean ≤ {TARGET_GEOMEAN}×.",
         "",
-        "| model | targets | step vs PEFT LoRA | ndlowrank step (ms) | PEFT LoRA step (ms) "
-        "| trainable: ndlowrank / PEFT | peak memory vs PEFT | merged forward vs base |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | targets | step vs PEFT LoRA | ndlowrank step (ms) | PEFT LoRA step (ms) | floor (ms) "
+        "| adapter cost vs PEFT's | trainable: ndlowrank / PEFT | peak memory vs PEFT | merged forward vs base |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios = []
     for row in rows:
         targets = ", ".join(f"`{t}`" for t in row.case.targets)
         if row.times is None:
-            lines.append(f"| {row.case.name} | {targets} | not run: {row.unavailable} | – | – | – | – | – |")
+            lines.append(f"| {row.case.name} | {targets} | not run: {row.unavailable} |" + " – |" * 7)
             continue
         assert row.trainable is not None and row.peaks is not None and row.merged is not None
         ratio = row.times["ndlowrank"] / row.times["peft"]
@@ -343,7 +373,8 @@ def report(rows: list[Row], small: list[tuple[str, dict[str, float]]], repeats: 
         mark = "" if ratio <= TARGET_VS_PEFT else " **(above target)**"
         lines.append(
             f"| {row.case.name} | {targets} | {ratio:.2f}×{mark} | {row.times['ndlowrank'] * 1e3:.2f} "
-            f"| {row.times['peft'] * 1e3:.2f} | {row.trainable['ndlowrank']:,} / {row.trainable['peft']:,} "
+            f"| {row.times['peft'] * 1e3:.2f} | {row.times['floor'] * 1e3:.2f} | {_adapter_cost(row.times):.2f}× "
+            f"| {row.trainable['ndlowrank']:,} / {row.trainable['peft']:,} "
             f"| {row.peaks['ndlowrank'] / row.peaks['peft']:.2f}× "
             f"| {row.merged['merged'] / row.merged['base']:.2f}× |"
         )
