@@ -55,41 +55,41 @@ class FusedTuckerLinear(torch.autograd.Function):
         # each torch call costs a fixed time that outweighs the arithmetic on small layers, so
         # the products are written with the fewest calls (F.linear(a, b) is a bᵀ in one)
         x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
-        g = core.T if core_transposed else core
+        g = core.t() if core_transposed else core
         m = F.linear(g, v)  # G Vᵀ (r_out × in)
         h_t = F.linear(m, x2)  # hᵀ (r_out × tokens): the rank on the left is the fast layout
         y = torch.addmm(bias, x2, weight) if weight_transposed and bias is not None else (
             x2 @ weight if weight_transposed else F.linear(x2, weight, bias)
         )  # fmt: skip
-        y.addmm_(h_t.T, u.T, alpha=scale)
-        ctx.save_for_backward(x2, weight, u, g, v, m, h_t)
-        ctx.scale, ctx.weight_transposed, ctx.core_transposed = scale, weight_transposed, core_transposed
-        ctx.input_shape = x.shape
+        u_t = u.t().contiguous()  # Uᵀ row-major: the fast layout here and for the backward's grad h
+        y.addmm_(h_t.t(), u_t, alpha=scale)
+        ctx.save_for_backward(x2, weight, u_t, g, v, m, h_t)
+        ctx.options = scale, weight_transposed, core_transposed, x.shape
         return y if x.ndim == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        x2, weight, u, g, v, m, h_t = ctx.saved_tensors
+        x2, weight, u_t, g, v, m, h_t = ctx.saved_tensors
         need_x, need_w, need_b, need_u, need_core, need_v = ctx.needs_input_grad[:6]
-        scale, weight_transposed = ctx.scale, ctx.weight_transposed
+        scale, weight_transposed, core_transposed, input_shape = ctx.options
         grad = grad_out if grad_out.ndim == 2 else grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = grad_b = grad_u = grad_core = grad_v = None
         # the branch's gradient at h, transposed and without the scale (that rides on alpha and
-        # one small mul_); Uᵀ made row-major first, the fast layout
-        grad_h_t = F.linear(u.T.contiguous(), grad) if (need_x or need_core or need_v) else None
+        # one small mul_)
+        grad_h_t = F.linear(u_t, grad) if (need_x or need_core or need_v) else None
         if need_x:
             assert grad_h_t is not None
             grad_x = F.linear(grad, weight) if weight_transposed else grad @ weight
-            grad_x.addmm_(grad_h_t.T, m, alpha=scale)
-            if grad_x.shape != ctx.input_shape:
-                grad_x = grad_x.view(ctx.input_shape)
+            grad_x.addmm_(grad_h_t.t(), m, alpha=scale)
+            if grad_x.shape != input_shape:
+                grad_x = grad_x.view(input_shape)
         if need_w:
-            grad_w = x2.T @ grad if weight_transposed else grad.T @ x2
+            grad_w = x2.t() @ grad if weight_transposed else grad.t() @ x2
         if need_b:
             grad_b = grad.sum(0)
         if need_u:
-            grad_u = (h_t @ grad).T  # rank on the left: several times faster than gradᵀ h
+            grad_u = (h_t @ grad).t()  # rank on the left: several times faster than gradᵀ h
             if scale != 1.0:
                 grad_u = grad_u * scale
         if need_core or need_v:
@@ -99,7 +99,7 @@ class FusedTuckerLinear(torch.autograd.Function):
                 grad_m.mul_(scale)
             if need_core:
                 grad_g = grad_m @ v
-                grad_core = grad_g.T if ctx.core_transposed else grad_g
+                grad_core = grad_g.t() if core_transposed else grad_g
             if need_v:
-                grad_v = grad_m.T @ g
+                grad_v = grad_m.t() @ g
         return grad_x, grad_w, grad_b, grad_u, grad_core, grad_v, None, None, None
