@@ -3,8 +3,8 @@
 The node's output and every gradient are checked against an independent reference: the
 plain torch expression ``x Wᵀ + b + scale · x (U G Vᵀ)ᵀ`` differentiated by autograd in
 float64. The adapters must use the node only when calling the base layer would do nothing
-more than its product (no hooks, no replaced or overridden ``forward``, no autocast, no
-active dropout) and give the same numbers either way.
+more than its product (no hooks, no replaced or overridden ``forward``, no active dropout),
+give the same numbers either way, and follow autocast as the layer itself does.
 """
 
 from __future__ import annotations
@@ -227,19 +227,30 @@ def test_active_dropout_takes_the_unfused_branch_and_eval_the_node():
     torch.testing.assert_close(out, _expected(adapter, x))
 
 
-def test_autocast_takes_the_unfused_branch_with_autocasts_dtype():
+def test_under_autocast_the_node_runs_in_autocasts_dtype_like_the_layer():
     adapter = _adapter(nn.Linear(5, 4), path="factorized")
-    x = torch.randn(3, 5)
+    x = torch.randn(3, 5, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         name, out = _node(adapter, x)
-    assert name != "FusedTuckerLinearBackward" and out.dtype == torch.bfloat16
+        plain = adapter.base_layer(x)
+    assert name == "FusedTuckerLinearBackward" and out.dtype == plain.dtype == torch.bfloat16
     expected = _expected(adapter, x)
     # bfloat16 keeps 8 bits: a few roundings of the products, relative to the output's size
     torch.testing.assert_close(
         out.float(), expected, rtol=0, atol=0.03 * float(expected.detach().abs().max())
     )
     out.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapter.delta.parameters())
+
+
+def test_autocast_leaves_float64_alone():
+    adapter = _adapter(path="factorized")
+    x = torch.randn(3, 5, dtype=F64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        name, out = _node(adapter, x)
+    assert name == "FusedTuckerLinearBackward" and out.dtype == F64
+    torch.testing.assert_close(out, _expected(adapter, x))
 
 
 def test_transformers_conv1d_runs_as_one_node_with_the_reference_numbers():

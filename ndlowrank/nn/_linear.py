@@ -24,7 +24,40 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FusedTuckerLinear"]
+__all__ = ["FusedTuckerLinear", "fused_tucker_linear"]
+
+
+def fused_tucker_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    u: torch.Tensor,
+    core: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    weight_transposed: bool = False,
+    core_transposed: bool = False,
+) -> torch.Tensor:
+    """:class:`FusedTuckerLinear` as ``F.linear`` would run under the caller's autocast.
+
+    Inside an autocast region every float32 (or float16/bfloat16) input is cast to the
+    autocast dtype first, as autocast casts a linear layer's input, weight and bias; the
+    casts are differentiable, so the gradients reach the parameters in their own dtype.
+    float64 is left alone, as autocast leaves it.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, u, core, v = (_autocast(t, dtype) for t in (x, weight, u, core, v))
+        bias = None if bias is None else _autocast(bias, dtype)
+    return FusedTuckerLinear.apply(x, weight, bias, u, core, v, scale, weight_transposed, core_transposed)
+
+
+def _autocast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if tensor.dtype == dtype or tensor.dtype == torch.float64 or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
 
 
 class FusedTuckerLinear(torch.autograd.Function):

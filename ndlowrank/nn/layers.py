@@ -20,7 +20,7 @@ from torch import nn
 
 from ._conv import ConvGeometry, FusedTuckerConv, conv_delta, factorized_branch
 from ._host import DEFAULT_ADAPTER, DeltaHost
-from ._linear import FusedTuckerLinear
+from ._linear import fused_tucker_linear
 from .delta import trailing_mode_products
 
 __all__ = [
@@ -186,8 +186,8 @@ class TuckerAdapter(DeltaHost):
         """Whether a forward may compute the base layer's product itself instead of calling the layer.
 
         Not when anything could change what calling the layer does: hooks on it, a
-        replaced ``forward`` (accelerate's offloading does that) or a subclass's own one,
-        autocast, or dropout on the branch (its input then differs from the layer's).
+        replaced ``forward`` (accelerate's offloading does that) or a subclass's own one, or
+        dropout on the branch (its input then differs from the layer's).
         """
         base = self.base_layer
         return not (
@@ -198,7 +198,6 @@ class TuckerAdapter(DeltaHost):
             or base._backward_pre_hooks
             or "forward" in base.__dict__
             or (self.training and self.dropout_p > 0)
-            or torch.is_autocast_enabled(x.device.type)
         )
 
     @property
@@ -293,7 +292,7 @@ class LinearAdapter(TuckerAdapter):
         scale = self.delta.scale
         if self._runs_base_here(x):
             layer = self.base_layer
-            return FusedTuckerLinear.apply(x, layer.weight, layer.bias, a0, core, a1, scale, False, False)
+            return fused_tucker_linear(x, layer.weight, layer.bias, a0, core, a1, scale)
         # G A1ᵀ (r0 × in) first: two products on the activations, as in LoRA, and one tiny one
         return self.base_layer(x) + F.linear(
             F.linear(self.dropout(x), F.linear(_scaled(core, scale), a1)), a0
@@ -341,7 +340,9 @@ class TransposedLinearAdapter(TuckerAdapter):
         scale = self.delta.scale
         if self._runs_base_here(x):  # as (out, in): U = A1, V = A0 and the core transposed
             layer = self.base_layer
-            return FusedTuckerLinear.apply(x, layer.weight, layer.bias, a1, core, a0, scale, True, True)
+            return fused_tucker_linear(
+                x, layer.weight, layer.bias, a1, core, a0, scale, weight_transposed=True, core_transposed=True
+            )
         return self.base_layer(x) + F.linear(self.dropout(x) @ (a0 @ _scaled(core, scale)), a1)  # A0 G first
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
