@@ -1,9 +1,10 @@
 """Whole real networks: a Tucker-adapter training step vs PEFT LoRA's, and per-call overhead.
 
-Run ``python benchmarks/bench_models.py`` (``--quick`` for fewer repeats). Each model is a
-tiny configuration of the real architecture from its own library (transformers, diffusers,
-torchvision, timm), built with random weights from a fixed seed; a model whose library cannot
-be imported here is listed with the reason. For every model the same target layers get
+Run ``python benchmarks/bench_models.py`` (``--quick`` for fewer repeats; ``--device cuda``
+for the GPU suite, which writes the ``bench_models_gpu`` section). Each model is a tiny
+configuration of the real architecture from its own library (transformers, diffusers,
+torchvision, timm) on the CPU, and one of realistic size on a GPU, built with random weights
+from a fixed seed; a model whose library cannot be imported here is listed with the reason. For every model the same target layers get
 
 - PEFT LoRA, ``r=8, lora_alpha=8`` (``get_peft_model``), and
 - ndlowrank ``add_adapters(..., ranks=8)`` (an int rank is clipped to each mode: ``(8, 8)`` on a
@@ -14,6 +15,11 @@ output), its backward, and the adapter gradients reset to ``None``; no optimizer
 gives the medians of interleaved runs, the ratio to PEFT LoRA's, the trainable parameters of
 each and the peak extra memory of a step; then the merged model's forward under ``no_grad``
 against the base model's.
+
+A third contender is the *floor*: the frozen model with a zero scalar parameter added to each
+target layer's output, so that its backward runs through every target layer as an adapter's
+must, and adds nothing else. The step minus the floor is what the adapters themselves cost;
+the table gives ndlowrank's adapter cost as a ratio to PEFT LoRA's.
 
 The second table isolates the fixed cost per adapted layer: a training step of single small
 layers (where the work is a few microseconds) for the frozen layer, PEFT LoRA and ndlowrank.
@@ -39,7 +45,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import interleaved_medians, load_window, machine, today, versions, write_section
-from benchmarks.bench_adapters import Holder, cpu_peak_extra_bytes
+from benchmarks.bench_adapters import Device, Holder
 from ndlowrank import nn as nlnn
 
 MiB = 2**20
@@ -48,133 +54,188 @@ TARGET_VS_PEFT = 1.0  # every model
 TARGET_GEOMEAN = 0.85  # the geometric mean over the models
 
 
+@dataclass(frozen=True)
+class Scale:
+    """Where a model runs and how big it is: tiny configurations on the CPU, realistic ones on a GPU."""
+
+    device: str = "cpu"
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def pick(self, cpu: Any, gpu: Any) -> Any:
+        """``gpu`` for the GPU suite, else ``cpu``."""
+        return gpu if self.gpu else cpu
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+
+    def tokens(self, vocab: int, *shape: int) -> torch.Tensor:
+        return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+
+
+Forward = Callable[[nn.Module], torch.Tensor]
+
+
 @dataclass
 class ModelCase:
-    """A real architecture in a tiny configuration, the layers to adapt and one batch."""
+    """A real architecture, its sizes on the CPU and on a GPU, the layers to adapt and one batch."""
 
     name: str
     library: str
-    build: Callable[[], tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]]
+    build: Callable[[Scale], tuple[nn.Module, Forward]]
     targets: list[str]
+    sizes: tuple[str, str]  # what the CPU and the GPU configurations are, for the table
+
+    def title(self, scale: Scale) -> str:
+        return f"{self.name} ({scale.pick(*self.sizes)})"
 
 
-def _llama():
+def _llama(scale: Scale) -> tuple[nn.Module, Forward]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    hidden, vocab = scale.pick(128, 1024), scale.pick(512, 32000)
     config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=scale.pick(344, 2816),
+        num_hidden_layers=scale.pick(2, 4),
+        num_attention_heads=scale.pick(4, 16),
+        num_key_value_heads=scale.pick(2, 8),
+        max_position_embeddings=scale.pick(128, 1024),
     )
-    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    ids = scale.tokens(vocab, 4, scale.pick(64, 512))
     return LlamaForCausalLM(config), lambda model: model(input_ids=ids).logits
 
 
-def _gpt2():
+def _gpt2(scale: Scale) -> tuple[nn.Module, Forward]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    vocab = scale.pick(512, 50257)
     config = GPT2Config(
-        vocab_size=512, n_positions=128, n_embd=128, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0
+        vocab_size=vocab,
+        n_positions=scale.pick(128, 1024),
+        n_embd=scale.pick(128, 768),
+        n_layer=scale.pick(2, 4),
+        n_head=scale.pick(4, 12),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
     )
     config.attn_pdrop = 0.0
-    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    ids = scale.tokens(vocab, 4, scale.pick(64, 512))
     return GPT2LMHeadModel(config), lambda model: model(input_ids=ids).logits
 
 
-def _bert():
+def _bert(scale: Scale) -> tuple[nn.Module, Forward]:
     from transformers import BertConfig, BertModel
 
+    vocab = scale.pick(512, 30522)
     config = BertConfig(
-        vocab_size=512,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=512,
+        vocab_size=vocab,
+        hidden_size=scale.pick(128, 768),
+        num_hidden_layers=scale.pick(2, 4),
+        num_attention_heads=scale.pick(4, 12),
+        intermediate_size=scale.pick(512, 3072),
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    ids = scale.tokens(vocab, 4, scale.pick(64, 512))
     return BertModel(config), lambda model: model(input_ids=ids).last_hidden_state
 
 
-def _unet():
+def _unet(scale: Scale) -> tuple[nn.Module, Forward]:
     from diffusers import UNet2DConditionModel
 
+    context_dim, latent = scale.pick(32, 768), scale.pick(16, 64)
     model = UNet2DConditionModel(
-        sample_size=16,
+        sample_size=latent,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        block_out_channels=scale.pick((32, 64), (320, 640)),
+        layers_per_block=scale.pick(1, 2),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=context_dim,
         attention_head_dim=8,
-        norm_num_groups=8,
+        norm_num_groups=scale.pick(8, 32),
     )
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 16, 16, generator=generator)
-    context = torch.randn(2, 8, 32, generator=generator)
-    timestep = torch.tensor([10, 500])
+    sample = scale.randn(2, 4, latent, latent)
+    context = scale.randn(2, scale.pick(8, 77), context_dim)
+    timestep = torch.tensor([10, 500], device=scale.device)
     return model, lambda m: m(sample, timestep, encoder_hidden_states=context).sample
 
 
-def _torchvision(name: str):
-    def build():
+def _images(scale: Scale) -> torch.Tensor:
+    side = scale.pick(64, 224)
+    return scale.randn(scale.pick(4, 32), 3, side, side)
+
+
+def _torchvision(name: str) -> Callable[[Scale], tuple[nn.Module, Forward]]:
+    def build(scale: Scale) -> tuple[nn.Module, Forward]:
         models = importlib.import_module("torchvision.models")
         model = getattr(models, name)(num_classes=10)
-        batch = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        batch = _images(scale)
         return model, lambda m: m(batch)
 
     return build
 
 
-def _timm(name: str, **options: Any):
-    def build():
+def _timm(name: str, cpu_options: dict[str, Any]) -> Callable[[Scale], tuple[nn.Module, Forward]]:
+    def build(scale: Scale) -> tuple[nn.Module, Forward]:
         timm = importlib.import_module("timm")
-        model = timm.create_model(name, pretrained=False, num_classes=10, **options)
-        batch = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        model = timm.create_model(name, pretrained=False, num_classes=10, **scale.pick(cpu_options, {}))
+        batch = _images(scale)
         return model, lambda m: m(batch)
 
     return build
 
 
+_IMAGES = ("4×3×64×64", "32×3×224×224")
 CASES = [
     ModelCase(
-        "LLaMA (2 layers, hidden 128), 4×64 tokens",
+        "LLaMA",
         "transformers",
         _llama,
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ("2 layers, hidden 128, 4×64 tokens", "4 layers, hidden 1024, 4×512 tokens"),
     ),
     ModelCase(
-        "GPT-2 (2 layers, hidden 128), 4×64 tokens", "transformers", _gpt2, ["c_attn", "c_proj", "c_fc"]
+        "GPT-2",
+        "transformers",
+        _gpt2,
+        ["c_attn", "c_proj", "c_fc"],
+        ("2 layers, hidden 128, 4×64 tokens", "4 layers, hidden 768, 4×512 tokens"),
     ),
     ModelCase(
-        "BERT (2 layers, hidden 128), 4×64 tokens", "transformers", _bert, ["query", "key", "value", "dense"]
+        "BERT",
+        "transformers",
+        _bert,
+        ["query", "key", "value", "dense"],
+        ("2 layers, hidden 128, 4×64 tokens", "4 layers, hidden 768, 4×512 tokens"),
     ),
     ModelCase(
-        "UNet2DConditionModel (32/64 channels), 2×4×16×16",
+        "UNet2DConditionModel",
         "diffusers",
         _unet,
         ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"],
+        ("32/64 channels, 2×4×16×16", "320/640 channels, 2×4×64×64, 77 context tokens"),
     ),
-    ModelCase("resnet18, 4×3×64×64", "torchvision", _torchvision("resnet18"), ["conv1", "conv2"]),
+    ModelCase("resnet18", "torchvision", _torchvision("resnet18"), ["conv1", "conv2"], _IMAGES),
     ModelCase(
-        "mobilenet_v3_small, 4×3×64×64",
+        "mobilenet_v3_small",
         "torchvision",
         _torchvision("mobilenet_v3_small"),
         ["block.0.0", "block.1.0", "block.2.0", "fc1", "fc2"],
+        _IMAGES,
     ),
-    ModelCase("timm efficientnet_b0, 4×3×64×64", "timm", _timm("efficientnet_b0"), ["conv_pw", "conv_pwl"]),
+    ModelCase("timm efficientnet_b0", "timm", _timm("efficientnet_b0", {}), ["conv_pw", "conv_pwl"], _IMAGES),
     ModelCase(
-        "timm vit_tiny (patch 8), 4×3×64×64",
+        "timm vit_tiny",
         "timm",
-        _timm("vit_tiny_patch16_224", img_size=64, patch_size=8),
+        _timm("vit_tiny_patch16_224", {"img_size": 64, "patch_size": 8}),
         ["qkv", "proj", "fc1", "fc2"],
+        ("patch 8, 4×3×64×64", "patch 16, 32×3×224×224"),
     ),
 ]
 
@@ -193,26 +254,47 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _step(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor]) -> Callable[[], None]:
+def _step(model: nn.Module, forward: Forward, device: Device) -> Callable[[], None]:
     params = _trainable(model)
 
     def step() -> None:
         for p in params:
             p.grad = None
         forward(model).float().square().mean().backward()
+        device.sync()
 
     return step
 
 
-def run_model(case: ModelCase, repeats: int) -> Row:
+def floor_model(model: nn.Module, targets: list[str]) -> nn.Module:
+    """The frozen ``model`` whose target layers each add a trainable zero scalar to their output.
+
+    The backward then reaches every target layer (its input gradient), which any adapter's
+    does too, and computes nothing for the layers themselves: a step of this model is the
+    least an adapter method can cost.
+    """
+    floor = model.requires_grad_(False)
+    names = [  # PEFT's rule for a list of targets: the whole name or its last dotted parts
+        name for name, _ in floor.named_modules() if any(name == t or name.endswith(f".{t}") for t in targets)
+    ]
+    for name in names:
+        layer = floor.get_submodule(name)
+        layer.register_parameter("floor_zero", nn.Parameter(torch.zeros(())))
+        layer.register_forward_hook(lambda module, args, out: out + module.floor_zero)
+    return floor
+
+
+def run_model(case: ModelCase, repeats: int, device: Device | None = None) -> Row:
     from peft import LoraConfig, get_peft_model
 
+    device = device or Device("cpu")
+    scale = Scale(device.name)
     try:
         torch.manual_seed(0)
-        base, forward = case.build()
+        base, forward = case.build(scale)
     except Exception as error:  # the library is missing or broken here: reported, not fatal
         return Row(case, unavailable=f"{case.library}: {type(error).__name__}: {str(error)[:80]}")
-    base.train()
+    base.to(device.name).train()
     models: dict[str, nn.Module] = {}
     try:
         models["peft"] = get_peft_model(
@@ -221,10 +303,11 @@ def run_model(case: ModelCase, repeats: int) -> Row:
         models["ndlowrank"] = nlnn.add_adapters(copy.deepcopy(base), case.targets, RANK, seed=0)
     except Exception as error:
         return Row(case, unavailable=f"{type(error).__name__}: {str(error)[:120]}")
-    steps = {name: _step(model, forward) for name, model in models.items()}
+    steps = {name: _step(model, forward, device) for name, model in models.items()}
+    steps["floor"] = _step(floor_model(copy.deepcopy(base), case.targets), forward, device)
     times = interleaved_medians(steps, repeats)
     trainable = {name: sum(p.numel() for p in _trainable(model)) for name, model in models.items()}
-    peaks = {name: cpu_peak_extra_bytes(step) for name, step in steps.items()}
+    peaks = {name: device.peak_extra_bytes(steps[name]) for name in models}
 
     merged_model = nlnn.add_adapters(copy.deepcopy(base), case.targets, RANK, seed=0)
     nlnn.merge_adapters(merged_model)
@@ -236,6 +319,7 @@ def run_model(case: ModelCase, repeats: int) -> Row:
         def call() -> None:
             with torch.no_grad():
                 forward(model)
+            device.sync()
 
         return call
 
@@ -243,10 +327,16 @@ def run_model(case: ModelCase, repeats: int) -> Row:
     row = Row(case, times=times, trainable=trainable, peaks=peaks, merged=merged)
     print(
         f"  step: ndlowrank {times['ndlowrank'] * 1e3:.2f} ms, PEFT LoRA {times['peft'] * 1e3:.2f} ms "
-        f"({times['ndlowrank'] / times['peft']:.2f}x); merged forward {merged['merged'] / merged['base']:.2f}x base",
+        f"({times['ndlowrank'] / times['peft']:.2f}x), floor {times['floor'] * 1e3:.2f} ms "
+        f"(adapter cost {_adapter_cost(times):.2f}x PEFT's); merged forward {merged['merged'] / merged['base']:.2f}x base",
         flush=True,
     )
     return row
+
+
+def _adapter_cost(times: dict[str, float]) -> float:
+    """ndlowrank's step minus the floor, over PEFT LoRA's step minus the floor."""
+    return (times["ndlowrank"] - times["floor"]) / (times["peft"] - times["floor"])
 
 
 # -- per-call overhead on small layers -------------------------------------------------------
@@ -262,7 +352,7 @@ SMALL_LAYERS = [
 CALLS = 20  # calls per timing of a small layer, so the timer's resolution does not matter
 
 
-def _layer_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _layer_step(model: nn.Module, x: torch.Tensor, device: Device) -> Callable[[], None]:
     params = _trainable(model)
 
     def step() -> None:
@@ -270,6 +360,7 @@ def _layer_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
         for p in params:
             p.grad = None
         model(x).square().mean().backward()
+        device.sync()
 
     return step
 
@@ -282,14 +373,15 @@ def _repeated(fn: Callable[[], None]) -> Callable[[], None]:
     return call
 
 
-def run_small(repeats: int) -> list[tuple[str, dict[str, float]]]:
+def run_small(repeats: int, device: Device | None = None) -> list[tuple[str, dict[str, float]]]:
     from peft import LoraConfig, get_peft_model
 
+    device = device or Device("cpu")
     rows = []
     for title, make, shape in SMALL_LAYERS:
         torch.manual_seed(0)
-        layer = make()
-        x = torch.randn(shape, requires_grad=True)
+        layer = make().to(device.name)
+        x = torch.randn(shape, device=device.name, requires_grad=True)
         models = {
             "frozen": Holder(copy.deepcopy(layer)).requires_grad_(False),
             "peft": get_peft_model(
@@ -299,7 +391,7 @@ def run_small(repeats: int) -> list[tuple[str, dict[str, float]]]:
         }
 
         times = interleaved_medians(
-            {name: _repeated(_layer_step(m, x)) for name, m in models.items()}, repeats
+            {name: _repeated(_layer_step(m, x, device)) for name, m in models.items()}, repeats
         )
         rows.append((title, {name: t / CALLS for name, t in times.items()}))
         print(
@@ -312,38 +404,60 @@ def run_small(repeats: int) -> list[tuple[str, dict[str, float]]]:
 # -- the report ------------------------------------------------------------------------------
 
 
-def report(rows: list[Row], small: list[tuple[str, dict[str, float]]], repeats: int, load: str) -> str:
+def report(
+    rows: list[Row],
+    small: list[tuple[str, dict[str, float]]],
+    repeats: int,
+    load: str,
+    device: Device | None = None,
+) -> str:
+    device = device or Device("cpu")
+    scale = Scale(device.name)
+    libraries = versions("ndlowrank", "torch", "peft", "transformers", "diffusers", "torchvision", "timm")
+    if device.cuda:
+        where = (
+            f"GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); host: {machine()}; "
+            "float32 with torch's default matmul precision. Peak memory: `torch.cuda.max_memory_allocated()` "
+            "during one step minus the memory allocated before it."
+        )
+        command = "python benchmarks/bench_models.py --device cuda"
+    else:
+        where = (
+            f"Machine: {machine()}; torch threads: {torch.get_num_threads()}. Peak memory as in the adapters "
+            "section (torch.profiler's allocator events)."
+        )
+        command = "python benchmarks/bench_models.py"
     lines = [
-        "## Whole models vs PEFT LoRA (CPU)",
+        f"## Whole models vs PEFT LoRA ({'GPU' if device.cuda else 'CPU'})",
         "",
-        f"Written by `python benchmarks/bench_models.py` on {today()}. Machine: {machine()}; torch threads: "
-        f"{torch.get_num_threads()}; load average (1 min) {load}. Libraries: "
-        f"{versions('ndlowrank', 'torch', 'peft', 'transformers', 'diffusers', 'torchvision', 'timm')}.",
+        f"Written by `{command}` on {today()}. {where} Load average (1 min) {load}. Libraries: {libraries}.",
         "",
         f"Medians of {repeats} interleaved runs. A training step is forward, mean-square loss, backward, "
         f"adapter gradients reset (no optimizer), model in train mode with dropout off. PEFT LoRA r={RANK}, "
         f"lora_alpha={RANK}; ndlowrank `add_adapters(model, targets, {RANK})` (the int rank clipped per mode, "
         "so a 3×3 conv gets (8, 8, 3, 3)), default init, `path='auto'`; both on the same targets of copies of "
-        "the same seeded model. Peak memory as in the adapters section (torch.profiler's allocator events). "
+        "the same seeded model; the floor is the frozen model whose target layers add a zero parameter to their "
+        "output (the least any adapter costs), and the adapter cost is the step minus the floor. "
         f"Targets: every model ≤ {TARGET_VS_PEFT}× PEFT LoRA's step, the geometric mean ≤ {TARGET_GEOMEAN}×.",
         "",
-        "| model | targets | step vs PEFT LoRA | ndlowrank step (ms) | PEFT LoRA step (ms) "
-        "| trainable: ndlowrank / PEFT | peak memory vs PEFT | merged forward vs base |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | targets | step vs PEFT LoRA | ndlowrank step (ms) | PEFT LoRA step (ms) | floor (ms) "
+        "| adapter cost vs PEFT's | trainable: ndlowrank / PEFT | peak memory vs PEFT | merged forward vs base |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios = []
     for row in rows:
         targets = ", ".join(f"`{t}`" for t in row.case.targets)
         if row.times is None:
-            lines.append(f"| {row.case.name} | {targets} | not run: {row.unavailable} | – | – | – | – | – |")
+            lines.append(f"| {row.case.title(scale)} | {targets} | not run: {row.unavailable} |" + " – |" * 7)
             continue
         assert row.trainable is not None and row.peaks is not None and row.merged is not None
         ratio = row.times["ndlowrank"] / row.times["peft"]
         ratios.append(ratio)
         mark = "" if ratio <= TARGET_VS_PEFT else " **(above target)**"
         lines.append(
-            f"| {row.case.name} | {targets} | {ratio:.2f}×{mark} | {row.times['ndlowrank'] * 1e3:.2f} "
-            f"| {row.times['peft'] * 1e3:.2f} | {row.trainable['ndlowrank']:,} / {row.trainable['peft']:,} "
+            f"| {row.case.title(scale)} | {targets} | {ratio:.2f}×{mark} | {row.times['ndlowrank'] * 1e3:.2f} "
+            f"| {row.times['peft'] * 1e3:.2f} | {row.times['floor'] * 1e3:.2f} | {_adapter_cost(row.times):.2f}× "
+            f"| {row.trainable['ndlowrank']:,} / {row.trainable['peft']:,} "
             f"| {row.peaks['ndlowrank'] / row.peaks['peft']:.2f}× "
             f"| {row.merged['merged'] / row.merged['base']:.2f}× |"
         )
@@ -379,21 +493,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="5 repeats instead of 15")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per contender")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument(
+        "--device", default="cpu", help="'cpu' (default: tiny configurations) or 'cuda' (realistic sizes)"
+    )
     args = parser.parse_args(argv)
+    device = Device(args.device)
+    if device.cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
     repeats = args.repeats or (5 if args.quick else 15)
     torch.set_num_threads(args.threads)
-    print(f"cpu, torch threads {torch.get_num_threads()}, {repeats} repeats", flush=True)
+    print(f"{device.name}, torch threads {torch.get_num_threads()}, {repeats} repeats", flush=True)
     load_before = os.getloadavg()[0]
     rows = []
     for case in CASES:
-        print(case.name, flush=True)
-        rows.append(run_model(case, repeats))
+        print(case.title(Scale(device.name)), flush=True)
+        rows.append(run_model(case, repeats, device))
         if rows[-1].unavailable:
             print(f"  not run: {rows[-1].unavailable}", flush=True)
     print("small layers", flush=True)
-    small = run_small(repeats)
-    write_section("bench_models", report(rows, small, repeats, load_window(load_before)))
-    print("wrote the bench_models section of benchmarks/RESULTS.md")
+    small = run_small(repeats, device)
+    section = "bench_models_gpu" if device.cuda else "bench_models"
+    write_section(section, report(rows, small, repeats, load_window(load_before), device))
+    print(f"wrote the {section} section of benchmarks/RESULTS.md")
 
 
 if __name__ == "__main__":

@@ -18,17 +18,49 @@ def _case(name: str) -> bench_models.ModelCase:
 def test_a_real_model_runs_and_both_contenders_train_the_same_targets():
     row = bench_models.run_model(_case("BERT"), repeats=1)
     assert not row.unavailable
-    assert row.times is not None and set(row.times) == {"ndlowrank", "peft"}
+    assert row.times is not None and set(row.times) == {"ndlowrank", "peft", "floor"}
     assert row.trainable is not None and min(row.trainable.values()) > 0
     text = bench_models.report([row], [], repeats=1, load="0.0 before the run, 0.0 after it")
     assert "| BERT" in text and "Geometric mean" in text
 
 
 def test_a_model_that_cannot_be_built_is_reported_not_raised():
-    def broken():
+    def broken(scale):
         raise RuntimeError("operator torchvision::nms does not exist")
 
-    case = bench_models.ModelCase("broken net", "torchvision", broken, ["conv1"])
+    case = bench_models.ModelCase("broken net", "torchvision", broken, ["conv1"], ("tiny", "big"))
     row = bench_models.run_model(case, repeats=1)
     assert row.times is None and "torchvision: RuntimeError" in row.unavailable
     assert "not run: torchvision: RuntimeError" in bench_models.report([row], [], 1, "")
+
+
+def test_the_floor_reaches_exactly_the_layers_peft_adapts_and_changes_no_output():
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    case = _case("BERT")
+    torch.manual_seed(0)
+    model, forward = case.build(bench_models.Scale())
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=case.targets))
+    adapted = {
+        name.removeprefix("base_model.model.") for name, m in peft.named_modules() if hasattr(m, "lora_A")
+    }
+    floor = bench_models.floor_model(copy.deepcopy(model), case.targets)
+    zeros = {name.removesuffix(".floor_zero") for name, p in floor.named_parameters() if p.requires_grad}
+    assert zeros == adapted and len(zeros) == 13  # 2 layers × (query, key, value, 3 dense) + the pooler
+    model.eval(), floor.eval()
+    torch.testing.assert_close(forward(floor), forward(model))
+
+
+def test_the_gpu_suite_picks_realistic_sizes_and_needs_cuda(monkeypatch):
+    import torch
+
+    cpu, gpu = bench_models.Scale("cpu"), bench_models.Scale("cuda")
+    assert (cpu.pick(128, 1024), gpu.pick(128, 1024)) == (128, 1024)
+    case = _case("LLaMA")
+    assert "hidden 128" in case.title(cpu) and "hidden 1024" in case.title(gpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench_models.main(["--device", "cuda"])

@@ -29,6 +29,7 @@ from ._conv import (
     spatial_fold,
 )
 from ._host import DEFAULT_ADAPTER, DeltaHost
+from ._linear import fused_tucker_linear
 
 __all__ = [
     "PATHS",
@@ -81,12 +82,17 @@ def _adapter_types() -> dict[type[nn.Module], type[TuckerAdapter]]:
     return types
 
 
-def _adapter_class(base_layer: nn.Module) -> type[TuckerAdapter]:
-    for layer_type, adapter_type in _adapter_types().items():
+def _registered_type(base_layer: nn.Module) -> type[nn.Module]:
+    """The supported layer type ``base_layer`` is an instance of."""
+    for layer_type in _adapter_types():
         if isinstance(base_layer, layer_type):
-            return adapter_type
+            return layer_type
     names = ", ".join(t.__name__ for t in _adapter_types())
     raise TypeError(f"cannot adapt a {type(base_layer).__name__}; supported layers: {names}")
+
+
+def _adapter_class(base_layer: nn.Module) -> type[TuckerAdapter]:
+    return _adapter_types()[_registered_type(base_layer)]
 
 
 class TuckerAdapter(DeltaHost):
@@ -160,6 +166,8 @@ class TuckerAdapter(DeltaHost):
                 "path='materialize' cannot apply dropout to the adapter branch; use path='factorized'"
             )
         self.base_layer = base_layer
+        # a layer running its type's own forward, which a fused path may compute in its place
+        self._plain_base = type(base_layer).forward is _registered_type(base_layer).forward
         self.path, self.dropout_p = path, float(dropout)
         self._auto_paths: dict[tuple[Any, ...], str] = {}  # path="auto"'s choice per input shape and mode
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -188,11 +196,33 @@ class TuckerAdapter(DeltaHost):
 
     # -- generic behaviour -----------------------------------------------------------
     def _factors_and_core(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``A0``, ``A1`` and ``scale · G`` of a two-mode delta, in the weight's dtype (for the forward paths)."""
+        """``A0``, ``A1`` and ``G`` of a two-mode delta, in the weight's dtype (for the forward paths)."""
         delta = self.delta
-        a0, a1 = (self._cast(f) for f in delta.factors)
-        core = self._cast(delta.core)
-        return a0, a1, core if delta.scale == 1.0 else core * delta.scale  # x · 1.0 is x: skip the call
+        a0, a1 = delta.factors._parameters.values()  # not per-index lookups: this runs on every call
+        core = delta.core
+        assert a0 is not None and a1 is not None
+        dtype = self.base_layer.weight.dtype
+        if a0.dtype == dtype and a1.dtype == dtype and core.dtype == dtype:
+            return a0, a1, core
+        return a0.to(dtype), a1.to(dtype), core.to(dtype)
+
+    def _runs_base_here(self, x: torch.Tensor) -> bool:
+        """Whether a forward may compute the base layer's product itself instead of calling the layer.
+
+        Not when anything could change what calling the layer does: hooks on it, a
+        replaced ``forward`` (accelerate's offloading does that) or a subclass's own one, or
+        dropout on the branch (its input then differs from the layer's).
+        """
+        base = self.base_layer
+        return not (
+            not self._plain_base
+            or base._forward_hooks
+            or base._forward_pre_hooks
+            or base._backward_hooks
+            or base._backward_pre_hooks
+            or "forward" in base.__dict__
+            or (self.training and self.dropout_p > 0)
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -283,13 +313,23 @@ class LinearAdapter(TuckerAdapter):
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1, core = self._factors_and_core()
+        scale = self.delta.scale
+        if self._runs_base_here(x):
+            layer = self.base_layer
+            return fused_tucker_linear(x, layer.weight, layer.bias, a0, core, a1, scale)
         # G A1ᵀ (r0 × in) first: two products on the activations, as in LoRA, and one tiny one
-        return self.base_layer(x) + F.linear(F.linear(self.dropout(x), F.linear(core, a1)), a0)
+        return self.base_layer(x) + F.linear(
+            F.linear(self.dropout(x), F.linear(_scaled(core, scale), a1)), a0
+        )
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
         out, inp = self.weight.shape
         r_out, r_in = self.ranks
         return _linear_costs(input_shape, out, inp, r_out, r_in, training=training)
+
+
+def _scaled(core: torch.Tensor, scale: float) -> torch.Tensor:
+    return core if scale == 1.0 else core * scale  # x · 1.0 is x: skip the call
 
 
 def _linear_costs(
@@ -321,39 +361,18 @@ class TransposedLinearAdapter(TuckerAdapter):
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1, core = self._factors_and_core()
-        return self.base_layer(x) + F.linear(self.dropout(x) @ (a0 @ core), a1)  # A0 G (in × r1) first
+        scale = self.delta.scale
+        if self._runs_base_here(x):  # as (out, in): U = A1, V = A0 and the core transposed
+            layer = self.base_layer
+            return fused_tucker_linear(
+                x, layer.weight, layer.bias, a1, core, a0, scale, weight_transposed=True, core_transposed=True
+            )
+        return self.base_layer(x) + F.linear(self.dropout(x) @ (a0 @ _scaled(core, scale)), a1)  # A0 G first
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
         inp, out = self.weight.shape
         r_in, r_out = self.ranks
         return _linear_costs(input_shape, out, inp, r_out, r_in, training=training)
-
-
-_PLAIN_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
-
-
-def runs_plain_forward(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether calling the conv ``layer`` on ``x`` is just its convolution (so an adapter may compute it itself).
-
-    Not so with hooks on the layer (or global module hooks), a ``forward`` replaced on the
-    instance (as accelerate's offloading does) or overridden by a subclass, or autocast
-    enabled on ``x``'s device: then the layer's own call must run.
-    """
-    from torch.nn.modules import module as module_globals
-
-    return not (
-        layer._forward_hooks
-        or layer._forward_pre_hooks
-        or layer._backward_hooks
-        or layer._backward_pre_hooks
-        or module_globals._global_forward_hooks
-        or module_globals._global_forward_pre_hooks
-        or module_globals._global_backward_hooks
-        or module_globals._global_backward_pre_hooks
-        or "forward" in layer.__dict__
-        or type(layer).forward not in _PLAIN_CONV_FORWARDS
-        or torch.is_autocast_enabled(x.device.type)
-    )
 
 
 class ConvAdapter(TuckerAdapter):
@@ -388,45 +407,48 @@ class ConvAdapter(TuckerAdapter):
 
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
         """``conv(x, W + ΔW)`` with plain autograd where the full weight gradient is cheap, else :class:`FusedTuckerConv`."""
+        if not self._computes_base(x):
+            return self._forward_composite(x, dropout=False)
         key = (x.shape, torch.is_grad_enabled(), self.delta.core.shape)
-        autograd = self._plain_materialize.get(key)
-        if autograd is None:
+        plain = self._plain_materialize.get(key)
+        if plain is None:
             if len(self._plain_materialize) >= _AUTO_PATHS_KEPT:  # inputs of ever new shapes: start over
                 self._plain_materialize.clear()
-            plain, fused = self._materialize_costs(key[0]) if key[1] else (0.0, 1.0)
-            autograd = self._plain_materialize[key] = plain <= fused
-        if autograd and runs_plain_forward(self.base_layer, x):
-            core, a0, a1, *spatial = self._parts()
-            layer = self.base_layer
-            weight = merged_weight(
-                layer.weight, a0, a1, spatial_fold(core, spatial, self.delta.scale, self.geometry)
-            )
-            return layer._conv_forward(x, weight, layer.bias)
-        return self._forward_fused(FusedTuckerConv, x)
-
-    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward_fused(FactorizedTuckerConv, x)
-
-    def _forward_fused(self, function: type[torch.autograd.Function], x: torch.Tensor) -> torch.Tensor:
-        """One call of ``function`` (:class:`FusedTuckerConv` or :class:`FactorizedTuckerConv`): one autograd node.
-
-        Where the base layer's own call must run (see :func:`runs_plain_forward`) or
-        dropout is active, the base layer's call plus the factorized branch as separate
-        autograd operations instead.
-        """
-        layer = self.base_layer
+            autograd, fused = self._materialize_costs(tuple(key[0])) if key[1] else (0.0, 1.0)
+            plain = self._plain_materialize[key] = autograd <= fused
         core, a0, a1, *spatial = self._parts()
-        scale = self.delta.scale
-        if (self.dropout_p > 0 and self.training) or not runs_plain_forward(layer, x):
-            prepared = self.geometry.prepare(self.dropout(x))
-            branch = factorized_branch(
-                prepared, self.geometry, a0, a1, spatial_fold(core, spatial, scale, self.geometry)
-            )
-            return layer(x).add_(branch)
+        layer, scale = self.base_layer, self.delta.scale
+        if plain:
+            weight = merged_weight(layer.weight, a0, a1, spatial_fold(core, spatial, scale, self.geometry))
+            return layer._conv_forward(x, weight, layer.bias)
         prepared = self.geometry.prepare(x)
-        return function.apply(
+        return FusedTuckerConv.apply(
             prepared, layer.weight, layer.bias, a0, a1, core, self.geometry, scale, *spatial
         )
+
+    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._computes_base(x):
+            return self._forward_composite(x, dropout=True)
+        core, a0, a1, *spatial = self._parts()
+        layer = self.base_layer
+        return FactorizedTuckerConv.apply(
+            self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, core, self.geometry, self.delta.scale,
+            *spatial,
+        )  # fmt: skip
+
+    def _computes_base(self, x: torch.Tensor) -> bool:
+        """Whether a path may compute the base convolution itself (:meth:`_runs_base_here`) with autograd functions.
+
+        Not under autocast either: a function's backward would not replay autocast's casts.
+        """
+        return self._runs_base_here(x) and not torch.is_autocast_enabled(x.device.type)
+
+    def _forward_composite(self, x: torch.Tensor, *, dropout: bool) -> torch.Tensor:
+        """The base layer's own call plus the factorized branch as separate autograd operations."""
+        core, a0, a1, *spatial = self._parts()
+        branch_input = self.geometry.prepare(self.dropout(x) if dropout else x)
+        spatial_core = spatial_fold(core, spatial, self.delta.scale, self.geometry)
+        return self.base_layer(x).add_(factorized_branch(branch_input, self.geometry, a0, a1, spatial_core))
 
     def _forward_summed(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.base_layer
@@ -507,7 +529,7 @@ class EmbeddingAdapter(TuckerAdapter):
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1, core = self._factors_and_core()
         rows = self.dropout(F.embedding(x, a0, **self._options()))
-        return self.base_layer(x) + rows @ (core @ a1.T)
+        return self.base_layer(x) + rows @ (_scaled(core, self.delta.scale) @ a1.T)
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
         num, dim = self.weight.shape

@@ -1,0 +1,138 @@
+"""A linear layer with a Tucker delta as one autograd node: :class:`FusedTuckerLinear`.
+
+A linear weight ``W`` of shape ``(out, in)`` gets ``ΔW = scale · U G Vᵀ`` with ``U`` of shape
+``(out, r_out)``, ``G`` of shape ``(r_out, r_in)`` and ``V`` of shape ``(in, r_in)``. The layer
+computes ``x Wᵀ + b + scale · (x M ᵀ) Uᵀ`` with the small ``M = G Vᵀ`` of shape ``(r_out, in)``:
+two skinny products on the activations, as LoRA makes.
+
+Written out as torch calls this is five or six autograd nodes (the base layer, ``M``, two
+products, the scale and the sum), and on the small layers of real networks the fixed cost of
+each call and node outweighs the arithmetic. As one node, the forward is three matrix
+products (the last one accumulating into the base output in place) and the backward chooses
+for every product the operand layout that the CPU matrix kernels run fastest for a rank of a
+few: a reduction over the tokens is computed with the rank on the left (``(hᵀ g)ᵀ`` rather than
+``gᵀ h``), and a skinny right operand is a transposed view of a row-major ``(r, n)`` matrix.
+Measured in ``benchmarks/RESULTS.md`` (the whole-model and per-call tables).
+
+The same node serves transformers' ``Conv1D``, whose weight is stored as ``(in, out)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FusedTuckerLinear", "fused_tucker_linear"]
+
+
+def fused_tucker_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    u: torch.Tensor,
+    core: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    weight_transposed: bool = False,
+    core_transposed: bool = False,
+) -> torch.Tensor:
+    """:class:`FusedTuckerLinear` as ``F.linear`` would run under the caller's autocast.
+
+    Inside an autocast region every float32 (or float16/bfloat16) input is cast to the
+    autocast dtype first, as autocast casts a linear layer's input, weight and bias; the
+    casts are differentiable, so the gradients reach the parameters in their own dtype.
+    float64 is left alone, as autocast leaves it.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, u, core, v = (_autocast(t, dtype) for t in (x, weight, u, core, v))
+        bias = None if bias is None else _autocast(bias, dtype)
+    return FusedTuckerLinear.apply(x, weight, bias, u, core, v, scale, weight_transposed, core_transposed)
+
+
+def _autocast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if tensor.dtype == dtype or tensor.dtype == torch.float64 or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
+
+
+class FusedTuckerLinear(torch.autograd.Function):
+    """``x Wᵀ + b + scale · x (U G Vᵀ)ᵀ`` and its gradients as one autograd function.
+
+    Inputs: the input ``x`` (any leading shape, features last), the base ``weight`` and
+    ``bias`` (``bias`` may be ``None``), the out-side factor ``U`` (out × r_out), the core ``G``
+    and the in-side factor ``V`` (in × r_in), the ``scale`` (a float), and two layout flags:
+    ``weight_transposed`` when the weight is stored ``(in, out)`` (transformers' ``Conv1D``),
+    and ``core_transposed`` when the core is stored ``(r_in, r_out)``. Gradients flow to every
+    tensor input that requires them; the base weight's (the full ``out × in`` product) is
+    computed only when the base weight is trainable.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        u: torch.Tensor,
+        core: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        weight_transposed: bool,
+        core_transposed: bool,
+    ) -> torch.Tensor:
+        # each torch call costs a fixed time that outweighs the arithmetic on small layers, so
+        # the products are written with the fewest calls (F.linear(a, b) is a bᵀ in one)
+        x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+        g = core.t() if core_transposed else core
+        m = F.linear(g, v)  # G Vᵀ (r_out × in)
+        h_t = F.linear(m, x2)  # hᵀ (r_out × tokens): the rank on the left is the fast layout
+        y = torch.addmm(bias, x2, weight) if weight_transposed and bias is not None else (
+            x2 @ weight if weight_transposed else F.linear(x2, weight, bias)
+        )  # fmt: skip
+        u_t = u.t().contiguous()  # Uᵀ row-major: the fast layout here and for the backward's grad h
+        y.addmm_(h_t.t(), u_t, alpha=scale)
+        ctx.save_for_backward(x2, weight, u_t, g, v, m, h_t)
+        ctx.options = scale, weight_transposed, core_transposed, x.shape
+        return y if x.ndim == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        x2, weight, u_t, g, v, m, h_t = ctx.saved_tensors
+        need_x, need_w, need_b, need_u, need_core, need_v = ctx.needs_input_grad[:6]
+        scale, weight_transposed, core_transposed, input_shape = ctx.options
+        grad = grad_out if grad_out.ndim == 2 else grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_b = grad_u = grad_core = grad_v = None
+        # the branch's gradient at h, transposed and without the scale (that rides on alpha and
+        # one small mul_)
+        grad_h_t = F.linear(u_t, grad) if (need_x or need_core or need_v) else None
+        if need_x:
+            assert grad_h_t is not None
+            grad_x = F.linear(grad, weight) if weight_transposed else grad @ weight
+            grad_x.addmm_(grad_h_t.t(), m, alpha=scale)
+            if grad_x.shape != input_shape:
+                grad_x = grad_x.view(input_shape)
+        if need_w:
+            grad_w = x2.t() @ grad if weight_transposed else grad.t() @ x2
+        if need_b:
+            grad_b = grad.sum(0)
+        if need_u:
+            grad_u = (h_t @ grad).t()  # rank on the left: several times faster than gradᵀ h
+            if scale != 1.0:
+                grad_u = grad_u * scale
+        if need_core or need_v:
+            assert grad_h_t is not None
+            grad_m = grad_h_t @ x2
+            if scale != 1.0:
+                grad_m.mul_(scale)
+            if need_core:
+                grad_g = grad_m @ v
+                grad_core = grad_g.t() if core_transposed else grad_g
+            if need_v:
+                grad_v = grad_m.t() @ g
+        return grad_x, grad_w, grad_b, grad_u, grad_core, grad_v, None, None, None
