@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 PATHS = ("auto", "materialize", "factorized")
-_FUNCTION_STEP_OVERHEAD = 1_300_000
+_FUNCTION_STEP_OVERHEAD = 2_500_000
 """The fixed cost of a conv adapter's training step through one of its autograd functions beyond plain autograd, in flops.
 
 :class:`FusedTuckerConv` and :class:`FactorizedTuckerConv` run a Python backward; on a
@@ -51,10 +51,10 @@ autograd (``conv(x, W + ΔW)``, whose backward computes the full weight gradient
 same call as the input gradient) has no Python backward and runs fewer, larger kernels
 than the branch's small convolutions and products. Measured side by side on one CPU
 thread at rank 8 (Conv2d(64, 16, 1) on a 1×1 map and Conv2d(16, 16, 3) on 8×8, batch 8;
-a diffusers UNet's 32- and 64-channel convolutions on 8×8 and 16×16, batch 2) plain
-autograd is the faster path though its weight gradient costs up to 23 times the
-branch's flops; on Conv2d(64, 64, 3) at 16×16 and larger, and Conv2d(256, 256, 1) at
-16×16 (batch 8), the functions are faster. The two functions have about the same fixed
+a diffusers UNet's 3×3 convolutions with 32 to 128 input channels on 8×8 and 16×16,
+batch 2) plain autograd is the faster path though its weight gradient costs up to 35
+times the branch's flops; on Conv2d(64, 64, 3) at 16×16 and larger, and
+Conv2d(256, 256, 1) at 16×16 (batch 8), the functions are about as fast or faster. The two functions have about the same fixed
 cost, so their flops decide between them.
 """
 _PLAIN_DISCOUNT = 4
