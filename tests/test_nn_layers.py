@@ -24,7 +24,7 @@ from torch.func import functional_call  # noqa: E402
 
 import ndlowrank as nl  # noqa: E402
 from ndlowrank import nn as nlnn  # noqa: E402
-from ndlowrank.nn.layers import _FUSED_STEP_OVERHEAD  # noqa: E402
+from ndlowrank.nn.layers import _FUNCTION_STEP_OVERHEAD, _PLAIN_DISCOUNT  # noqa: E402
 
 F64 = torch.float64
 INITS = ("zero_core", "zero_factor", "orthogonal", "principal")
@@ -489,11 +489,11 @@ def test_conv_path_costs_are_the_documented_formulas():
     assert (build, branch) == (2160, 17520)
     assert adapter.path_costs((2, 8, 10, 9), training=False) == (2160.0, 17520.0)
     core = batch * out_pixels * 2 * 4 * 3 * 9  # the spatial core's convolution, run once more by materialize
-    fixed = _FUSED_STEP_OVERHEAD
-    assert adapter.path_costs((2, 8, 10, 9), training=True) == (
-        3 * 2160.0 + 2 * 17520.0 + core + fixed,
-        3 * 17520.0,
-    )
+    weight_gradient = batch * out_pixels * 12 * 4 * 9
+    fixed = _FUNCTION_STEP_OVERHEAD
+    plain, fused = (3 * 2160.0 + weight_gradient) / _PLAIN_DISCOUNT, 3 * 2160.0 + 2 * 17520.0 + core + fixed
+    assert adapter._materialize_costs((2, 8, 10, 9)) == (plain, fused)
+    assert adapter.path_costs((2, 8, 10, 9), training=True) == (min(plain, fused), 3 * 17520.0 + fixed)
     # an unbatched input counts as a batch of one
     assert adapter.path_costs((8, 10, 9), training=False) == (2160.0, 17520.0 / 2)
 
@@ -508,11 +508,10 @@ def test_pointwise_conv_path_costs_are_the_documented_formulas():
     core = batch * pixels * 4 * 3
     assert (build, branch, projections, core) == (288, 1104, 864, 216)
     assert adapter.path_costs((2, 8, 6, 5), training=False) == (288.0, 1104.0)
-    fixed = _FUSED_STEP_OVERHEAD
-    assert adapter.path_costs((2, 8, 6, 5), training=True) == (
-        3 * 288.0 + 2 * 864.0 + 3 * 216.0 + fixed,
-        3 * 1104.0,
-    )
+    fixed = _FUNCTION_STEP_OVERHEAD
+    plain = (3 * 288.0 + batch * pixels * 6 * 8) / _PLAIN_DISCOUNT
+    assert adapter._materialize_costs((2, 8, 6, 5)) == (plain, 3 * 288.0 + 2 * 864.0 + 3 * 216.0 + fixed)
+    assert adapter.path_costs((2, 8, 6, 5), training=True) == (plain, 3 * 1104.0 + fixed)
 
 
 def test_embedding_path_costs_are_the_documented_formulas():

@@ -148,8 +148,8 @@ def _compile_model() -> nn.Module:
         nn.Linear(6 * 6 * 6, 4),
     )
     model = nlnn.add_adapters(model, ["0", "2", "4"], 3, init="orthogonal", seed=0)
-    model[0].path = "materialize"  # FusedTuckerConv (a custom autograd.Function) under dynamo
-    model[2].path = "factorized"
+    model[0].path = "materialize"  # plain autograd through conv(x, W + ΔW) on an input this small
+    model[2].path = "factorized"  # FactorizedTuckerConv (a custom autograd.Function) under dynamo
     model[4].path = "factorized"
     with torch.no_grad():
         for p in model.parameters():

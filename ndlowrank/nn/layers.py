@@ -18,10 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._conv import ConvGeometry, FusedTuckerConv, conv_delta, factorized_branch
+from ._conv import (
+    ConvGeometry,
+    FactorizedTuckerConv,
+    FusedTuckerConv,
+    conv_costs,
+    conv_delta,
+    factorized_branch,
+    merged_weight,
+    spatial_fold,
+)
 from ._host import DEFAULT_ADAPTER, DeltaHost
 from ._linear import fused_tucker_linear
-from .delta import trailing_mode_products
 
 __all__ = [
     "PATHS",
@@ -34,12 +42,27 @@ __all__ = [
 ]
 
 PATHS = ("auto", "materialize", "factorized")
-_FUSED_STEP_OVERHEAD = 150_000
-"""The fixed cost of a training step of a conv adapter's fused (materialize) path, in flops.
+_FUNCTION_STEP_OVERHEAD = 2_500_000
+"""The fixed cost of a conv adapter's training step through one of its autograd functions beyond plain autograd, in flops.
 
-Its hand-written backward and the two builds of ``ΔW`` cost a fixed time per call on a CPU
-beyond the factorized path's autograd nodes, counted here as flops of small products;
-without it ``auto`` picked the slower path on small convolutions.
+:class:`FusedTuckerConv` and :class:`FactorizedTuckerConv` run a Python backward; on a
+small convolution a step is dominated by per-call costs, and materializing with plain
+autograd (``conv(x, W + ΔW)``, whose backward computes the full weight gradient in the
+same call as the input gradient) has no Python backward and runs fewer, larger kernels
+than the branch's small convolutions and products. Measured side by side on one CPU
+thread at rank 8 (Conv2d(64, 16, 1) on a 1×1 map and Conv2d(16, 16, 3) on 8×8, batch 8;
+a diffusers UNet's 3×3 convolutions with 32 to 128 input channels on 8×8 and 16×16,
+batch 2) plain autograd is the faster path though its weight gradient costs up to 35
+times the branch's flops; on Conv2d(64, 64, 3) at 16×16 and larger, and
+Conv2d(256, 256, 1) at 16×16 (batch 8), the functions are about as fast or faster. The two functions have about the same fixed
+cost, so their flops decide between them.
+"""
+_PLAIN_DISCOUNT = 4
+"""How many times faster per flop plain autograd's materialize runs than the branch's small products and convolutions.
+
+Its weight gradient runs in the convolution backward the input gradient needs anyway
+(sharing its unfolded input), and it and the build of ``ΔW`` are products of full-width
+matrices; fitted with :data:`_FUNCTION_STEP_OVERHEAD` to the measurements there.
 """
 _AUTO_PATHS_KEPT = 64  # input shapes whose path="auto" choice an adapter remembers
 
@@ -97,10 +120,11 @@ class TuckerAdapter(DeltaHost):
         Dropout on the adapter branch's input (for an embedding: on the looked-up factor
         rows); the factorized path only.
     path : {"auto", "materialize", "factorized"}, default "auto"
-        ``"materialize"`` runs the layer once with ``W + ΔW`` (for convolutions the factor
-        gradients are then computed in factorized form, see :mod:`ndlowrank.nn._conv`);
-        ``"factorized"`` adds the delta computed on the activations; ``"auto"`` picks the
-        one with fewer estimated flops (:meth:`path_costs`), factorized when dropout is on.
+        ``"materialize"`` runs the layer once with ``W + ΔW`` (for convolutions in training,
+        the factor gradients come from the full weight gradient or, where that costs more,
+        in factorized form, see :mod:`ndlowrank.nn._conv`); ``"factorized"`` adds the delta
+        computed on the activations; ``"auto"`` picks the one with the lower estimated cost
+        (:meth:`path_costs`), factorized when dropout is on.
     dtype : torch.dtype, optional
         dtype of the adapter parameters: float32 by default (float64 for a float64 layer),
         also for a bfloat16/float16 layer; pass the layer's dtype to match it.
@@ -355,71 +379,105 @@ class ConvAdapter(TuckerAdapter):
     """Tucker adapter of an ``nn.Conv1d/2d/3d``: ``ΔW`` of shape ``(out, in/groups, *kernel)``.
 
     The spatial factors and the scale are folded into the core (``spatial_core``) before
-    use, so both paths work with three small convolutions at most; see
-    :mod:`ndlowrank.nn._conv` for the factorized and fused forms.
+    use, so both paths work with three small convolutions at most. The factorized path is
+    one autograd node (:class:`~ndlowrank.nn._conv.FactorizedTuckerConv`); materialize is
+    plain autograd through ``conv(x, W + ΔW)`` where the full weight gradient is cheap, else
+    one node (:class:`~ndlowrank.nn._conv.FusedTuckerConv`). See :mod:`ndlowrank.nn._conv`.
     """
 
     kind = "conv"
 
     def _after_init(self) -> None:
         self.geometry = ConvGeometry(self.base_layer)
+        # per input shape and grad mode: whether materialize runs with plain autograd (see _forward_materialize)
+        self._plain_materialize: dict[tuple[Any, ...], bool] = {}
+
+    def _parts(self) -> list[torch.Tensor]:
+        """The active delta's core, ``A0``, ``A1`` and spatial factors, in the weight's dtype."""
+        delta = self.delta
+        dtype = self.base_layer.weight.dtype
+        # the ParameterList's own dict: iterating the list itself costs microseconds a call
+        parts: list[torch.Tensor] = [delta.core, *delta.factors._parameters.values()]  # type: ignore[list-item]
+        return [p if p.dtype == dtype else p.to(dtype) for p in parts]
 
     def spatial_core(self) -> torch.Tensor:
         """``scale · G ×_2 K_2 … ×_N K_N`` of shape ``(r0, r1, *kernel)``, in the weight's dtype."""
-        delta = self.delta
-        core = delta.core if delta.scale == 1.0 else delta.core * delta.scale  # x · 1.0 is x: skip the call
-        return self._cast(trailing_mode_products(core, list(delta.factors)[2:]))
+        core, _, _, *spatial = self._parts()
+        return spatial_fold(core, spatial, self.delta.scale, self.geometry)
 
     def _forward_materialize(self, x: torch.Tensor) -> torch.Tensor:
-        a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
-        layer = self.base_layer
+        """``conv(x, W + ΔW)`` with plain autograd where the full weight gradient is cheap, else :class:`FusedTuckerConv`."""
+        if not self._computes_base(x):
+            return self._forward_composite(x, dropout=False)
+        key = (x.shape, torch.is_grad_enabled(), self.delta.core.shape)
+        plain = self._plain_materialize.get(key)
+        if plain is None:
+            if len(self._plain_materialize) >= _AUTO_PATHS_KEPT:  # inputs of ever new shapes: start over
+                self._plain_materialize.clear()
+            autograd, fused = self._materialize_costs(tuple(key[0])) if key[1] else (0.0, 1.0)
+            plain = self._plain_materialize[key] = autograd <= fused
+        core, a0, a1, *spatial = self._parts()
+        layer, scale = self.base_layer, self.delta.scale
+        if plain:
+            weight = merged_weight(layer.weight, a0, a1, spatial_fold(core, spatial, scale, self.geometry))
+            return layer._conv_forward(x, weight, layer.bias)
+        prepared = self.geometry.prepare(x)
         return FusedTuckerConv.apply(
-            self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, self.spatial_core(), self.geometry
+            prepared, layer.weight, layer.bias, a0, a1, core, self.geometry, scale, *spatial
         )
+
+    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._computes_base(x):
+            return self._forward_composite(x, dropout=True)
+        core, a0, a1, *spatial = self._parts()
+        layer = self.base_layer
+        return FactorizedTuckerConv.apply(
+            self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, core, self.geometry, self.delta.scale,
+            *spatial,
+        )  # fmt: skip
+
+    def _computes_base(self, x: torch.Tensor) -> bool:
+        """Whether a path may compute the base convolution itself (:meth:`_runs_base_here`) with autograd functions.
+
+        Not under autocast either: a function's backward would not replay autocast's casts.
+        """
+        return self._runs_base_here(x) and not torch.is_autocast_enabled(x.device.type)
+
+    def _forward_composite(self, x: torch.Tensor, *, dropout: bool) -> torch.Tensor:
+        """The base layer's own call plus the factorized branch as separate autograd operations."""
+        core, a0, a1, *spatial = self._parts()
+        branch_input = self.geometry.prepare(self.dropout(x) if dropout else x)
+        spatial_core = spatial_fold(core, spatial, self.delta.scale, self.geometry)
+        return self.base_layer(x).add_(factorized_branch(branch_input, self.geometry, a0, a1, spatial_core))
 
     def _forward_summed(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.base_layer
         return layer._conv_forward(x, self.weight + self.total_delta_weight(), layer.bias)
 
-    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
-        branch = factorized_branch(
-            self.geometry.prepare(self.dropout(x)), self.geometry, a0, a1, self.spatial_core()
-        )
-        return self.base_layer(x).add_(branch)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == self.weight.ndim - 1:  # an unbatched input, as nn.ConvNd accepts
+        if x.ndim == self.geometry.dims + 1:  # an unbatched input, as nn.ConvNd accepts
             return super().forward(x.unsqueeze(0)).squeeze(0)
         return super().forward(x)
 
     def delta_weight(self) -> torch.Tensor:
-        a0, a1 = (self._cast(f) for f in list(self.delta.factors)[:2])
-        return conv_delta(a0, a1, self.spatial_core())
+        core, a0, a1, *spatial = self._parts()
+        return conv_delta(a0, a1, spatial_fold(core, spatial, self.delta.scale, self.geometry))
+
+    def _materialize_costs(self, input_shape: tuple[int, ...]) -> tuple[float, float]:
+        """Training-step costs of materializing ``(with plain autograd, with FusedTuckerConv)``, in flops."""
+        costs = conv_costs(input_shape, self.weight.shape, self.ranks, self.geometry)
+        # plain autograd: the delta's build, its backward through the build, the full weight gradient;
+        # FusedTuckerConv: the build, each projection twice and the core three times in its backward
+        plain = (3 * costs.build + costs.weight_gradient) / _PLAIN_DISCOUNT
+        fused = 3 * costs.build + 2 * costs.projections + 3 * costs.core + _FUNCTION_STEP_OVERHEAD
+        return float(plain), float(fused)
 
     def path_costs(self, input_shape: tuple[int, ...], *, training: bool) -> tuple[float, float]:
-        out, in_per_group = self.weight.shape[:2]
-        kernel = math.prod(self.weight.shape[2:])
-        r0, r1 = self.ranks[:2]
-        groups = self.geometry.groups
-        batch = input_shape[0] if len(input_shape) == self.weight.ndim else 1
-        in_pixels = math.prod(input_shape[-(self.weight.ndim - 2) :])
-        out_pixels = math.prod(self.geometry.output_size(input_shape[-(self.weight.ndim - 2) :]))
-        build = out * in_per_group * kernel * r0 + r0 * in_per_group * kernel * r1
-        pixels_read = out_pixels if self.geometry.pointwise else in_pixels  # a pointwise conv reads strided
-        core = batch * out_pixels * groups * r0 * r1 * kernel
-        projections = batch * (pixels_read * in_per_group * groups * r1 + out_pixels * out * r0)
-        if self.geometry.pointwise:  # the factorized branch folds the core into A1 first
-            branch = batch * out_pixels * (in_per_group * groups * r0 + out * r0) + in_per_group * r0 * r1
-        else:
-            branch = projections + core
+        costs = conv_costs(input_shape, self.weight.shape, self.ranks, self.geometry)
         if not training:
-            return float(build), float(branch)
-        # the fused path's backward runs each projection twice and the core three times (its
-        # two gradients and its output again), plus its fixed cost; the factorized path runs
-        # its branch three times
-        fused = 3 * build + 2 * projections + 3 * core + _FUSED_STEP_OVERHEAD
-        return float(fused), float(3 * branch)
+            return float(costs.build), float(costs.branch)
+        # the factorized path runs its branch three times (forward and two gradients)
+        return min(self._materialize_costs(input_shape)), float(3 * costs.branch + _FUNCTION_STEP_OVERHEAD)
 
 
 class EmbeddingAdapter(TuckerAdapter):

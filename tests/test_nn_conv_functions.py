@@ -1,0 +1,294 @@
+"""The conv adapter's autograd functions and paths against an independent float64 reference.
+
+The reference is plain torch autograd through the base layer's own ``_conv_forward`` (its
+padding modes included) with ``W + ΔW``, ``ΔW`` built by one einsum of the core and every
+factor. Every path of :class:`ConvAdapter` (plain-autograd materialize,
+:class:`FusedTuckerConv`, :class:`FactorizedTuckerConv`, the composite fallback) must give
+its output and the gradients of the input, the factors, the core and, where they are
+trainable, the base weight and bias.
+"""
+
+from __future__ import annotations
+
+import copy
+import string
+import warnings
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from ndlowrank import nn as nlnn  # noqa: E402
+from ndlowrank.nn._conv import FactorizedTuckerConv, FusedTuckerConv  # noqa: E402
+
+F64 = torch.float64
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+FUNCTIONS = {"fused": FusedTuckerConv, "factorized": FactorizedTuckerConv}
+
+
+def reference_delta(adapter: nlnn.ConvAdapter) -> torch.Tensor:
+    """``scale · core ×_0 A0 ×_1 A1 ×_2 K_2 …`` as one einsum."""
+    delta = adapter.delta
+    letters = string.ascii_lowercase
+    n = delta.core.ndim
+    core_idx, out_idx = letters[:n], letters[n : 2 * n]
+    spec = ",".join([core_idx, *(out_idx[i] + core_idx[i] for i in range(n))]) + "->" + out_idx
+    return delta.scale * torch.einsum(spec, delta.core, *delta.factors)
+
+
+def reference(adapter: nlnn.ConvAdapter, x: torch.Tensor) -> torch.Tensor:
+    layer = adapter.base_layer
+    return layer._conv_forward(x, layer.weight + reference_delta(adapter), layer.bias)
+
+
+def trainable(adapter: nlnn.ConvAdapter) -> list[torch.Tensor]:
+    return [p for p in adapter.parameters() if p.requires_grad]
+
+
+def outputs_and_grads(
+    call, adapter: nlnn.ConvAdapter, x: torch.Tensor, probe: torch.Tensor
+) -> list[torch.Tensor]:
+    """The output and the gradients of ``⟨out, probe⟩`` for the input and every trainable parameter."""
+    x = x.detach().requires_grad_(True)
+    params = trainable(adapter)
+    out = call(x)
+    grads = torch.autograd.grad((out * probe).sum(), [x, *params], allow_unused=True)
+    return [
+        out.detach(),
+        *(torch.zeros_like(p) if g is None else g for p, g in zip([x, *params], grads, strict=True)),
+    ]
+
+
+def assert_all_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+@st.composite
+def conv_cases(draw):
+    """A conv layer of any geometry, an adapter on it with random parameters, and an input."""
+    dims = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 2]))
+    in_ch, out_ch = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    kernel = [draw(st.integers(1, 3)) for _ in range(dims)]
+    stride = [draw(st.integers(1, 2)) for _ in range(dims)]
+    dilation = [draw(st.integers(1, 2)) for _ in range(dims)]
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    if draw(st.booleans()) and all(s == 1 for s in stride):
+        padding: object = "same"
+    else:
+        padding = [draw(st.integers(0, 2)) for _ in range(dims)]
+    if draw(st.booleans()):  # pointwise: a 1×…×1 kernel without padding
+        kernel, padding, mode = [1] * dims, [0] * dims, "zeros"
+    layer = CONVS[dims](
+        in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        bias=draw(st.booleans()), padding_mode=mode,
+    ).to(F64)  # fmt: skip
+    sizes = [draw(st.integers(max(3, (k - 1) * d + 1), 6)) for k, d in zip(kernel, dilation, strict=True)]
+    if mode in ("reflect", "circular") and padding != "same":  # reflect needs padding < size
+        padding_values = padding if isinstance(padding, list) else [0] * dims
+        sizes = [max(s, p + 1) for s, p in zip(sizes, padding_values, strict=True)]
+    ranks = [draw(st.integers(1, size)) for size in layer.weight.shape]
+    seed = draw(st.integers(0, 2**16))
+    adapter = nlnn.TuckerAdapter(
+        layer, ranks, init="orthogonal", seed=seed, scale=draw(st.sampled_from([1.0, 0.5]))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.delta.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen, dtype=F64))
+    layer.weight.requires_grad_(draw(st.booleans()))
+    if layer.bias is not None:
+        layer.bias.requires_grad_(draw(st.booleans()))
+    batch = draw(st.sampled_from([None, 1, 2]))  # None: an unbatched input
+    shape = ([] if batch is None else [batch]) + [in_ch, *sizes]
+    x = torch.randn(shape, generator=gen, dtype=F64)
+    return adapter, x
+
+
+@given(case=conv_cases(), seed=st.integers(0, 2**16))
+def test_every_path_matches_the_einsum_reference_and_its_gradients(case, seed):
+    adapter, x = case
+    with torch.no_grad():
+        probe = torch.randn(
+            reference(adapter, x).shape, generator=torch.Generator().manual_seed(seed), dtype=F64
+        )
+    expected = outputs_and_grads(lambda inp: reference(adapter, inp), adapter, x, probe)
+    for path in ("factorized", "materialize"):
+        adapter.path = path
+        # materialize by plain autograd and through FusedTuckerConv, whichever the cost rule picks
+        for plain in (True, False):
+            adapter._plain_materialize = {}
+            if path == "materialize":
+                key = (tuple(x.shape if x.ndim == adapter.geometry.dims + 2 else (1, *x.shape)), True)
+                adapter._plain_materialize[(*key, tuple(adapter.delta.core.shape))] = plain
+            assert_all_close(outputs_and_grads(adapter, adapter, x, probe), expected)
+
+
+@given(case=conv_cases())
+def test_the_functions_match_the_reference_on_batched_prepared_input(case):
+    adapter, x = case
+    if x.ndim == adapter.geometry.dims + 1:
+        x = x.unsqueeze(0)
+    with torch.no_grad():
+        probe = torch.randn(
+            reference(adapter, x).shape, generator=torch.Generator().manual_seed(0), dtype=F64
+        )
+    expected = outputs_and_grads(lambda inp: reference(adapter, inp), adapter, x, probe)
+    layer, delta = adapter.base_layer, adapter.delta
+    for function in FUNCTIONS.values():
+
+        def call(inp, function=function):
+            return function.apply(
+                adapter.geometry.prepare(inp), layer.weight, layer.bias, *delta.factors[:2], delta.core,
+                adapter.geometry, delta.scale, *delta.factors[2:],
+            )  # fmt: skip
+
+        assert_all_close(outputs_and_grads(call, adapter, x, probe), expected)
+
+
+def _function_inputs(
+    layer: nn.Module, ranks: tuple[int, ...], x: torch.Tensor
+) -> tuple[nlnn.ConvAdapter, list]:
+    adapter = nlnn.TuckerAdapter(layer.to(F64), ranks, init="orthogonal", seed=0)
+    gen = torch.Generator().manual_seed(3)
+    delta = adapter.delta
+    tensors = [x, layer.weight, layer.bias, *delta.factors[:2], delta.core, *delta.factors[2:]]
+    tensors = [(0.5 * torch.randn(t.shape, generator=gen, dtype=F64)).requires_grad_(True) for t in tensors]
+    return adapter, tensors
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize(
+    ("layer", "ranks", "shape"),
+    [
+        (
+            nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=1, dilation=(1, 2), groups=2),
+            (3, 2, 2, 2),
+            (2, 4, 5, 6),
+        ),
+        (nn.Conv1d(4, 3, 1, stride=2), (2, 3, 1), (2, 4, 5)),  # pointwise, strided
+        (nn.Conv3d(2, 2, 2), (2, 2, 1, 2, 2), (1, 2, 3, 3, 3)),
+    ],
+)
+def test_gradcheck_of_the_functions_in_float64(name, layer, ranks, shape):
+    adapter, tensors = _function_inputs(layer, ranks, torch.empty(shape))
+    geometry, scale = adapter.geometry, 0.7
+
+    def fn(x, weight, bias, a0, a1, core, *spatial):
+        return FUNCTIONS[name].apply(x, weight, bias, a0, a1, core, geometry, scale, *spatial)
+
+    assert torch.autograd.gradcheck(fn, tuple(tensors), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_the_functions_trace_into_one_graph_and_match_eager(name):
+    adapter, tensors = _function_inputs(
+        nn.Conv2d(4, 4, 3, padding=1, groups=2), (2, 2, 3, 2), torch.empty(2, 4, 5, 5)
+    )
+    geometry = adapter.geometry
+
+    def fn(x, weight, bias, a0, a1, core, *spatial):
+        out = FUNCTIONS[name].apply(x, weight, bias, a0, a1, core, geometry, 0.5, *spatial)
+        return out.square().sum()
+
+    def results(f):
+        loss = f(*tensors)
+        return [loss.detach(), *torch.autograd.grad(loss, tensors)]
+
+    expected = results(fn)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)  # a graph break is an error
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = results(compiled)
+    assert [str(w.message) for w in caught] == []
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+# -- where the base layer's own call must run -----------------------------------------------------
+
+
+def _adapter(path: str) -> nlnn.ConvAdapter:
+    layer = nn.Conv2d(4, 4, 3, padding=1)
+    adapter = nlnn.TuckerAdapter(layer, 2, seed=0, path=path)
+    layer.requires_grad_(False)
+    with torch.no_grad():
+        adapter.delta.core.normal_(generator=torch.Generator().manual_seed(1))
+    return adapter
+
+
+@pytest.mark.parametrize("path", ["materialize", "factorized"])
+def test_hooks_and_a_replaced_forward_of_the_base_layer_run(path):
+    adapter = _adapter(path)
+    x = torch.randn(2, 4, 5, 5)
+    expected = adapter(x)
+    calls = []
+    handle = adapter.base_layer.register_forward_hook(lambda module, args, out: calls.append("hook"))
+    torch.testing.assert_close(adapter(x), expected)
+    assert calls == ["hook"]
+    handle.remove()
+    base_forward = adapter.base_layer.forward
+    adapter.base_layer.forward = lambda inp: (
+        calls.append("forward") or base_forward(inp)
+    )  # as accelerate does
+    torch.testing.assert_close(adapter(x), expected)
+    assert calls == ["hook", "forward"]
+
+
+@pytest.mark.parametrize("path", ["auto", "materialize", "factorized"])
+def test_autocast_runs_the_layer_in_low_precision_and_gives_float32_gradients(path):
+    """Under autocast the base layer's own call runs (no fused backward that would mix dtypes)."""
+    adapter = _adapter(path)
+    composite = copy.deepcopy(adapter)
+    composite.dropout_p = 1e-9  # a dropout that drops nothing, but takes the composite route
+    composite.dropout = nn.Dropout(0.0)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    results = []
+    for model in (adapter, composite):
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        grads = [p.grad for p in model.delta.parameters()]
+        assert all(g.dtype == torch.float32 for g in grads)
+        results.append([out, x.grad.clone(), *grads])
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_active_dropout_reaches_the_branch_only():
+    adapter = _adapter("factorized")
+    adapter.dropout_p, adapter.dropout = 1.0, nn.Dropout(1.0)  # everything dropped: the base layer alone
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(adapter(x), adapter.base_layer(x))
+
+
+@pytest.mark.parametrize("path", ["materialize", "factorized"])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_a_channels_last_input_gives_the_reference_output_and_gradients(path, kernel):
+    layer = nn.Conv2d(4, 6, kernel, padding=kernel // 2).to(F64)
+    adapter = nlnn.TuckerAdapter(layer, 2, init="orthogonal", seed=0, path=path)
+    with torch.no_grad():
+        adapter.delta.core.normal_(generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 4, 5, 5, dtype=F64).to(memory_format=torch.channels_last)
+    probe = torch.randn(2, 6, 5, 5, dtype=F64)
+    expected = outputs_and_grads(lambda inp: reference(adapter, inp), adapter, x, probe)
+    for function in FUNCTIONS.values():
+
+        def call(inp, function=function):
+            delta = adapter.delta
+            return function.apply(
+                inp, layer.weight, layer.bias, *delta.factors[:2], delta.core, adapter.geometry, delta.scale,
+                *delta.factors[2:],
+            )  # fmt: skip
+
+        assert_all_close(outputs_and_grads(call, adapter, x, probe), expected)
+    assert_all_close(outputs_and_grads(adapter, adapter, x, probe), expected)
