@@ -292,3 +292,23 @@ def test_a_channels_last_input_gives_the_reference_output_and_gradients(path, ke
 
         assert_all_close(outputs_and_grads(call, adapter, x, probe), expected)
     assert_all_close(outputs_and_grads(adapter, adapter, x, probe), expected)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("stride, groups, bias", [(1, 1, True), (2, 1, False), (1, 2, True)])
+def test_a_pointwise_conv_on_a_one_pixel_map_matches_the_reference_on_every_path(dims, stride, groups, bias):
+    # an SE block's convolutions: the ungrouped ones run as a matrix product, without a convolution call
+    torch.manual_seed(0)
+    layer = CONVS[dims](4, 6, 1, stride=stride, groups=groups, bias=bias).to(F64)
+    adapter = nlnn.TuckerAdapter(layer, 2, init="orthogonal", seed=0)
+    with torch.no_grad():
+        for p in adapter.delta.parameters():
+            p.add_(torch.randn_like(p))
+    x = torch.randn(3, 4, *[1] * dims, dtype=F64)
+    probe = torch.randn(3, 6, *[1] * dims, dtype=F64)
+    expected = outputs_and_grads(lambda inp: reference(adapter, inp), adapter, x, probe)
+    for path in ("factorized", "materialize"):
+        adapter.path = path
+        for plain in (True, False):
+            adapter._plain_materialize = {(x.shape, True, adapter.delta.core.shape): plain}
+            assert_all_close(outputs_and_grads(adapter, adapter, x, probe), expected)

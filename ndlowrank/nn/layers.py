@@ -422,6 +422,10 @@ class ConvAdapter(TuckerAdapter):
         layer, scale = self.base_layer, self.delta.scale
         if plain:
             weight = merged_weight(layer.weight, a0, a1, spatial_fold(core, spatial, scale, self.geometry))
+            if self._is_linear_on(x):  # no convolution call: a matrix product, a fraction of its fixed cost
+                out = weight.shape[0]
+                y = F.linear(x.reshape(x.shape[0], -1), weight.reshape(out, -1), layer.bias)
+                return y.reshape(x.shape[0], out, *x.shape[2:])
             return layer._conv_forward(x, weight, layer.bias)
         prepared = self.geometry.prepare(x)
         return FusedTuckerConv.apply(
@@ -437,6 +441,12 @@ class ConvAdapter(TuckerAdapter):
             self.geometry.prepare(x), layer.weight, layer.bias, a0, a1, core, self.geometry, self.delta.scale,
             *spatial,
         )  # fmt: skip
+
+    def _is_linear_on(self, x: torch.Tensor) -> bool:
+        """Whether the convolution is a linear layer on ``x``'s channels: pointwise, ungrouped, on a 1×…×1 map (an SE block's)."""
+        return (
+            self.geometry.pointwise and self.geometry.groups == 1 and all(size == 1 for size in x.shape[2:])
+        )
 
     def _computes_base(self, x: torch.Tensor) -> bool:
         """Whether a path may compute the base convolution itself (:meth:`_runs_base_here`) with autograd functions.
