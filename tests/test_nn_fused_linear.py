@@ -271,3 +271,20 @@ def test_transformers_conv1d_runs_as_one_node_with_the_reference_numbers():
         strict=True,
     ):
         torch.testing.assert_close(got, want)
+
+
+def test_a_forward_pre_hook_gives_plain_autograd_for_higher_order_gradients():
+    # the documented way to differentiate an adapter's gradients again
+    adapter = _adapter(path="factorized")
+    adapter.base_layer.register_forward_pre_hook(lambda module, args: None)
+    x = torch.randn(3, 5, dtype=F64, requires_grad=True)
+    (grad,) = torch.autograd.grad(adapter(x).square().sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(grad.square().sum(), x)
+    layer = adapter.base_layer
+    weight = layer.weight + adapter.delta_weight()  # y = x Wᵀ + b; ∂/∂x of Σy² is 2 (x Wᵀ + b) W
+
+    def first(inp):
+        return 2 * (inp @ weight.T + layer.bias) @ weight
+
+    expected = torch.autograd.grad(first(x).square().sum(), x)[0]
+    torch.testing.assert_close(second, expected)
