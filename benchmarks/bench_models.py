@@ -248,6 +248,7 @@ class Row:
     trainable: dict[str, int] | None = None
     peaks: dict[str, int] | None = None
     merged: dict[str, float] | None = None
+    spread: tuple[float, float] | None = None  # the lowest and highest step ratio of the rounds
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -284,7 +285,12 @@ def floor_model(model: nn.Module, targets: list[str]) -> nn.Module:
     return floor
 
 
-def run_model(case: ModelCase, repeats: int, device: Device | None = None) -> Row:
+def run_model(case: ModelCase, repeats: int, device: Device | None = None, rounds: int = 1) -> Row:
+    """Time ``case`` with PEFT LoRA, ndlowrank and the floor: ``rounds`` separate interleaved measurements.
+
+    The row keeps each contender's median over the rounds and the range of the rounds'
+    ndlowrank / PEFT ratios, which shows how far one run can be trusted on a noisy machine.
+    """
     from peft import LoraConfig, get_peft_model
 
     device = device or Device("cpu")
@@ -305,7 +311,9 @@ def run_model(case: ModelCase, repeats: int, device: Device | None = None) -> Ro
         return Row(case, unavailable=f"{type(error).__name__}: {str(error)[:120]}")
     steps = {name: _step(model, forward, device) for name, model in models.items()}
     steps["floor"] = _step(floor_model(copy.deepcopy(base), case.targets), forward, device)
-    times = interleaved_medians(steps, repeats)
+    measured = [interleaved_medians(steps, repeats) for _ in range(rounds)]
+    times = {name: statistics.median(m[name] for m in measured) for name in steps}
+    ratios = [m["ndlowrank"] / m["peft"] for m in measured]
     trainable = {name: sum(p.numel() for p in _trainable(model)) for name, model in models.items()}
     peaks = {name: device.peak_extra_bytes(steps[name]) for name in models}
 
@@ -324,7 +332,9 @@ def run_model(case: ModelCase, repeats: int, device: Device | None = None) -> Ro
         return call
 
     merged = interleaved_medians({"base": inference(frozen), "merged": inference(merged_model)}, repeats)
-    row = Row(case, times=times, trainable=trainable, peaks=peaks, merged=merged)
+    row = Row(
+        case, times=times, trainable=trainable, peaks=peaks, merged=merged, spread=(min(ratios), max(ratios))
+    )
     print(
         f"  step: ndlowrank {times['ndlowrank'] * 1e3:.2f} ms, PEFT LoRA {times['peft'] * 1e3:.2f} ms "
         f"({times['ndlowrank'] / times['peft']:.2f}x), floor {times['floor'] * 1e3:.2f} ms "
@@ -410,6 +420,7 @@ def report(
     repeats: int,
     load: str,
     device: Device | None = None,
+    rounds: int = 1,
 ) -> str:
     device = device or Device("cpu")
     scale = Scale(device.name)
@@ -432,7 +443,8 @@ def report(
         "",
         f"Written by `{command}` on {today()}. {where} Load average (1 min) {load}. Libraries: {libraries}.",
         "",
-        f"Medians of {repeats} interleaved runs. A training step is forward, mean-square loss, backward, "
+        f"Medians of {repeats} interleaved runs, measured {rounds} time(s) per model: the table gives the median "
+        "of those measurements and, in brackets, the range of their step ratios. A training step is forward, mean-square loss, backward, "
         f"adapter gradients reset (no optimizer), model in train mode with dropout off. PEFT LoRA r={RANK}, "
         f"lora_alpha={RANK}; ndlowrank `add_adapters(model, targets, {RANK})` (the int rank clipped per mode, "
         "so a 3×3 conv gets (8, 8, 3, 3)), default init, `path='auto'`; both on the same targets of copies of "
@@ -454,6 +466,8 @@ def report(
         ratio = row.times["ndlowrank"] / row.times["peft"]
         ratios.append(ratio)
         mark = "" if ratio <= TARGET_VS_PEFT else " **(above target)**"
+        if row.spread is not None and row.spread[0] != row.spread[1]:
+            mark = f" ({row.spread[0]:.2f}–{row.spread[1]:.2f}){mark}"
         lines.append(
             f"| {row.case.title(scale)} | {targets} | {ratio:.2f}×{mark} | {row.times['ndlowrank'] * 1e3:.2f} "
             f"| {row.times['peft'] * 1e3:.2f} | {row.times['floor'] * 1e3:.2f} | {_adapter_cost(row.times):.2f}× "
@@ -492,6 +506,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 repeats instead of 15")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per contender")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="separate measurements per model (default 3, 1 with --quick)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument(
         "--device", default="cpu", help="'cpu' (default: tiny configurations) or 'cuda' (realistic sizes)"
@@ -501,19 +518,20 @@ def main(argv: list[str] | None = None) -> None:
     if device.cuda and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here")
     repeats = args.repeats or (5 if args.quick else 15)
+    rounds = args.rounds or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
     print(f"{device.name}, torch threads {torch.get_num_threads()}, {repeats} repeats", flush=True)
     load_before = os.getloadavg()[0]
     rows = []
     for case in CASES:
         print(case.title(Scale(device.name)), flush=True)
-        rows.append(run_model(case, repeats, device))
+        rows.append(run_model(case, repeats, device, rounds))
         if rows[-1].unavailable:
             print(f"  not run: {rows[-1].unavailable}", flush=True)
     print("small layers", flush=True)
     small = run_small(repeats, device)
     section = "bench_models_gpu" if device.cuda else "bench_models"
-    write_section(section, report(rows, small, repeats, load_window(load_before), device))
+    write_section(section, report(rows, small, repeats, load_window(load_before), device, rounds))
     print(f"wrote the {section} section of benchmarks/RESULTS.md")
 
 
