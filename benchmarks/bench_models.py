@@ -4,17 +4,19 @@ Run ``python benchmarks/bench_models.py`` (``--quick`` for fewer repeats; ``--de
 for the GPU suite, which writes the ``bench_models_gpu`` section). Each model is a tiny
 configuration of the real architecture from its own library (transformers, diffusers,
 torchvision, timm) on the CPU, and one of realistic size on a GPU, built with random weights
-from a fixed seed; a model whose library cannot be imported here is listed with the reason. For every model the same target layers get
+from a fixed seed; a model whose library cannot be imported here is listed with the reason.
+For every model the same target layers get
 
 - PEFT LoRA, ``r=8, lora_alpha=8`` (``get_peft_model``), and
 - ndlowrank ``add_adapters(..., ranks=8)`` (an int rank is clipped to each mode: ``(8, 8)`` on a
   linear weight, ``(8, 8, 3, 3)`` on a 3×3 kernel), default init and ``path="auto"``.
 
 One *training step* is the forward on a fixed batch, a scalar loss (the mean square of the
-output), its backward, and the adapter gradients reset to ``None``; no optimizer. The table
-gives the medians of interleaved runs, the ratio to PEFT LoRA's, the trainable parameters of
-each and the peak extra memory of a step; then the merged model's forward under ``no_grad``
-against the base model's.
+output), its backward, and the adapter gradients reset to ``None``; no optimizer. Each model
+is measured ``--rounds`` times (3 by default), each time as medians of interleaved runs; the
+table gives the median over the rounds, the range of the rounds' ratios to PEFT LoRA, the
+trainable parameters of each and the peak extra memory of a step; then the merged model's
+forward under ``no_grad`` against the base model's.
 
 A third contender is the *floor*: the frozen model with a zero scalar parameter added to each
 target layer's output, so that its backward runs through every target layer as an adapter's
