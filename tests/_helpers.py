@@ -203,3 +203,12 @@ def check_larger_than_memory(decompose) -> None:
     sample = x[:16, :16, :16].compute()
     dense = nl.tucker_to_tensor(t.core, [f[:16] for f in t.factors])
     assert np.linalg.norm(sample - dense) < 0.05 * np.linalg.norm(sample)
+
+
+def free_port() -> int:
+    """A TCP port on localhost that is free now (for a gloo process group in a test)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -9,7 +9,6 @@ wrapped model must reproduce the trained outputs, merged, unmerged and removed t
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
@@ -18,6 +17,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from ndlowrank import nn as nlnn  # noqa: E402
+
+from _helpers import free_port  # noqa: E402
 
 WORLD_SIZE = 2
 STEPS = 2
@@ -94,12 +95,6 @@ def _worker(rank: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _read(path) -> tuple[list, dict[str, torch.Tensor]]:
     from safetensors import safe_open
 
@@ -114,7 +109,7 @@ def test_fsdp2_and_ddp_files_equal_one_process_training(tmp_path):
     import torch.multiprocessing as mp
 
     mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True, start_method="spawn"
+        _worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True, start_method="spawn"
     )
     model = _model()
     _train(model, *_batch())

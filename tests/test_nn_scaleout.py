@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import time
 import warnings
 
@@ -15,6 +14,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from ndlowrank import nn as nlnn  # noqa: E402
+
+from _helpers import free_port  # noqa: E402
 
 F64 = torch.float64
 WORLD_SIZE = 2
@@ -86,18 +87,12 @@ def _ddp_worker(rank: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_ddp_on_two_processes_equals_one_process_on_the_full_batch(tmp_path):
     import torch.multiprocessing as mp
 
     mp.start_processes(
-        _ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True, start_method="spawn"
+        _ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True, start_method="spawn"
     )
     per_rank = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 

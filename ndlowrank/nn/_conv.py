@@ -234,8 +234,7 @@ def _branch(
     geometry ``mid`` is the core folded into ``A1ᵀ`` (r0 × in/g) and ``t`` its product with
     the pixels the convolution reads: two products on the activations, as in LoRA. Otherwise
     ``mid`` is the in-projection ``z`` (B, g·r1, *S_in) and ``t`` the spatial core's
-    convolution of it. The 1×…×1 projections are matrix products, several times faster than
-    1×1 convolutions with few channels.
+    convolution of it. The 1×…×1 projections are matrix products (no convolution call).
     """
     g = geometry.groups
     if not geometry.pointwise:
@@ -262,7 +261,7 @@ def _add_grouped_product(y: torch.Tensor, matrix: torch.Tensor, t: torch.Tensor,
     """
     batch, rank = y.shape[0], matrix.shape[1]
     rows = y.shape[1] // groups
-    if groups == 1 and y.is_contiguous():  # one fused product-and-add, several times faster than two calls
+    if groups == 1 and y.is_contiguous():  # one fused product-and-add instead of a product and an add
         y.view(batch, rows, -1).baddbmm_(matrix.expand(batch, rows, rank), t.reshape(batch, rank, -1))
         return
     product = torch.matmul(matrix.reshape(-1, rows, rank), t.reshape(batch, groups, rank, -1))

@@ -582,9 +582,6 @@ class DeltaHost(nn.Module):
         if prefix + "_extra_state" in missing_keys:
             missing_keys.remove(prefix + "_extra_state")
 
-    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if tensor.dtype == self.weight.dtype else tensor.to(self.weight.dtype)
-
     def config(self) -> dict[str, Any]:
         """What is needed to rebuild this host on the same weight (JSON-serialisable)."""
         return {

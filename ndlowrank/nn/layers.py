@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -54,8 +54,8 @@ thread at rank 8 (Conv2d(64, 16, 1) on a 1×1 map and Conv2d(16, 16, 3) on 8×8,
 a diffusers UNet's 3×3 convolutions with 32 to 128 input channels on 8×8 and 16×16,
 batch 2) plain autograd is the faster path though its weight gradient costs up to 35
 times the branch's flops; on Conv2d(64, 64, 3) at 16×16 and larger, and
-Conv2d(256, 256, 1) at 16×16 (batch 8), the functions are about as fast or faster. The two functions have about the same fixed
-cost, so their flops decide between them.
+Conv2d(256, 256, 1) at 16×16 (batch 8), the functions are about as fast or faster. The
+two functions have about the same fixed cost, so their flops decide between them.
 """
 _PLAIN_DISCOUNT = 3
 """How many times faster per flop plain autograd's materialize runs than the branch's small products and convolutions.
@@ -63,8 +63,9 @@ _PLAIN_DISCOUNT = 3
 Its weight gradient runs in the convolution backward the input gradient needs anyway
 (sharing its unfolded input), and it and the build of ``ΔW`` are products of full-width
 matrices; fitted with :data:`_FUNCTION_STEP_OVERHEAD` to the measurements there, and to
-Conv2d(64, 64, 3) on 8×64×32×32 at rank 16 (``bench_adapters``), where
-:class:`FusedTuckerConv` measured 7-20% faster than plain autograd, with less peak memory.
+Conv2d(64, 64, 3) on 8×64×32×32 at rank 16 (``bench_adapters``'s conv case), where
+:class:`FusedTuckerConv` measured 7-20% faster than plain autograd, with less peak memory,
+in side-by-side runs of the two forms on one CPU thread.
 """
 _AUTO_PATHS_KEPT = 64  # input shapes whose path="auto" choice an adapter remembers
 
@@ -95,6 +96,19 @@ def _registered_type(base_layer: nn.Module) -> type[nn.Module]:
 
 def _adapter_class(base_layer: nn.Module) -> type[TuckerAdapter]:
     return _adapter_types()[_registered_type(base_layer)]
+
+
+def _remembered(cache: dict[tuple[Any, ...], Any], key: tuple[Any, ...], estimate: Callable[[], Any]) -> Any:
+    """``cache[key]``, computed by ``estimate()`` the first time; a cache of many input shapes starts over.
+
+    A choice per input shape that costs tens of microseconds to estimate is made once.
+    """
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= _AUTO_PATHS_KEPT:  # inputs of ever new shapes: start over
+            cache.clear()
+        value = cache[key] = estimate()
+    return value
 
 
 class TuckerAdapter(DeltaHost):
@@ -197,16 +211,18 @@ class TuckerAdapter(DeltaHost):
         raise NotImplementedError
 
     # -- generic behaviour -----------------------------------------------------------
+    def _parts(self) -> list[torch.Tensor]:
+        """The active delta's core and factors, in the weight's dtype (for the forward paths)."""
+        delta = self.delta
+        dtype = self.base_layer.weight.dtype
+        # the ParameterList's own dict: iterating the list itself costs microseconds a call
+        parts: list[torch.Tensor] = [delta.core, *delta.factors._parameters.values()]  # type: ignore[list-item]
+        return [p if p.dtype == dtype else p.to(dtype) for p in parts]
+
     def _factors_and_core(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``A0``, ``A1`` and ``G`` of a two-mode delta, in the weight's dtype (for the forward paths)."""
-        delta = self.delta
-        a0, a1 = delta.factors._parameters.values()  # not per-index lookups: this runs on every call
-        core = delta.core
-        assert a0 is not None and a1 is not None
-        dtype = self.base_layer.weight.dtype
-        if a0.dtype == dtype and a1.dtype == dtype and core.dtype == dtype:
-            return a0, a1, core
-        return a0.to(dtype), a1.to(dtype), core.to(dtype)
+        core, a0, a1 = self._parts()
+        return a0, a1, core
 
     def _runs_base_here(self, x: torch.Tensor) -> bool:
         """Whether a forward may compute the base layer's product itself instead of calling the layer.
@@ -216,9 +232,8 @@ class TuckerAdapter(DeltaHost):
         dropout on the branch (its input then differs from the layer's).
         """
         base = self.base_layer
-        return not (
-            not self._plain_base
-            or base._forward_hooks
+        return self._plain_base and not (
+            base._forward_hooks
             or base._forward_pre_hooks
             or base._backward_hooks
             or base._backward_pre_hooks
@@ -262,15 +277,13 @@ class TuckerAdapter(DeltaHost):
         training = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.delta.parameters())
         )
-        # the choice depends only on these, and estimating it costs tens of microseconds per call
-        key = (tuple(x.shape), training, tuple(self.delta.core.shape))
-        path = self._auto_paths.get(key)
-        if path is None:
-            if len(self._auto_paths) >= _AUTO_PATHS_KEPT:  # inputs of ever new shapes: start over
-                self._auto_paths.clear()
-            materialize, factorized = self.path_costs(key[0], training=training)
-            path = self._auto_paths[key] = "materialize" if materialize < factorized else "factorized"
-        return path
+        shape = tuple(x.shape)  # the choice depends only on the shape, the mode and the ranks
+
+        def estimate() -> str:
+            materialize, factorized = self.path_costs(shape, training=training)
+            return "materialize" if materialize < factorized else "factorized"
+
+        return _remembered(self._auto_paths, (shape, training, tuple(self.delta.core.shape)), estimate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled or self.active_adapter is None:
@@ -394,14 +407,6 @@ class ConvAdapter(TuckerAdapter):
         # per input shape and grad mode: whether materialize runs with plain autograd (see _forward_materialize)
         self._plain_materialize: dict[tuple[Any, ...], bool] = {}
 
-    def _parts(self) -> list[torch.Tensor]:
-        """The active delta's core, ``A0``, ``A1`` and spatial factors, in the weight's dtype."""
-        delta = self.delta
-        dtype = self.base_layer.weight.dtype
-        # the ParameterList's own dict: iterating the list itself costs microseconds a call
-        parts: list[torch.Tensor] = [delta.core, *delta.factors._parameters.values()]  # type: ignore[list-item]
-        return [p if p.dtype == dtype else p.to(dtype) for p in parts]
-
     def spatial_core(self) -> torch.Tensor:
         """``scale · G ×_2 K_2 … ×_N K_N`` of shape ``(r0, r1, *kernel)``, in the weight's dtype."""
         core, _, _, *spatial = self._parts()
@@ -411,13 +416,13 @@ class ConvAdapter(TuckerAdapter):
         """``conv(x, W + ΔW)`` with plain autograd where the full weight gradient is cheap, else :class:`FusedTuckerConv`."""
         if not self._computes_base(x):
             return self._forward_composite(x, dropout=False)
-        key = (x.shape, torch.is_grad_enabled(), self.delta.core.shape)
-        plain = self._plain_materialize.get(key)
-        if plain is None:
-            if len(self._plain_materialize) >= _AUTO_PATHS_KEPT:  # inputs of ever new shapes: start over
-                self._plain_materialize.clear()
-            autograd, fused = self._materialize_costs(tuple(key[0])) if key[1] else (0.0, 1.0)
-            plain = self._plain_materialize[key] = autograd <= fused
+        training = torch.is_grad_enabled()
+
+        def estimate() -> bool:
+            autograd, fused = self._materialize_costs(tuple(x.shape)) if training else (0.0, 1.0)
+            return autograd <= fused
+
+        plain = _remembered(self._plain_materialize, (x.shape, training, self.delta.core.shape), estimate)
         core, a0, a1, *spatial = self._parts()
         layer, scale = self.base_layer, self.delta.scale
         if plain:
