@@ -87,7 +87,7 @@ class ModelCase:
     name: str
     library: str
     build: Callable[[Scale], tuple[nn.Module, Forward]]
-    targets: list[str]
+    targets: list[str] | str  # names or dotted suffixes, or one regex on full names (PEFT's rules)
     sizes: tuple[str, str]  # what the CPU and the GPU configurations are, for the table
 
     def title(self, scale: Scale) -> str:
@@ -224,12 +224,15 @@ CASES = [
         ("32/64 channels, 2×4×16×16", "320/640 channels, 2×4×64×64, 77 context tokens"),
     ),
     ModelCase("resnet18", "torchvision", _torchvision("resnet18"), ["conv1", "conv2"], _IMAGES),
-    ModelCase(
+    ModelCase(  # the pointwise convolutions and the SE layers: PEFT LoRA cannot take a depthwise conv at r=8
         "mobilenet_v3_small",
         "torchvision",
         _torchvision("mobilenet_v3_small"),
-        ["block.0.0", "block.1.0", "block.2.0", "fc1", "fc2"],
+        r"features\.([2-9]|1[01])\.block\.0\.0|.*\.block\.[23]\.0|.*\.fc[12]",
         _IMAGES,
+    ),
+    ModelCase(  # the two linear layers of every block (its depthwise 7×7 conv as above)
+        "convnext_tiny", "torchvision", _torchvision("convnext_tiny"), ["block.3", "block.5"], _IMAGES
     ),
     ModelCase("timm efficientnet_b0", "timm", _timm("efficientnet_b0", {}), ["conv_pw", "conv_pwl"], _IMAGES),
     ModelCase(
@@ -269,7 +272,7 @@ def _step(model: nn.Module, forward: Forward, device: Device) -> Callable[[], No
     return step
 
 
-def floor_model(model: nn.Module, targets: list[str]) -> nn.Module:
+def floor_model(model: nn.Module, targets: list[str] | str) -> nn.Module:
     """The frozen ``model`` whose target layers each add a trainable zero scalar to their output.
 
     The backward then reaches every target layer (its input gradient), which any adapter's
@@ -277,10 +280,7 @@ def floor_model(model: nn.Module, targets: list[str]) -> nn.Module:
     least an adapter method can cost.
     """
     floor = model.requires_grad_(False)
-    names = [  # PEFT's rule for a list of targets: the whole name or its last dotted parts
-        name for name, _ in floor.named_modules() if any(name == t or name.endswith(f".{t}") for t in targets)
-    ]
-    for name in names:
+    for name in nlnn.select_targets(floor, targets):
         layer = floor.get_submodule(name)
         layer.register_parameter("floor_zero", nn.Parameter(torch.zeros(())))
         layer.register_forward_hook(lambda module, args, out: out + module.floor_zero)
@@ -460,7 +460,11 @@ def report(
     ]
     ratios = []
     for row in rows:
-        targets = ", ".join(f"`{t}`" for t in row.case.targets)
+        targets = (
+            "regex `{}`".format(row.case.targets.replace("|", "\\|"))  # a bar would end the table cell
+            if isinstance(row.case.targets, str)
+            else ", ".join(f"`{t}`" for t in row.case.targets)
+        )
         if row.times is None:
             lines.append(f"| {row.case.title(scale)} | {targets} | not run: {row.unavailable} |" + " – |" * 7)
             continue
@@ -515,6 +519,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--device", default="cpu", help="'cpu' (default: tiny configurations) or 'cuda' (realistic sizes)"
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="MODEL",
+        help="run only the models whose name contains one of these words (case-insensitive) and print the "
+        "table instead of writing RESULTS.md, whose section lists every model",
+    )
     args = parser.parse_args(argv)
     device = Device(args.device)
     if device.cuda and not torch.cuda.is_available():
@@ -524,8 +535,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     print(f"{device.name}, torch threads {torch.get_num_threads()}, {repeats} repeats", flush=True)
     load_before = os.getloadavg()[0]
+    cases = CASES
+    if args.only:
+        cases = [case for case in CASES if any(word.lower() in case.name.lower() for word in args.only)]
+        if not cases:
+            parser.error(
+                f"--only {' '.join(args.only)}: no model matches; the models are {[c.name for c in CASES]}"
+            )
     rows = []
-    for case in CASES:
+    for case in cases:
         print(case.title(Scale(device.name)), flush=True)
         rows.append(run_model(case, repeats, device, rounds))
         if rows[-1].unavailable:
@@ -533,7 +551,11 @@ def main(argv: list[str] | None = None) -> None:
     print("small layers", flush=True)
     small = run_small(repeats, device)
     section = "bench_models_gpu" if device.cuda else "bench_models"
-    write_section(section, report(rows, small, repeats, load_window(load_before), device, rounds))
+    text = report(rows, small, repeats, load_window(load_before), device, rounds)
+    if args.only:
+        print(text)
+        return
+    write_section(section, text)
     print(f"wrote the {section} section of benchmarks/RESULTS.md")
 
 

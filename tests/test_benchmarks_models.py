@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 pytest.importorskip("torch")
@@ -65,3 +67,39 @@ def test_the_gpu_suite_picks_realistic_sizes_and_needs_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):
         bench_models.main(["--device", "cuda"])
+
+
+def test_a_regex_target_reaches_the_same_layers_in_peft_and_the_floor_and_keeps_the_table_whole():
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 2))
+    regex = r"0|1\.1|2"
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=regex))
+    adapted = {
+        name.removeprefix("base_model.model.") for name, m in peft.named_modules() if hasattr(m, "lora_A")
+    }
+    floor = bench_models.floor_model(copy.deepcopy(model), regex)
+    zeros = {name.removesuffix(".floor_zero") for name, p in floor.named_parameters() if p.requires_grad}
+    assert zeros == adapted == {"0", "1.1", "2"}
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(floor(x), model(x))
+
+    row = bench_models.Row(
+        bench_models.ModelCase("net", "torch", lambda s: None, regex, ("a", "b")), "skipped"
+    )
+    lines = bench_models.report([row], [], 1, "").splitlines()
+    header = next(line for line in lines if line.startswith("| model"))
+    line = lines[lines.index(header) + 2]
+    cells = re.split(r"(?<!\\)\|", line)  # the bars that are not escaped
+    assert r"regex `0\|1\.1\|2`" in line and len(cells) == header.count("|") + 1
+
+
+def test_only_needs_a_model_name_that_exists(monkeypatch, capsys):
+    monkeypatch.setattr(bench_models, "write_section", lambda *args: pytest.fail("--only must not write"))
+    with pytest.raises(SystemExit):
+        bench_models.main(["--only", "no-such-model"])
+    assert "no model matches" in capsys.readouterr().err
