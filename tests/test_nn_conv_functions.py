@@ -111,6 +111,12 @@ def conv_cases(draw):
     return adapter, x
 
 
+def force_form(adapter, x, plain):
+    """Make ``adapter`` take plain autograd (or else a function) on a batched input ``x``'s shape, whatever the costs."""
+    core = adapter.delta.core.shape
+    adapter._form_choices = {(x.shape, True, core): plain, (x.shape, "linear node", core): not plain}
+
+
 @given(case=conv_cases(), seed=st.integers(0, 2**16))
 def test_every_path_matches_the_einsum_reference_and_its_gradients(case, seed):
     adapter, x = case
@@ -121,12 +127,9 @@ def test_every_path_matches_the_einsum_reference_and_its_gradients(case, seed):
     expected = outputs_and_grads(lambda inp: reference(adapter, inp), adapter, x, probe)
     for path in ("factorized", "materialize"):
         adapter.path = path
-        # materialize by plain autograd and through FusedTuckerConv, whichever the cost rule picks
+        # plain autograd and through a function, whichever the cost rules pick
         for plain in (True, False):
-            adapter._plain_materialize = {}
-            if path == "materialize":
-                key = (tuple(x.shape if x.ndim == adapter.geometry.dims + 2 else (1, *x.shape)), True)
-                adapter._plain_materialize[(*key, tuple(adapter.delta.core.shape))] = plain
+            force_form(adapter, x if x.ndim == adapter.geometry.dims + 2 else x[None], plain)
             assert_all_close(outputs_and_grads(adapter, adapter, x, probe), expected)
 
 
@@ -297,7 +300,8 @@ def test_a_channels_last_input_gives_the_reference_output_and_gradients(path, ke
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("stride, groups, bias", [(1, 1, True), (2, 1, False), (1, 2, True)])
 def test_a_pointwise_conv_on_a_one_pixel_map_matches_the_reference_on_every_path(dims, stride, groups, bias):
-    # an SE block's convolutions: the ungrouped ones run as a matrix product, without a convolution call
+    # an SE block's convolutions: the ungrouped ones run as a linear layer (plain autograd or
+    # FusedTuckerLinear with the 1 × 1 spatial factors), without a convolution call
     torch.manual_seed(0)
     layer = CONVS[dims](4, 6, 1, stride=stride, groups=groups, bias=bias).to(F64)
     adapter = nlnn.TuckerAdapter(layer, 2, init="orthogonal", seed=0)
@@ -310,5 +314,5 @@ def test_a_pointwise_conv_on_a_one_pixel_map_matches_the_reference_on_every_path
     for path in ("factorized", "materialize"):
         adapter.path = path
         for plain in (True, False):
-            adapter._plain_materialize = {(x.shape, True, adapter.delta.core.shape): plain}
+            force_form(adapter, x, plain)
             assert_all_close(outputs_and_grads(adapter, adapter, x, probe), expected)

@@ -117,6 +117,47 @@ def test_gradcheck(weight_transposed, core_transposed):
     assert torch.autograd.gradcheck(call, tensors)
 
 
+@given(
+    kernel_dims=st.integers(1, 3),
+    trainable=st.lists(st.booleans(), min_size=6, max_size=6),
+    bias=st.booleans(),
+    scale=st.sampled_from([1.0, -0.5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+@settings(max_examples=40, deadline=None)
+def test_a_pointwise_convs_weight_core_and_spatial_factors_match_the_reference(
+    kernel_dims, trainable, bias, scale, seed
+):
+    # an SE block's conv: weight (out, in, 1, …), core (r_out, r_in, 1, …), one 1 × 1 factor per kernel mode
+    gen = torch.Generator().manual_seed(seed)
+    ones = (1,) * kernel_dims
+
+    def randn(*shape, grad=True):
+        return torch.randn(shape, generator=gen, dtype=F64).requires_grad_(grad)
+
+    x, weight, u, core, v = randn(5, 4), randn(3, 4, *ones), randn(3, 2), randn(2, 3, *ones), randn(4, 3)
+    b = randn(3) if bias else None
+    spatial = [randn(1, 1) for _ in range(kernel_dims)]
+    inputs = [x, weight, b, u, core, v, *spatial]
+    for tensor, grad in zip(
+        [t for t in inputs if t is not None], trainable + [True] * kernel_dims, strict=False
+    ):
+        tensor.requires_grad_(grad)
+    tensors = [t for t in inputs if t is not None and t.requires_grad]
+    out = FusedTuckerLinear.apply(x, weight, b, u, core, v, scale, False, False, *spatial)
+    folded = core.reshape(2, 3) * functools.reduce(torch.mul, spatial)
+    expected = _reference(x, weight.reshape(3, 4), b, u, folded, v, scale, False, False)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    if not tensors:
+        return
+    upstream = torch.randn(expected.shape, generator=gen, dtype=F64)
+    grads = torch.autograd.grad((out * upstream).sum(), tensors, allow_unused=True)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), tensors, allow_unused=True)
+    for got, want, tensor in zip(grads, expected_grads, tensors, strict=True):
+        assert got.shape == tensor.shape
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_only_the_needed_gradients_are_computed():
     args = _inputs(
         {
