@@ -25,7 +25,20 @@ the table gives ndlowrank's adapter cost as a ratio to PEFT LoRA's.
 
 The second table isolates the fixed cost per adapted layer: a training step of single small
 layers (where the work is a few microseconds) for the frozen layer, PEFT LoRA and ndlowrank.
-The results go to the ``bench_models`` section of ``benchmarks/RESULTS.md``.
+The results go to the ``bench_models`` section of ``benchmarks/RESULTS.md``; ``--only`` runs
+some of the models and prints their table instead.
+
+torchvision (and timm, which imports it) cannot be imported beside the CPU build of
+``torch==2.13.0`` that the project installs: PyPI's torchvision is built against a CUDA torch,
+and loading its operators fails (``operator torchvision::nms does not exist``). Their rows then
+read "not run". To run every model, use a separate virtual environment with the releases that
+PyPI pairs::
+
+    pip install torch==2.14.1 torchvision==0.29.1 timm -e ".[bench,test]"
+    python benchmarks/bench_models.py
+
+(a CUDA build of several GB that runs on the CPU); the table's library line says which torch
+wrote it.
 """
 
 from __future__ import annotations
