@@ -89,6 +89,12 @@ BENCHMARKS = [
         "whole real networks (tiny configs): training step and memory vs PEFT LoRA, per-call cost",
     ),
     Benchmark(
+        "forms",
+        ("benchmarks/bench_forms.py",),
+        ("torch", "peft"),
+        "every form of an adapter's step on real layer shapes: does path='auto' pick the fastest",
+    ),
+    Benchmark(
         "truncate",
         ("benchmarks/bench_truncate.py",),
         ("torch",),
