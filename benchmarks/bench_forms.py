@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import interleaved_medians, load_window, machine, today, versions, write_section
 from benchmarks.bench_adapters import Device, Holder
+from benchmarks.bench_models import CALLS, layer_step, repeated
 from ndlowrank import nn as nlnn
 
 RANK = 8
-CALLS = 10  # steps per timing, so the timer's resolution does not matter on small layers
 NEAR = 1.05  # auto within 5% of the fastest form counts as picking it (the machine's noise)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,20 +131,6 @@ def _adapter(model: nn.Module) -> nlnn.TuckerAdapter:
     return layer
 
 
-def _step(model: nn.Module, x: torch.Tensor, device: Device) -> Callable[[], None]:
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step() -> None:
-        for _ in range(CALLS):
-            x.grad = None
-            for p in params:
-                p.grad = None
-            model(x).square().mean().backward()
-        device.sync()
-
-    return step
-
-
 @dataclass
 class Row:
     case: LayerCase
@@ -162,23 +148,16 @@ def run_case(case: LayerCase, repeats: int, device: Device, dtype: torch.dtype =
     layer = case.make().to(device.name, dtype)
     shape = case.gpu_input if device.cuda else case.cpu_input
     x = torch.randn(shape, device=device.name, dtype=dtype, requires_grad=True)
-    steps = {
-        "frozen": _step(Holder(copy.deepcopy(layer)).requires_grad_(False), x, device),
-        "PEFT LoRA": _step(
-            get_peft_model(
-                Holder(copy.deepcopy(layer)), LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["layer"])
-            ),
-            x,
-            device,
-        ),
-    }
+    peft = get_peft_model(
+        Holder(copy.deepcopy(layer)), LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["layer"])
+    )
     auto = nlnn.add_adapters(Holder(copy.deepcopy(layer)), ["layer"], RANK, seed=0)
-    steps["auto"] = _step(auto, x, device)
+    models = {"frozen": Holder(copy.deepcopy(layer)).requires_grad_(False), "PEFT LoRA": peft, "auto": auto}
     names = list(forms(_adapter(auto), x))
     for name in names:
-        model = nlnn.add_adapters(Holder(copy.deepcopy(layer)), ["layer"], RANK, seed=0)
-        forms(_adapter(model), x)[name]()
-        steps[name] = _step(model, x, device)
+        models[name] = nlnn.add_adapters(Holder(copy.deepcopy(layer)), ["layer"], RANK, seed=0)
+        forms(_adapter(models[name]), x)[name]()
+    steps = {name: repeated(layer_step(model, x, device)) for name, model in models.items()}
     times = {name: t / CALLS for name, t in interleaved_medians(steps, repeats).items()}
     row = Row(case, dtype, shape, times, names, picked(_adapter(auto), x))
     fastest = min(names, key=times.__getitem__)

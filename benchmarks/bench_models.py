@@ -377,7 +377,8 @@ SMALL_LAYERS = [
 CALLS = 20  # calls per timing of a small layer, so the timer's resolution does not matter
 
 
-def _layer_step(model: nn.Module, x: torch.Tensor, device: Device) -> Callable[[], None]:
+def layer_step(model: nn.Module, x: torch.Tensor, device: Device) -> Callable[[], None]:
+    """One training step of a one-layer ``model`` on ``x``: forward, mean-square loss, backward into ``x`` too."""
     params = _trainable(model)
 
     def step() -> None:
@@ -390,7 +391,9 @@ def _layer_step(model: nn.Module, x: torch.Tensor, device: Device) -> Callable[[
     return step
 
 
-def _repeated(fn: Callable[[], None]) -> Callable[[], None]:
+def repeated(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` called ``CALLS`` times, to be timed as one."""
+
     def call() -> None:
         for _ in range(CALLS):
             fn()
@@ -416,7 +419,7 @@ def run_small(repeats: int, device: Device | None = None) -> list[tuple[str, dic
         }
 
         times = interleaved_medians(
-            {name: _repeated(_layer_step(m, x, device)) for name, m in models.items()}, repeats
+            {name: repeated(layer_step(m, x, device)) for name, m in models.items()}, repeats
         )
         rows.append((title, {name: t / CALLS for name, t in times.items()}))
         print(
