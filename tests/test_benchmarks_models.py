@@ -103,3 +103,12 @@ def test_only_needs_a_model_name_that_exists(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench_models.main(["--only", "no-such-model"])
     assert "no model matches" in capsys.readouterr().err
+
+
+def test_the_uniform_adapter_cost_for_a_geometric_mean_solves_it():
+    measured = [{"floor": 7.0, "peft": 10.0}, {"floor": 6.0, "peft": 8.0}]
+    cost = bench_models.uniform_cost_for(measured, 0.85)
+    steps = [(t["floor"] + cost * (t["peft"] - t["floor"])) / t["peft"] for t in measured]
+    assert 0 < cost < 1 and abs((steps[0] * steps[1]) ** 0.5 - 0.85) < 1e-9
+    assert bench_models.uniform_cost_for(measured, 0.5) == 0.0  # the floors alone are above it
+    assert bench_models.uniform_cost_for(measured, 1.0) == pytest.approx(1.0)  # PEFT's own cost
