@@ -425,7 +425,10 @@ def repeated(fn: Callable[[], None]) -> Callable[[], None]:
     return call
 
 
-def run_small(repeats: int, device: Device | None = None) -> list[tuple[str, dict[str, float]]]:
+def run_small(
+    repeats: int, device: Device | None = None, rounds: int = 1
+) -> list[tuple[str, dict[str, float]]]:
+    """Per-call step times of :data:`SMALL_LAYERS`: each contender's median over ``rounds`` interleaved measurements."""
     from peft import LoraConfig, get_peft_model
 
     device = device or Device("cpu")
@@ -442,10 +445,9 @@ def run_small(repeats: int, device: Device | None = None) -> list[tuple[str, dic
             "ndlowrank": nlnn.add_adapters(Holder(copy.deepcopy(layer)), ["layer"], RANK, seed=0),
         }
 
-        times = interleaved_medians(
-            {name: repeated(layer_step(m, x, device)) for name, m in models.items()}, repeats
-        )
-        rows.append((title, {name: t / CALLS for name, t in times.items()}))
+        steps = {name: repeated(layer_step(m, x, device)) for name, m in models.items()}
+        measured = [interleaved_medians(steps, repeats) for _ in range(rounds)]
+        rows.append((title, {name: statistics.median(m[name] for m in measured) / CALLS for name in steps}))
         print(
             f"  {title}: " + ", ".join(f"{name} {t * 1e6:.0f} us" for name, t in rows[-1][1].items()),
             flush=True,
@@ -537,7 +539,8 @@ def report(
         "",
         "### Fixed cost per adapted layer",
         "",
-        f"Training step of one small layer (the mean of {CALLS} calls per timing, medians of interleaved runs); "
+        f"Training step of one small layer (the mean of {CALLS} calls per timing, medians of {repeats} interleaved "
+        f"runs, the median of {rounds} such measurements); "
         "the extra cost over the frozen layer is what an adapter adds per call.",
         "",
         "| layer | frozen (µs) | PEFT LoRA (µs) | ndlowrank (µs) | extra over frozen: ndlowrank / PEFT |",
@@ -593,7 +596,7 @@ def main(argv: list[str] | None = None) -> None:
         if rows[-1].unavailable:
             print(f"  not run: {rows[-1].unavailable}", flush=True)
     print("small layers", flush=True)
-    small = run_small(repeats, device)
+    small = run_small(repeats, device, rounds)
     section = "bench_models_gpu" if device.cuda else "bench_models"
     text = report(rows, small, repeats, load_window(load_before), device, rounds)
     if args.only:
