@@ -316,3 +316,92 @@ def test_a_pointwise_conv_on_a_one_pixel_map_matches_the_reference_on_every_path
         for plain in (True, False):
             force_form(adapter, x, plain)
             assert_all_close(outputs_and_grads(adapter, adapter, x, probe), expected)
+
+
+# -- a 1×…×1 kernel's spatial factors, held at 1 -----------------------------------------------
+
+
+def _pointwise_adapter(dims: int = 2, *, bias: bool = True) -> nlnn.ConvAdapter:
+    torch.manual_seed(0)
+    adapter = nlnn.TuckerAdapter(CONVS[dims](5, 6, 1, bias=bias).to(F64), 3, init="orthogonal", seed=0)
+    with torch.no_grad():
+        for p in adapter.delta.trainable_parameters():
+            p.add_(torch.randn_like(p))
+    return adapter
+
+
+def _held(adapter: nlnn.ConvAdapter) -> list[torch.Tensor]:
+    return [adapter.delta.factors[n] for n in adapter.delta.fixed_modes]
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_a_pointwise_kernels_spatial_factors_are_held_at_one_out_of_training(dims):
+    adapter = _pointwise_adapter(dims)
+    held = _held(adapter)
+    assert adapter.delta.fixed_modes == tuple(range(2, dims + 2))
+    assert all(k.shape == (1, 1) and k.item() == 1.0 and not k.requires_grad for k in held)
+    assert len(adapter._parts()) == 3  # the calls leave them out
+    adapter.delta.requires_grad_(True)  # what set_active_adapters does: they stay frozen
+    assert not any(k.requires_grad for k in held) and adapter.delta.core.requires_grad
+    assert all(p.requires_grad for p in adapter.delta.trainable_parameters())
+
+
+@given(signs=st.lists(st.sampled_from([-2.0, -1.0, 0.5, 3.0]), min_size=3, max_size=3))
+def test_holding_the_factors_at_one_keeps_the_delta(signs):
+    delta = nlnn.TuckerDelta((4, 3, 1, 1, 1), (2, 2, 1, 1, 1), init="orthogonal", seed=0).double()
+    with torch.no_grad():
+        delta.core.add_(1.0)
+        for k, value in zip(delta.factors[2:], signs, strict=True):
+            k.fill_(value)
+    before = delta().detach().clone()
+    delta.fix_unit_modes([0, 2, 3, 4])  # mode 0 has size 4: not a 1 × 1 factor, left alone
+    assert delta.fixed_modes == (2, 3, 4)
+    torch.testing.assert_close(delta(), before, rtol=1e-12, atol=1e-12)
+    assert [p.shape for p in delta.trainable_parameters()] == [delta.core.shape, (4, 2), (3, 2)]
+
+
+@pytest.mark.parametrize("path", ["factorized", "materialize"])
+@pytest.mark.parametrize("plain", [True, False])
+@pytest.mark.parametrize("spatial", [(4, 4), (1, 1)])  # a map, and an SE block's 1×1 map
+def test_with_the_factors_held_every_form_matches_the_reference(path, plain, spatial):
+    adapter = _pointwise_adapter()
+    adapter.path = path
+    x = torch.randn(3, 5, *spatial, dtype=F64)
+    probe = torch.randn(3, 6, *spatial, dtype=F64)
+    force_form(adapter, x, plain)
+    expected = outputs_and_grads(lambda inp: reference(adapter, inp), adapter, x, probe)
+    assert_all_close(outputs_and_grads(adapter, adapter, x, probe), expected)
+    assert len(adapter._parts()) == 3
+
+
+def test_a_held_factor_made_trainable_or_changed_is_used_as_it_is():
+    adapter = _pointwise_adapter()
+    x, probe = torch.randn(3, 5, 4, 4, dtype=F64), torch.randn(3, 6, 4, 4, dtype=F64)
+    k = _held(adapter)[0]
+    k.requires_grad_(True)  # trained again, by the user's choice: it gets its gradient
+    assert len(adapter._parts()) == 5
+    expected = outputs_and_grads(lambda inp: reference(adapter, inp), adapter, x, probe)
+    got = outputs_and_grads(adapter, adapter, x, probe)
+    assert_all_close(got, expected)
+    k.requires_grad_(False)
+    with torch.no_grad():
+        k.fill_(-2.0)  # changed in place (a loaded file, an edit): its version moves
+    assert len(adapter._parts()) == 5
+    torch.testing.assert_close(adapter(x), reference(adapter, x))
+    with torch.no_grad():
+        k.fill_(1.0)
+    assert len(adapter._parts()) == 3
+
+
+def test_a_saved_pointwise_adapter_loads_with_its_factors_held(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(5, 6, 1)).to(F64)
+    model = nlnn.add_adapters(copy.deepcopy(base), ["0"], 3, init="orthogonal", seed=0)
+    with torch.no_grad():
+        for p in model[0].delta.trainable_parameters():
+            p.add_(torch.randn_like(p))
+    nlnn.save_adapters(model, tmp_path / "adapter.safetensors")
+    loaded = nlnn.load_adapters(copy.deepcopy(base), tmp_path / "adapter.safetensors")
+    x = torch.randn(2, 5, 3, 3, dtype=F64)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert len(loaded[0]._parts()) == 3 and not any(k.requires_grad for k in _held(loaded[0]))

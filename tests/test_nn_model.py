@@ -173,9 +173,15 @@ def test_rank_pattern_ranks_are_validated_with_the_module_name():
 def test_only_adapter_parameters_are_trainable():
     model = nlnn.add_adapters(make_net(), TARGETS, 2, seed=0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {n for n, _ in model.named_parameters() if ".delta." in n}
+    held = {
+        "block.conv2.delta.factors.2",
+        "block.conv2.delta.factors.3",
+    }  # the 1×1 kernel's factors, held at 1
+    expected = {n for n, _ in model.named_parameters() if ".delta." in n} - held
     assert trainable == expected
-    assert len(expected) == 3 * 5 + 3  # three convs (core + 4 factors) and the head (core + 2)
+    assert len(expected) == 3 * 5 + 3 - 2  # three convs (core + 4 factors) and the head (core + 2)
+    nlnn.mark_only_adapters_trainable(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
 
 
 def test_add_adapters_twice_never_nests_adapters():

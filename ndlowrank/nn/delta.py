@@ -108,6 +108,9 @@ class TuckerDelta(nn.Module):
     TuckerDelta(shape=(16, 8, 3, 3), ranks=(4, 4, 3, 3), n_params=258, scale=1.0)
     """
 
+    fixed_modes: tuple[int, ...] = ()
+    """Modes whose 1 × 1 factor is held at 1 and does not train (see :meth:`fix_unit_modes`)."""
+
     def __init__(
         self,
         shape: Sequence[int],
@@ -137,6 +140,33 @@ class TuckerDelta(nn.Module):
         self.core = nn.Parameter(core.detach().clone())
         self.factors = nn.ParameterList([nn.Parameter(f.detach().clone()) for f in factors])
         self.scale = check_scale(scale)
+
+    @torch.no_grad()
+    def fix_unit_modes(self, modes: Sequence[int]) -> None:
+        """Hold the 1 × 1 factors of ``modes`` (modes of size 1) at 1, and out of training.
+
+        Such a factor only multiplies the core by a number, so the core takes that number
+        over (``ΔW`` is unchanged) and the factor stays 1 with ``requires_grad=False``:
+        :meth:`requires_grad_` and :meth:`trainable_parameters` leave it out. Modes whose
+        factor is not 1 × 1 are skipped.
+        """
+        fixed = [n for n in modes if tuple(self.factors[n].shape) == (1, 1)]
+        for n in fixed:
+            factor = self.factors[n]
+            self.core.mul_(factor.reshape(()))
+            factor.fill_(1.0)
+            factor.requires_grad_(False)
+        self.fixed_modes = tuple(sorted({*self.fixed_modes, *fixed}))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The core and the factors that train: every one but those :meth:`fix_unit_modes` holds at 1."""
+        return [self.core, *(f for n, f in enumerate(self.factors) if n not in self.fixed_modes)]
+
+    def requires_grad_(self, requires_grad: bool = True) -> TuckerDelta:
+        """Set ``requires_grad`` of :meth:`trainable_parameters`; factors held at 1 stay frozen."""
+        for parameter in self.trainable_parameters():
+            parameter.requires_grad_(requires_grad)
+        return self
 
     @classmethod
     def from_tucker(cls, tucker: TuckerTensor, *, scale: float | None = None) -> TuckerDelta:

@@ -56,19 +56,21 @@ def runs_at_once(model: nn.Module, adapter_name: str) -> bool:
 def mark_only_adapters_trainable(model: nn.Module) -> None:
     """Freeze every parameter of ``model`` except the adapters' cores and factors and the trained copies (``modules_to_save``).
 
+    The 1 × 1 factors a delta holds at 1 (:meth:`TuckerDelta.fix_unit_modes`) stay frozen.
+
     Of several named adapters, only those that run stay trainable (as in PEFT; see
     :func:`~ndlowrank.nn.set_active_adapter`). Standalone ``TuckerDelta`` modules are trainable.
     """
     hosts = [host for _, host in iter_adapters(model)]
     owned = {id(host.delta_of(name)) for host in hosts for name in host.adapter_names}
     adapter_params = {
-        id(p) for h in hosts for name in h.active_adapters for p in h.delta_of(name).parameters()
+        id(p) for h in hosts for name in h.active_adapters for p in h.delta_of(name).trainable_parameters()
     }
     adapter_params |= {
         id(p)
         for m in model.modules()
         if isinstance(m, TuckerDelta) and id(m) not in owned
-        for p in m.parameters()
+        for p in m.trainable_parameters()
     }
     adapter_params |= {
         id(p) for _, wrapper in iter_trained_copies(model) for p in wrapper.trained_module.parameters()
