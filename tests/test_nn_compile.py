@@ -119,3 +119,25 @@ def test_compiled_gpt2_with_conv1d_adapters_matches_eager():
         actual_x = _outputs_and_grads(torch.compile(adapter, backend="aot_eager", fullgraph=True), x)
         for a, e in zip(actual_x, expected_x, strict=True):
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["materialize", "factorized"])
+def test_pointwise_convs_with_factors_held_at_one_compile_to_one_graph(path):
+    # eager calls leave the held 1 × 1 factors out after checking their version counters,
+    # which a compiled graph cannot read: there the factors are used, with the same numbers
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 6, 1), nn.ReLU(), nn.Conv2d(6, 5, 1))
+    model = nlnn.add_adapters(net, ["0", "2"], 2, init="orthogonal", seed=0, path=path)
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    expected = _outputs_and_grads(model, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # a graph break is an error
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = _outputs_and_grads(compiled, x)
+    assert [str(w.message) for w in caught] == []
+    assert (
+        len(actual) == 1 + 2 * 3
+    )  # the output, then each adapter's core, A0 and A1 (the 1 × 1 factors held)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)

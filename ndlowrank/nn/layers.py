@@ -429,12 +429,13 @@ class ConvAdapter(TuckerAdapter):
         and leaving them out spares every call their products and their autograd nodes:
         measured, a third of a pointwise adapter's cost over the frozen layer. A factor that
         was made trainable again, or changed (a loaded file, an in-place edit: its version
-        counter moves), is checked anew and used as it is if it is no longer frozen at 1.
+        counter moves), is checked anew and used as it is if it is no longer frozen at 1. Under
+        ``torch.compile`` the factors are always used.
         """
         parts = super()._parts()
         delta = self.delta
-        if not delta.fixed_modes or len(delta.fixed_modes) != len(parts) - 3:
-            return parts
+        if not delta.fixed_modes or len(delta.fixed_modes) != len(parts) - 3 or torch.compiler.is_compiling():
+            return parts  # a compiled graph cannot read version counters, and fuses the products anyway
         spatial = [delta.factors[n] for n in delta.fixed_modes]
         key = ("held at 1", *((id(k), k._version, k.requires_grad) for k in spatial))
 
