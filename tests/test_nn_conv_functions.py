@@ -405,3 +405,20 @@ def test_a_saved_pointwise_adapter_loads_with_its_factors_held(tmp_path):
     x = torch.randn(2, 5, 3, 3, dtype=F64)
     torch.testing.assert_close(loaded(x), model(x))
     assert len(loaded[0]._parts()) == 3 and not any(k.requires_grad for k in _held(loaded[0]))
+
+
+def test_truncating_a_pointwise_adapter_keeps_its_factors_held():
+    torch.manual_seed(0)
+    model = nlnn.add_adapters(nn.Sequential(nn.Conv2d(6, 7, 1).to(F64)), ["0"], 4, init="orthogonal", seed=0)
+    adapter = model[0]
+    with torch.no_grad():
+        for p in adapter.delta.trainable_parameters():
+            p.add_(torch.randn_like(p))
+    before = adapter.delta_weight().detach().clone()
+    nlnn.truncate_adapters(model, ranks=(2, 2, 1, 1))
+    assert adapter.ranks == (2, 2, 1, 1) and adapter.delta.fixed_modes == (2, 3)
+    assert all(k.item() == 1.0 and not k.requires_grad for k in _held(adapter))
+    assert len(adapter._parts()) == 3
+    # the kept delta is the best rank-(2, 2) one of the old: what the einsum reference of the new parts gives
+    torch.testing.assert_close(adapter.delta_weight(), reference_delta(adapter))
+    assert (adapter.delta_weight() - before).norm() < before.norm()

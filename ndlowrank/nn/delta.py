@@ -137,9 +137,12 @@ class TuckerDelta(nn.Module):
         self._adopt(start.core, start.factors, start.scale)
 
     def _adopt(self, core: torch.Tensor, factors: Sequence[torch.Tensor], scale: float) -> None:
+        """Take ``core`` and ``factors`` as new parameters (modes held at 1 stay held: see :meth:`fix_unit_modes`)."""
         self.core = nn.Parameter(core.detach().clone())
         self.factors = nn.ParameterList([nn.Parameter(f.detach().clone()) for f in factors])
         self.scale = check_scale(scale)
+        held, self.fixed_modes = self.fixed_modes, ()
+        self.fix_unit_modes(held)
 
     @torch.no_grad()
     def fix_unit_modes(self, modes: Sequence[int]) -> None:
