@@ -576,3 +576,31 @@ def test_failure_while_loading_parameter_adapters_restores_the_model(tmp_path, m
     assert_unchanged(model, before)
     assert type(model.attn) is nn.MultiheadAttention
     assert torch.equal(model(SEQUENCE), base(SEQUENCE))
+
+
+def test_the_one_safetensors_reader_names_the_file_and_lets_the_check_refuse_before_reading(tmp_path):
+    from safetensors.torch import save_file
+
+    from ndlowrank.nn._file_format import read_safetensors
+
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.ones(2)}, str(path), metadata={"k": "v"})
+    tensors, metadata = read_safetensors(str(path))
+    assert metadata == {"k": "v"} and torch.equal(tensors["a"], torch.ones(2))
+
+    seen = []
+
+    def refuse(metadata):
+        seen.append(metadata)
+        raise ValueError("not ours")
+
+    with pytest.raises(ValueError, match="^not ours$"):  # the check's own error, not wrapped
+        read_safetensors(str(path), check=refuse)
+    assert seen == [{"k": "v"}]
+    with pytest.raises(IsADirectoryError):
+        read_safetensors(str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        read_safetensors(str(tmp_path / "missing.safetensors"))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="the bad file is not a readable safetensors file"):
+        read_safetensors(str(tmp_path / "bad.safetensors"), where="the bad file")

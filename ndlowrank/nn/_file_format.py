@@ -1,12 +1,14 @@
 """The layout of an adapter file: its metadata key, format name and version, and tensor names.
 
 Shared by :mod:`ndlowrank.nn.io` (which writes and reads the files), its load planner and
-:mod:`ndlowrank.nn.interop` (which tells adapter files from other safetensors files).
+:mod:`ndlowrank.nn.interop` (which tells adapter files from other safetensors files); and the
+one reader of safetensors files into torch tensors, for those and for the peer formats.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from ._host import DeltaHost
@@ -57,3 +59,41 @@ def _safetensors() -> Any:
             "saving and loading adapters needs the safetensors package: pip install safetensors"
         ) from exc
     return safetensors
+
+
+def read_safetensors(
+    path: str, where: str | None = None, check: Callable[[dict[str, str]], None] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors (torch) and metadata of the safetensors file at ``path``.
+
+    ``check`` sees the metadata before any tensor is read (and may raise); ``where`` names the
+    file in the errors (``path`` by default).
+
+    Raises
+    ------
+    FileNotFoundError, IsADirectoryError
+        Nothing, or a folder, at ``path``.
+    ValueError
+        The file is not a readable safetensors file (the parser's message is kept).
+    """
+    where = where or repr(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no adapter file at {path!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a directory, not an adapter file")
+    safetensors = _safetensors()
+    refused: ValueError | None = None
+    try:
+        with safetensors.safe_open(path, framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            try:
+                if check is not None:
+                    check(metadata)
+            except ValueError as exc:
+                refused = exc
+            tensors = {} if refused else {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # the parser raises its own types for every kind of damage
+        raise ValueError(f"{where} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    if refused is not None:
+        raise refused
+    return tensors, metadata

@@ -8,7 +8,6 @@ changes the model.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ from ._file_format import (
     _is_principal,
     _prefix,
     _principal_names,
-    _safetensors,
+    read_safetensors,
 )
 from ._host import DeltaHost
 from ._iter import iter_adapters
@@ -74,22 +73,15 @@ class _Target:
 
 def _read_file(path: str, where: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """The metadata (with our key) and every tensor of the file at ``path``."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no adapter file at {path!r}")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path!r} is a directory, not an adapter file")
-    safetensors = _safetensors()
-    try:
-        with safetensors.safe_open(path, framework="pt") as file:
-            metadata = file.metadata() or {}
-            if METADATA_KEY not in metadata:
-                raise ValueError(
-                    f"{where} is a safetensors file but not an ndlowrank adapter file (its metadata "
-                    f"has no {METADATA_KEY!r} entry); write adapter files with ndlowrank.nn.save_adapters"
-                )
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-    except (safetensors.SafetensorError, OSError) as exc:
-        raise ValueError(f"{where} is not a readable safetensors file: {exc}") from exc
+
+    def ours(metadata: dict[str, str]) -> None:
+        if METADATA_KEY not in metadata:
+            raise ValueError(
+                f"{where} is a safetensors file but not an ndlowrank adapter file (its metadata "
+                f"has no {METADATA_KEY!r} entry); write adapter files with ndlowrank.nn.save_adapters"
+            )
+
+    tensors, metadata = read_safetensors(path, where, ours)
     return metadata, tensors
 
 

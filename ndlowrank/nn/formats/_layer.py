@@ -23,7 +23,6 @@ zero-padded to ``r`` (LyCORIS LoCon with ``use_tucker``). Reading goes the other
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -288,23 +287,6 @@ def truncate_form(
 
 
 # -- files ----------------------------------------------------------------------------------------
-
-
-def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file; ``ValueError`` naming the file if it is not one."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no adapter file at {path!r}")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as exc:  # the parser raises its own types for every kind of damage
-        raise ValueError(
-            f"{path!r} is not a readable safetensors file ({type(exc).__name__}: {exc})"
-        ) from exc
-    return tensors, metadata
 
 
 def keys_of(path: str) -> list[str]:

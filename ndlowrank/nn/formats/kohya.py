@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from .._file_format import read_safetensors
 from .._host import DeltaHost
-from ._layer import LowRankLayer, lora_layers, read_safetensors, refuse_geometry, write_safetensors
+from ._layer import LowRankLayer, lora_layers, refuse_geometry, write_safetensors
 
 __all__ = ["check", "read", "write"]
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
+from .._file_format import read_safetensors
 from .._host import DeltaHost
 from ._layer import (
     TRANSPOSED,
     LowRankLayer,
     lora_layers,
-    read_safetensors,
     refuse_geometry,
     write_json,
     write_safetensors,
