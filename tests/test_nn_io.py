@@ -594,7 +594,7 @@ def test_the_one_safetensors_reader_names_the_file_and_lets_the_check_refuse_bef
         seen.append(metadata)
         raise ValueError("not ours")
 
-    with pytest.raises(ValueError, match="^not ours$"):  # the check's own error, not wrapped
+    with pytest.raises(ValueError, match=r"^not ours$"):  # the check's own error, not wrapped
         read_safetensors(str(path), check=refuse)
     assert seen == [{"k": "v"}]
     with pytest.raises(IsADirectoryError):
