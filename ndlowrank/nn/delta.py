@@ -203,7 +203,7 @@ class TuckerDelta(nn.Module):
 
     @property
     def n_params(self) -> int:
-        """Trainable numbers: ``prod(ranks) + sum(I_n r_n)``."""
+        """Stored numbers: ``prod(ranks) + sum(I_n r_n)`` (the 1 × 1 factors held at 1 included)."""
         return self.core.numel() + sum(f.numel() for f in self.factors)
 
     def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
