@@ -422,3 +422,22 @@ def test_truncating_a_pointwise_adapter_keeps_its_factors_held():
     # the kept delta is the best rank-(2, 2) one of the old: what the einsum reference of the new parts gives
     torch.testing.assert_close(adapter.delta_weight(), reference_delta(adapter))
     assert (adapter.delta_weight() - before).norm() < before.norm()
+
+
+@pytest.mark.parametrize("batch, side", [(2, 6), (2, 24)])  # 72 and 1152 input pixels: either core kernel
+@pytest.mark.parametrize("path", ["factorized", "materialize"])
+def test_the_core_convolution_matches_on_either_side_of_the_small_map_rule(batch, side, path):
+    from ndlowrank.nn import _conv
+
+    torch.manual_seed(0)
+    adapter = nlnn.TuckerAdapter(nn.Conv2d(3, 4, 3, padding=1, stride=2).to(F64), (2, 3, 3, 2), seed=0)
+    with torch.no_grad():
+        for p in adapter.delta.trainable_parameters():
+            p.add_(torch.randn_like(p))
+    adapter.path = path
+    x = torch.randn(batch, 3, side, side, dtype=F64)
+    assert (batch * side * side <= _conv._SMALL_CORE_CONV_PIXELS) == (side == 6)
+    probe = torch.randn(reference(adapter, x).shape, dtype=F64)
+    force_form(adapter, x, plain=False)  # materialize through FusedTuckerConv, whose backward runs the core
+    expected = outputs_and_grads(lambda inp: reference(adapter, inp), adapter, x, probe)
+    assert_all_close(outputs_and_grads(adapter, adapter, x, probe), expected)
