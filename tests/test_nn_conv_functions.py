@@ -441,3 +441,20 @@ def test_the_core_convolution_matches_on_either_side_of_the_small_map_rule(batch
     force_form(adapter, x, plain=False)  # materialize through FusedTuckerConv, whose backward runs the core
     expected = outputs_and_grads(lambda inp: reference(adapter, inp), adapter, x, probe)
     assert_all_close(outputs_and_grads(adapter, adapter, x, probe), expected)
+
+
+def test_a_file_whose_held_factors_are_not_one_loads_with_the_core_taking_them_over(tmp_path):
+    # an older file trained the 1 × 1 factors: loading gives the same ΔW with the factors held at 1
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(5, 6, 1)).to(F64)
+    model = nlnn.add_adapters(copy.deepcopy(base), ["0"], 3, init="orthogonal", seed=0)
+    with torch.no_grad():
+        model[0].delta.core.add_(1.0)
+        for k, value in zip(_held(model[0]), (2.0, -0.5), strict=True):
+            k.fill_(value)
+    expected = model[0].delta_weight().detach().clone()
+    nlnn.save_adapters(model, tmp_path / "older.safetensors")
+    loaded = nlnn.load_adapters(copy.deepcopy(base), tmp_path / "older.safetensors")
+    assert all(k.item() == 1.0 and not k.requires_grad for k in _held(loaded[0]))
+    assert len(loaded[0]._parts()) == 3
+    torch.testing.assert_close(loaded[0].delta_weight(), expected, rtol=1e-12, atol=1e-12)

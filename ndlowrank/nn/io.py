@@ -270,9 +270,14 @@ def _save(model: nn.Module, adapters: list[tuple[str, DeltaHost]], path: str | o
 
 def _copy_trained(delta: TuckerDelta, target: _Target, tensors: Mapping[str, torch.Tensor]) -> None:
     prefix = _prefix(target.name)
-    copy_full(delta.core, tensors[f"{prefix}core"])
-    for n, factor in enumerate(delta.factors):
-        copy_full(factor, tensors[f"{prefix}factors.{n}"])
+    core = tensors[f"{prefix}core"]
+    factors = [tensors[f"{prefix}factors.{n}"] for n in range(len(delta.factors))]
+    for n in delta.fixed_modes:  # a 1 × 1 factor held at 1, saved with another value: the core takes it over
+        core = core * factors[n].reshape(())
+        factors[n] = torch.ones_like(factors[n])
+    copy_full(delta.core, core)
+    for factor, value in zip(delta.factors, factors, strict=True):
+        copy_full(factor, value)
 
 
 def _file_start(
