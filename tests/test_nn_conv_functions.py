@@ -99,8 +99,10 @@ def conv_cases(draw):
         layer, ranks, init="orthogonal", seed=seed, scale=draw(st.sampled_from([1.0, 0.5]))
     )
     gen = torch.Generator().manual_seed(seed)
+    # every parameter random, or only the trainable ones (square spatial factors stay held at the identity)
+    params = adapter.delta.parameters() if draw(st.booleans()) else adapter.delta.trainable_parameters()
     with torch.no_grad():
-        for p in adapter.delta.parameters():
+        for p in params:
             p.copy_(0.5 * torch.randn(p.shape, generator=gen, dtype=F64))
     layer.weight.requires_grad_(draw(st.booleans()))
     if layer.bias is not None:
@@ -318,12 +320,14 @@ def test_a_pointwise_conv_on_a_one_pixel_map_matches_the_reference_on_every_path
             assert_all_close(outputs_and_grads(adapter, adapter, x, probe), expected)
 
 
-# -- a 1×…×1 kernel's spatial factors, held at 1 -----------------------------------------------
+# -- square spatial factors (full spatial ranks; a 1×…×1 kernel's always), held at the identity --
 
 
-def _pointwise_adapter(dims: int = 2, *, bias: bool = True) -> nlnn.ConvAdapter:
+def _held_adapter(dims: int = 2, *, kernel: int = 1, bias: bool = True) -> nlnn.ConvAdapter:
+    """An adapter of rank 3 (full spatial ranks) whose trainable parameters are random."""
     torch.manual_seed(0)
-    adapter = nlnn.TuckerAdapter(CONVS[dims](5, 6, 1, bias=bias).to(F64), 3, init="orthogonal", seed=0)
+    layer = CONVS[dims](5, 6, kernel, padding=kernel // 2, bias=bias).to(F64)
+    adapter = nlnn.TuckerAdapter(layer, 3, init="orthogonal", seed=0)
     with torch.no_grad():
         for p in adapter.delta.trainable_parameters():
             p.add_(torch.randn_like(p))
@@ -334,37 +338,54 @@ def _held(adapter: nlnn.ConvAdapter) -> list[torch.Tensor]:
     return [adapter.delta.factors[n] for n in adapter.delta.fixed_modes]
 
 
+def _is_identity(k: torch.Tensor) -> bool:
+    return torch.equal(k, torch.eye(k.shape[0], dtype=k.dtype))
+
+
 @pytest.mark.parametrize("dims", [1, 2, 3])
-def test_a_pointwise_kernels_spatial_factors_are_held_at_one_out_of_training(dims):
-    adapter = _pointwise_adapter(dims)
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_square_spatial_factors_are_held_at_the_identity_out_of_training(dims, kernel):
+    adapter = _held_adapter(dims, kernel=kernel)
     held = _held(adapter)
+    assert adapter.ranks == (3, 3, *[kernel] * dims)
     assert adapter.delta.fixed_modes == tuple(range(2, dims + 2))
-    assert all(k.shape == (1, 1) and k.item() == 1.0 and not k.requires_grad for k in held)
+    assert all(k.shape == (kernel, kernel) and _is_identity(k) and not k.requires_grad for k in held)
     assert len(adapter._parts()) == 3  # the calls leave them out
     adapter.delta.requires_grad_(True)  # what set_active_adapters does: they stay frozen
     assert not any(k.requires_grad for k in held) and adapter.delta.core.requires_grad
     assert all(p.requires_grad for p in adapter.delta.trainable_parameters())
 
 
-@given(signs=st.lists(st.sampled_from([-2.0, -1.0, 0.5, 3.0]), min_size=3, max_size=3))
-def test_holding_the_factors_at_one_keeps_the_delta(signs):
-    delta = nlnn.TuckerDelta((4, 3, 1, 1, 1), (2, 2, 1, 1, 1), init="orthogonal", seed=0).double()
+def test_spatial_factors_that_compress_their_mode_train():
+    adapter = nlnn.TuckerAdapter(nn.Conv2d(5, 6, 3), (3, 3, 2, 3), seed=0)
+    assert adapter.delta.fixed_modes == (3,)  # the 3 × 2 factor trains, the 3 × 3 one is held
+    assert [p.shape for p in adapter.delta.trainable_parameters()] == [(3, 3, 2, 3), (6, 3), (5, 3), (3, 2)]
+    assert len(adapter._parts()) == 5  # a call needs every spatial factor then
+
+
+@given(seed=st.integers(0, 2**16))
+def test_holding_square_factors_keeps_the_delta(seed):
+    gen = torch.Generator().manual_seed(seed)
+    delta = nlnn.TuckerDelta((4, 3, 3, 1, 2), (2, 3, 3, 1, 2), seed=0).double()
     with torch.no_grad():
-        delta.core.add_(1.0)
-        for k, value in zip(delta.factors[2:], signs, strict=True):
-            k.fill_(value)
+        for p in delta.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64))
     before = delta().detach().clone()
-    delta.fix_unit_modes([0, 2, 3, 4])  # mode 0 has size 4: not a 1 × 1 factor, left alone
-    assert delta.fixed_modes == (2, 3, 4)
-    torch.testing.assert_close(delta(), before, rtol=1e-12, atol=1e-12)
-    assert [p.shape for p in delta.trainable_parameters()] == [delta.core.shape, (4, 2), (3, 2)]
+    delta.fix_square_modes([0, 1, 2, 3, 4])  # mode 0: a 4 × 2 factor, left alone
+    assert delta.fixed_modes == (1, 2, 3, 4)
+    assert all(_is_identity(delta.factors[n]) for n in delta.fixed_modes)
+    torch.testing.assert_close(delta(), before, rtol=1e-10, atol=1e-12)
+    assert [p.shape for p in delta.trainable_parameters()] == [delta.core.shape, (4, 2)]
+    delta.fix_square_modes([2])  # again: nothing changes
+    torch.testing.assert_close(delta(), before, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("path", ["factorized", "materialize"])
 @pytest.mark.parametrize("plain", [True, False])
-@pytest.mark.parametrize("spatial", [(4, 4), (1, 1)])  # a map, and an SE block's 1×1 map
-def test_with_the_factors_held_every_form_matches_the_reference(path, plain, spatial):
-    adapter = _pointwise_adapter()
+@pytest.mark.parametrize("kernel, spatial", [(1, (4, 4)), (1, (1, 1)), (3, (4, 4)), (3, (1, 1))])
+def test_with_the_factors_held_every_form_matches_the_reference(path, plain, kernel, spatial):
+    # a 1×1 map: an SE block's (a pointwise conv), or a 3×3 kernel reading only its centre
+    adapter = _held_adapter(kernel=kernel)
     adapter.path = path
     x = torch.randn(3, 5, *spatial, dtype=F64)
     probe = torch.randn(3, 6, *spatial, dtype=F64)
@@ -374,8 +395,9 @@ def test_with_the_factors_held_every_form_matches_the_reference(path, plain, spa
     assert len(adapter._parts()) == 3
 
 
-def test_a_held_factor_made_trainable_or_changed_is_used_as_it_is():
-    adapter = _pointwise_adapter()
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_a_held_factor_made_trainable_or_changed_is_used_as_it_is(kernel):
+    adapter = _held_adapter(kernel=kernel)
     x, probe = torch.randn(3, 5, 4, 4, dtype=F64), torch.randn(3, 6, 4, 4, dtype=F64)
     k = _held(adapter)[0]
     k.requires_grad_(True)  # trained again, by the user's choice: it gets its gradient
@@ -385,17 +407,18 @@ def test_a_held_factor_made_trainable_or_changed_is_used_as_it_is():
     assert_all_close(got, expected)
     k.requires_grad_(False)
     with torch.no_grad():
-        k.fill_(-2.0)  # changed in place (a loaded file, an edit): its version moves
+        k.mul_(-2.0)  # changed in place (a loaded file, an edit): its version moves
     assert len(adapter._parts()) == 5
     torch.testing.assert_close(adapter(x), reference(adapter, x))
     with torch.no_grad():
-        k.fill_(1.0)
+        k.copy_(torch.eye(kernel))
     assert len(adapter._parts()) == 3
 
 
-def test_a_saved_pointwise_adapter_loads_with_its_factors_held(tmp_path):
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_a_saved_adapter_loads_with_its_factors_held(tmp_path, kernel):
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Conv2d(5, 6, 1)).to(F64)
+    base = nn.Sequential(nn.Conv2d(5, 6, kernel)).to(F64)
     model = nlnn.add_adapters(copy.deepcopy(base), ["0"], 3, init="orthogonal", seed=0)
     with torch.no_grad():
         for p in model[0].delta.trainable_parameters():
@@ -407,21 +430,23 @@ def test_a_saved_pointwise_adapter_loads_with_its_factors_held(tmp_path):
     assert len(loaded[0]._parts()) == 3 and not any(k.requires_grad for k in _held(loaded[0]))
 
 
-def test_truncating_a_pointwise_adapter_keeps_its_factors_held():
+def test_truncating_an_adapter_keeps_square_factors_held_and_frees_those_that_compress():
     torch.manual_seed(0)
-    model = nlnn.add_adapters(nn.Sequential(nn.Conv2d(6, 7, 1).to(F64)), ["0"], 4, init="orthogonal", seed=0)
+    model = nlnn.add_adapters(nn.Sequential(nn.Conv2d(6, 7, 3).to(F64)), ["0"], 4, init="orthogonal", seed=0)
     adapter = model[0]
     with torch.no_grad():
         for p in adapter.delta.trainable_parameters():
             p.add_(torch.randn_like(p))
     before = adapter.delta_weight().detach().clone()
-    nlnn.truncate_adapters(model, ranks=(2, 2, 1, 1))
-    assert adapter.ranks == (2, 2, 1, 1) and adapter.delta.fixed_modes == (2, 3)
-    assert all(k.item() == 1.0 and not k.requires_grad for k in _held(adapter))
-    assert len(adapter._parts()) == 3
-    # the kept delta is the best rank-(2, 2) one of the old: what the einsum reference of the new parts gives
+    nlnn.truncate_adapters(model, ranks=(2, 2, 3, 2))
+    assert adapter.ranks == (2, 2, 3, 2) and adapter.delta.fixed_modes == (2,)
+    assert _is_identity(adapter.delta.factors[2]) and not adapter.delta.factors[2].requires_grad
+    assert adapter.delta.factors[3].requires_grad  # a 3 × 2 factor now: it trains
+    # the kept delta is the best one of those ranks of the old: what the einsum reference of the new parts gives
     torch.testing.assert_close(adapter.delta_weight(), reference_delta(adapter))
     assert (adapter.delta_weight() - before).norm() < before.norm()
+    nlnn.truncate_adapters(model, ranks=(1, 1, 3, 2))
+    assert adapter.delta.fixed_modes == (2,)
 
 
 @pytest.mark.parametrize("batch, side", [(2, 6), (2, 24)])  # 72 and 1152 input pixels: either core kernel
@@ -443,18 +468,21 @@ def test_the_core_convolution_matches_on_either_side_of_the_small_map_rule(batch
     assert_all_close(outputs_and_grads(adapter, adapter, x, probe), expected)
 
 
-def test_a_file_whose_held_factors_are_not_one_loads_with_the_core_taking_them_over(tmp_path):
-    # an older file trained the 1 × 1 factors: loading gives the same ΔW with the factors held at 1
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_a_file_whose_held_factors_are_not_the_identity_loads_with_the_core_taking_them_over(
+    tmp_path, kernel
+):
+    # an older file trained the square spatial factors: loading gives the same ΔW with them held
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Conv2d(5, 6, 1)).to(F64)
+    base = nn.Sequential(nn.Conv2d(5, 6, kernel)).to(F64)
     model = nlnn.add_adapters(copy.deepcopy(base), ["0"], 3, init="orthogonal", seed=0)
     with torch.no_grad():
         model[0].delta.core.add_(1.0)
-        for k, value in zip(_held(model[0]), (2.0, -0.5), strict=True):
-            k.fill_(value)
+        for k in _held(model[0]):
+            k.copy_(torch.randn_like(k))
     expected = model[0].delta_weight().detach().clone()
     nlnn.save_adapters(model, tmp_path / "older.safetensors")
     loaded = nlnn.load_adapters(copy.deepcopy(base), tmp_path / "older.safetensors")
-    assert all(k.item() == 1.0 and not k.requires_grad for k in _held(loaded[0]))
+    assert all(_is_identity(k) and not k.requires_grad for k in _held(loaded[0]))
     assert len(loaded[0]._parts()) == 3
     torch.testing.assert_close(loaded[0].delta_weight(), expected, rtol=1e-12, atol=1e-12)

@@ -62,10 +62,10 @@ def plain(cls: type[nn.Module] = Net, **kwargs) -> nn.Module:
 
 @torch.no_grad()
 def train(model: nn.Module, seed: int) -> nn.Module:
-    """Stand in for training: move every adapter tensor away from its init."""
+    """Stand in for training: move every trainable adapter tensor away from its init."""
     generator = torch.Generator().manual_seed(seed)
     for _, adapter in nlnn.iter_adapters(model):
-        for parameter in adapter.delta.parameters():
+        for parameter in adapter.delta.trainable_parameters():
             noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
             parameter.add_(0.1 * noise.to(parameter.dtype))
     return model

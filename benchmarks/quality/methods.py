@@ -63,6 +63,12 @@ def locon_tucker_count(shape: Shape, rank: int) -> int:
     return rank * shape[1] + rank * rank * math.prod(shape[2:]) + shape[0] * rank
 
 
+def tucker_count(shape: Shape, ranks: Shape) -> int:
+    """An ndlowrank adapter's trainable parameters: the stored numbers less the square spatial factors a conv adapter holds."""
+    held = sum(size * rank for size, rank in zip(shape[2:], ranks[2:], strict=True) if size == rank)
+    return tucker_params(shape, ranks) - held
+
+
 def match_tucker_ranks(shapes: Sequence[Shape], budget: int, spatial: int | None = None) -> Shape:
     """The Tucker ranks, the same on every weight, that fit ``budget``.
 
@@ -78,7 +84,7 @@ def match_tucker_ranks(shapes: Sequence[Shape], budget: int, spatial: int | None
     max_out, max_in = min(s[0] for s in shapes), min(s[1] for s in shapes)
 
     def miss(pair: tuple[int, int]) -> float:
-        return abs(sum(tucker_params(shape, (*pair, *tail)) for shape in shapes) - budget) / budget
+        return abs(sum(tucker_count(shape, (*pair, *tail)) for shape in shapes) - budget) / budget
 
     pairs = [(a, b) for a in range(1, max_out + 1) for b in range(1, max_in + 1)]
     close = [pair for pair in pairs if miss(pair) <= BUDGET_TOLERANCE]

@@ -109,7 +109,7 @@ class TuckerDelta(nn.Module):
     """
 
     fixed_modes: tuple[int, ...] = ()
-    """Modes whose 1 × 1 factor is held at 1 and does not train (see :meth:`fix_unit_modes`)."""
+    """Modes whose square factor is held at the identity and does not train (see :meth:`fix_square_modes`)."""
 
     def __init__(
         self,
@@ -137,36 +137,40 @@ class TuckerDelta(nn.Module):
         self._adopt(start.core, start.factors, start.scale)
 
     def _adopt(self, core: torch.Tensor, factors: Sequence[torch.Tensor], scale: float) -> None:
-        """Take ``core`` and ``factors`` as new parameters (modes held at 1 stay held: see :meth:`fix_unit_modes`)."""
+        """Take ``core`` and ``factors`` as new parameters (held modes stay held where still square: see :meth:`fix_square_modes`)."""
         self.core = nn.Parameter(core.detach().clone())
         self.factors = nn.ParameterList([nn.Parameter(f.detach().clone()) for f in factors])
         self.scale = check_scale(scale)
         held, self.fixed_modes = self.fixed_modes, ()
-        self.fix_unit_modes(held)
+        self.fix_square_modes(held)
 
     @torch.no_grad()
-    def fix_unit_modes(self, modes: Sequence[int]) -> None:
-        """Hold the 1 × 1 factors of ``modes`` (modes of size 1) at 1, and out of training.
+    def fix_square_modes(self, modes: Sequence[int]) -> None:
+        """Hold the square factors of ``modes`` (rank equal to the mode's size) at the identity, out of training.
 
-        Such a factor only multiplies the core by a number, so the core takes that number
-        over (``ΔW`` is unchanged) and the factor stays 1 with ``requires_grad=False``:
-        :meth:`requires_grad_` and :meth:`trainable_parameters` leave it out. Modes whose
-        factor is not 1 × 1 are skipped.
+        A square factor ``K_n`` does not compress its mode: the core times it (``G ×_n K_n``)
+        spans the same deltas as the core alone. So the core takes it over (``ΔW`` is
+        unchanged) and the factor stays the identity with ``requires_grad=False``:
+        :meth:`requires_grad_` and :meth:`trainable_parameters` leave it out, and only the
+        core and the other factors train (on a conv kernel with full spatial ranks this is
+        the Tucker-2 form, which compresses the two channel modes only). Modes whose factor
+        is not square are skipped.
         """
-        fixed = [n for n in modes if tuple(self.factors[n].shape) == (1, 1)]
+        fixed = [n for n in modes if self.factors[n].shape[0] == self.factors[n].shape[1]]
+        if fixed:
+            self.core.copy_(mode_products(self.core, [self.factors[n] for n in fixed], fixed))
         for n in fixed:
             factor = self.factors[n]
-            self.core.mul_(factor.reshape(()))
-            factor.fill_(1.0)
+            factor.copy_(torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device))
             factor.requires_grad_(False)
         self.fixed_modes = tuple(sorted({*self.fixed_modes, *fixed}))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The core and the factors that train: every one but those :meth:`fix_unit_modes` holds at 1."""
+        """The core and the factors that train: every one but those :meth:`fix_square_modes` holds."""
         return [self.core, *(f for n, f in enumerate(self.factors) if n not in self.fixed_modes)]
 
     def requires_grad_(self, requires_grad: bool = True) -> TuckerDelta:
-        """Set ``requires_grad`` of :meth:`trainable_parameters`; factors held at 1 stay frozen."""
+        """Set ``requires_grad`` of :meth:`trainable_parameters`; factors held at the identity stay frozen."""
         for parameter in self.trainable_parameters():
             parameter.requires_grad_(requires_grad)
         return self
@@ -203,7 +207,7 @@ class TuckerDelta(nn.Module):
 
     @property
     def n_params(self) -> int:
-        """Stored numbers: ``prod(ranks) + sum(I_n r_n)`` (the 1 × 1 factors held at 1 included)."""
+        """Stored numbers: ``prod(ranks) + sum(I_n r_n)`` (the factors held at the identity included)."""
         return self.core.numel() + sum(f.numel() for f in self.factors)
 
     def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:

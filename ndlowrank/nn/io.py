@@ -55,7 +55,7 @@ from ._host import DEFAULT_ADAPTER, DeltaHost, check_adapter_name
 from ._iter import owner_of
 from ._load_plan import _parse_header, _plan, _read_file, _Target
 from .bypass import untrained_adapters
-from .delta import TuckerDelta
+from .delta import TuckerDelta, mode_products
 from .distributed import copy_full, gathered, is_sharded, rank_writes, unwrap, wait_for_writer
 from .layers import TuckerAdapter
 from .model import _set_submodule, iter_adapters, mark_only_adapters_trainable, runs_at_once
@@ -272,9 +272,13 @@ def _copy_trained(delta: TuckerDelta, target: _Target, tensors: Mapping[str, tor
     prefix = _prefix(target.name)
     core = tensors[f"{prefix}core"]
     factors = [tensors[f"{prefix}factors.{n}"] for n in range(len(delta.factors))]
-    for n in delta.fixed_modes:  # a 1 × 1 factor held at 1, saved with another value: the core takes it over
-        core = core * factors[n].reshape(())
-        factors[n] = torch.ones_like(factors[n])
+    held = list(
+        delta.fixed_modes
+    )  # factors held at the identity, saved with other values: the core takes them over
+    if held:
+        core = mode_products(core, [factors[n] for n in held], held)
+        for n in held:
+            factors[n] = torch.eye(factors[n].shape[0], dtype=factors[n].dtype, device=factors[n].device)
     copy_full(delta.core, core)
     for factor, value in zip(delta.factors, factors, strict=True):
         copy_full(factor, value)

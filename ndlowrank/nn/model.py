@@ -56,7 +56,7 @@ def runs_at_once(model: nn.Module, adapter_name: str) -> bool:
 def mark_only_adapters_trainable(model: nn.Module) -> None:
     """Freeze every parameter of ``model`` except the adapters' cores and factors and the trained copies (``modules_to_save``).
 
-    The 1 × 1 factors a delta holds at 1 (:meth:`TuckerDelta.fix_unit_modes`) stay frozen.
+    The factors a delta holds at the identity (:meth:`TuckerDelta.fix_square_modes`) stay frozen.
 
     Of several named adapters, only those that run stay trainable (as in PEFT; see
     :func:`~ndlowrank.nn.set_active_adapter`). Standalone ``TuckerDelta`` modules are trainable.
@@ -182,7 +182,7 @@ def add_adapters(
     >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
     >>> model = nlnn.add_adapters(model, ["0", "2"], ranks=(4, 3, 3, 3), seed=0)
     >>> sum(p.numel() for p in model.parameters() if p.requires_grad)
-    437
+    401
     >>> attention = nn.MultiheadAttention(32, 4)
     >>> attention = nlnn.add_adapters(attention, None, ranks=8, target_parameters=["in_proj_weight"], seed=0)
     >>> [name for name, _ in nlnn.iter_adapters(attention)]
