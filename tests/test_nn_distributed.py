@@ -26,12 +26,19 @@ F64 = torch.float64
 
 
 def _model(start: int = 1) -> nn.Module:
-    """The same small model in every process: a layer and a parameter adapter (non-zero deltas), a trained head."""
+    """The same small model in every process: layer and parameter adapters (non-zero deltas), a trained head.
+
+    The conv adapter holds its square spatial factor at the identity (a frozen parameter in
+    the sharded group).
+    """
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 4)).to(F64)
+    model = nn.Sequential(
+        nn.Unflatten(1, (2, 3)), nn.Conv1d(2, 4, 3, padding=1), nn.Flatten(),
+        nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 4),
+    ).to(F64)  # fmt: skip
     model = nlnn.add_adapters(
-        model, ["0"], ranks=3, target_parameters=["2.weight"], modules_to_save=["4"], seed=0
-    )  # the head "4" is trained in full
+        model, ["1", "3"], ranks=3, target_parameters=["5.weight"], modules_to_save=["7"], seed=0
+    )  # the head "7" is trained in full
     with torch.no_grad():  # each start is another point; start=1 is the one trained
         for _, adapter in nlnn.iter_adapters(model):
             adapter.delta.core.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(start))
@@ -63,8 +70,10 @@ def _worker(rank: int, port: int, folder: str) -> None:
         half = slice(2 * rank, 2 * rank + 2)
 
         sharded = fully_shard(_model())
-        assert type(sharded.get_parameter("0.delta.core")).__name__ == "DTensor"
+        assert type(sharded.get_parameter("3.delta.core")).__name__ == "DTensor"
+        assert sharded[1].delta.fixed_modes == (2,)
         _train(sharded, x[half], y[half])
+        assert len(sharded[1]._parts()) == 3  # the held factor is still known to be one, on its shards too
         nlnn.save_adapters(sharded, f"{folder}/fsdp.safetensors")  # every rank calls it
         fresh = fully_shard(_model(start=3))
         nlnn.load_adapters(fresh, f"{folder}/fsdp.safetensors")

@@ -30,6 +30,7 @@ from ._conv import (
 )
 from ._host import DEFAULT_ADAPTER, DeltaHost
 from ._linear import fused_tucker_linear
+from .distributed import gathered
 
 __all__ = [
     "PATHS",
@@ -447,7 +448,8 @@ class ConvAdapter(TuckerAdapter):
 
         def still_identity() -> bool:
             return not any(k.requires_grad for k in spatial) and all(
-                torch.equal(k, torch.eye(k.shape[0], dtype=k.dtype, device=k.device)) for k in spatial
+                torch.equal(gathered(k), torch.eye(k.shape[0], dtype=k.dtype, device=k.device))
+                for k in spatial
             )
 
         return parts[:3] if _remembered(self._form_choices, key, still_identity) else parts
