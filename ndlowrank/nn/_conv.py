@@ -142,10 +142,20 @@ def conv_delta(a0: torch.Tensor, a1: torch.Tensor, spatial_core: torch.Tensor) -
 
 
 def merged_weight(
-    weight: torch.Tensor, a0: torch.Tensor, a1: torch.Tensor, spatial_core: torch.Tensor
+    weight: torch.Tensor,
+    a0: torch.Tensor,
+    a1: torch.Tensor,
+    spatial_core: torch.Tensor,
+    *,
+    as_matrix: bool = False,
 ) -> torch.Tensor:
-    """``W + ΔW`` by one product-and-add (``ΔW`` as :func:`conv_delta`)."""
-    return torch.addmm(weight.reshape(weight.shape[0], -1), a0, _inner(a1, spatial_core)).view(weight.shape)
+    """``W + ΔW`` by one product-and-add (``ΔW`` as :func:`conv_delta`).
+
+    With ``as_matrix`` laid out ``(out, in/groups · k)``, as the product gives it: no view
+    back to the kernel's shape (one autograd node fewer for a caller that wants the matrix).
+    """
+    merged = torch.addmm(weight.reshape(weight.shape[0], -1), a0, _inner(a1, spatial_core))
+    return merged if as_matrix else merged.view(weight.shape)
 
 
 def spatial_fold(

@@ -511,8 +511,8 @@ class ConvAdapter(TuckerAdapter):
         if _remembered(self._form_choices, (x.shape, "linear node", self.delta.core.shape), estimate):
             y = fused_tucker_linear(x2, layer.weight, layer.bias, a0, core, a1, scale, spatial=tuple(spatial))
         else:
-            weight = merged_weight(layer.weight, a0, a1, spatial_fold(core, spatial, scale, self.geometry))
-            y = F.linear(x2, weight.view(weight.shape[0], -1), layer.bias)
+            gs = spatial_fold(core, spatial, scale, self.geometry)
+            y = F.linear(x2, merged_weight(layer.weight, a0, a1, gs, as_matrix=True), layer.bias)
         return y.view(x.shape[0], -1, *x.shape[2:])
 
     def _is_linear_on(self, x: torch.Tensor) -> bool:
