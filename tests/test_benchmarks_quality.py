@@ -54,7 +54,7 @@ def test_counts_are_the_real_trainable_parameters_and_budgets_match(case):
                 assert trainable - head == budget
             elif method.family.startswith("ndlowrank"):
                 ranks = _ranks(method)
-                assert trainable - head == sum(M.tucker_count(s, ranks) for s in shapes)
+                assert trainable - head == sum(M.tucker_count(s, ranks, method.init) for s in shapes)
                 assert abs(trainable - head - budget) <= M.BUDGET_TOLERANCE * budget
             else:
                 rank = int(method.label.rsplit("=", 1)[1])
@@ -74,11 +74,11 @@ def test_matched_ranks_are_balanced_and_fit_every_target():
     shapes = [(64, 32, 3, 3), (64, 64, 3, 3)]
     for r in (1, 2, 4, 8, 16):
         budget = sum(M.lora_count(s, r) for s in shapes)
-        for spatial in (1, 2, 3):
-            ranks = M.match_tucker_ranks(shapes, budget, spatial)
+        for spatial, init in [(1, "zero_core"), (2, "zero_core"), (3, "zero_core"), (3, "orthogonal")]:
+            ranks = M.match_tucker_ranks(shapes, budget, spatial, init)
             assert ranks[2:] == (spatial, spatial)
             assert ranks[0] <= 64 and ranks[1] <= 32
-            total = sum(M.tucker_count(s, ranks) for s in shapes)
+            total = sum(M.tucker_count(s, ranks, init) for s in shapes)
             assert abs(total - budget) <= M.BUDGET_TOLERANCE * budget
     # a linear's (r, r) Tucker delta holds LoRA r plus an r×r core: inside the tolerance
     linears = [(128, 64), (64, 128)]

@@ -101,8 +101,7 @@ def test_ddp_on_two_processes_equals_one_process_on_the_full_batch(tmp_path):
     losses = _train(model, *_batch())
     expected = _adapter_state(model)
     assert losses[-1] < losses[0]
-    # two conv adapters (core, A0, A1: their square spatial factors are held) and a linear one
-    assert set(expected) == {n for n in expected if ".delta." in n} and len(expected) == 2 * 3 + 3
+    assert set(expected) == {n for n in expected if ".delta." in n} and len(expected) == 2 * 5 + 3
     for state in per_rank:
         assert state.keys() == expected.keys()
         for name, value in expected.items():
@@ -183,6 +182,6 @@ def test_torch_compile_matches_eager_in_outputs_and_gradients():
     out, grad_x, grads = actual
     torch.testing.assert_close(out, expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_x, expected[1], rtol=1e-5, atol=1e-5)
-    assert len(grads) == len(expected[2]) == 2 * 3 + 3
+    assert len(grads) == len(expected[2]) == 2 * 5 + 3
     for g, e in zip(grads, expected[2], strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)

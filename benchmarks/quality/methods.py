@@ -63,14 +63,23 @@ def locon_tucker_count(shape: Shape, rank: int) -> int:
     return rank * shape[1] + rank * rank * math.prod(shape[2:]) + shape[0] * rank
 
 
-def tucker_count(shape: Shape, ranks: Shape) -> int:
-    """An ndlowrank adapter's trainable parameters: the stored numbers less the square spatial factors a conv adapter holds."""
-    held = sum(size * rank for size, rank in zip(shape[2:], ranks[2:], strict=True) if size == rank)
+def tucker_count(shape: Shape, ranks: Shape, init: str = "zero_core") -> int:
+    """An ndlowrank adapter's trainable parameters: the stored numbers less the spatial factors a conv adapter holds.
+
+    It holds 1 × 1 factors, and square ones with ``init="zero_core"`` (``ConvAdapter._held_modes``).
+    """
+    held = sum(
+        size * rank
+        for size, rank in zip(shape[2:], ranks[2:], strict=True)
+        if size == rank and (size == 1 or init == "zero_core")
+    )
     return tucker_params(shape, ranks) - held
 
 
-def match_tucker_ranks(shapes: Sequence[Shape], budget: int, spatial: int | None = None) -> Shape:
-    """The Tucker ranks, the same on every weight, that fit ``budget``.
+def match_tucker_ranks(
+    shapes: Sequence[Shape], budget: int, spatial: int | None = None, init: str = "zero_core"
+) -> Shape:
+    """The Tucker ranks, the same on every weight, whose trainable count with ``init`` fits ``budget``.
 
     The channel ranks ``(r_out, r_in)`` are searched, the spatial ranks (kernels only) are
     ``spatial``. Among the pairs whose total count is within ``BUDGET_TOLERANCE`` of the
@@ -84,7 +93,7 @@ def match_tucker_ranks(shapes: Sequence[Shape], budget: int, spatial: int | None
     max_out, max_in = min(s[0] for s in shapes), min(s[1] for s in shapes)
 
     def miss(pair: tuple[int, int]) -> float:
-        return abs(sum(tucker_count(shape, (*pair, *tail)) for shape in shapes) - budget) / budget
+        return abs(sum(tucker_count(shape, (*pair, *tail), init) for shape in shapes) - budget) / budget
 
     pairs = [(a, b) for a in range(1, max_out + 1) for b in range(1, max_in + 1)]
     close = [pair for pair in pairs if miss(pair) <= BUDGET_TOLERANCE]
@@ -179,8 +188,8 @@ def methods(
             rank = match_locon_rank(shapes, budget)
             found.append(Method(LYCORIS, f"LoCon-Tucker r={rank}", partial(_lycoris, rank), budget=r))
         for spatial in spatial_ranks:
-            ranks = match_tucker_ranks(shapes, budget, spatial)
             for init in inits:
+                ranks = match_tucker_ranks(shapes, budget, spatial, init)
                 found.append(
                     Method(
                         ndlowrank_family(init, spatial),

@@ -215,6 +215,9 @@ class DeltaHost(nn.Module):
     def _after_init(self) -> None:
         """Layer-specific adjustments of a fresh delta (e.g. an embedding's padding row)."""
 
+    def _hold_square_factors(self) -> None:
+        """Hold the factors this kind of layer keeps at the identity, by the active adapter's init (a conv's spatial ones)."""
+
     def _new_delta(
         self,
         ranks: int | Sequence[int],
@@ -431,6 +434,7 @@ class DeltaHost(nn.Module):
             )
         self.weight.sub_(self._principal_start())
         self.init = "principal"
+        self._hold_square_factors()  # by the principal init's rule, on the start's factors
 
     def _principal_start(self) -> torch.Tensor:
         """The delta the principal init started from, in the weight's dtype (zero for other inits)."""

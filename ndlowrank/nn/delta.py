@@ -165,6 +165,16 @@ class TuckerDelta(nn.Module):
             factor.requires_grad_(False)
         self.fixed_modes = tuple(sorted({*self.fixed_modes, *fixed}))
 
+    def release_modes(self, modes: Sequence[int]) -> None:
+        """Let the factors of ``modes`` that :meth:`fix_square_modes` holds train again (``ΔW`` is unchanged).
+
+        They start from the identity and take the core's ``requires_grad``. Modes not held are skipped.
+        """
+        released = [n for n in modes if n in self.fixed_modes]
+        for n in released:
+            self.factors[n].requires_grad_(self.core.requires_grad)
+        self.fixed_modes = tuple(n for n in self.fixed_modes if n not in released)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The core and the factors that train: every one but those :meth:`fix_square_modes` holds."""
         return [self.core, *(f for n, f in enumerate(self.factors) if n not in self.fixed_modes)]

@@ -362,6 +362,7 @@ def _build(
                 device=weight.device,
                 seed=0,
             )
+            adapter._hold_square_factors()
     _copy_trained(adapter.delta, target, tensors)
     if isinstance(base, nn.Parameter):
         owner, attribute = owner_of(model, target.name)
