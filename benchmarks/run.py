@@ -65,6 +65,12 @@ BENCHMARKS = [
         "accuracy vs trainable parameters: Tucker adapters, LoRA, LyCORIS on digits",
     ),
     Benchmark(
+        "quality_spatial",
+        ("-m", "benchmarks.quality.spatial"),
+        ("torch", "sklearn", "safetensors"),
+        "accuracy with a conv adapter's square spatial factors held or trained, per init",
+    ),
+    Benchmark(
         "kernels",
         ("benchmarks/bench_kernels.py",),
         ("matplotlib", "safetensors", "threadpoolctl"),

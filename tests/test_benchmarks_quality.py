@@ -14,6 +14,7 @@ from benchmarks.quality import conv, report, study, transformer  # noqa: E402
 from benchmarks.quality import methods as M  # noqa: E402
 from benchmarks.quality.data import fewshot_split  # noqa: E402
 from benchmarks.quality.training import count_trainable  # noqa: E402
+from ndlowrank import nn as nlnn  # noqa: E402
 
 CASES = {
     "conv": (conv.ConvNet, conv.TARGETS),
@@ -187,3 +188,34 @@ def test_findings_are_computed_from_the_numbers():
     assert "LoRA beats every ndlowrank variant at 1 of 2 budgets" in text
     assert "8 of 8 methods chose the largest learning rate" in text
     assert "smallest learning rate" not in text
+
+
+def test_spatial_pairs_differ_only_in_holding_the_spatial_factors():
+    from benchmarks.quality import spatial
+
+    model, targets, shapes = _model("conv")
+    pairs = spatial.pairs(shapes, (1, 4), ("zero_core", "orthogonal"))
+    assert len(pairs) == 4
+    for held, trained in pairs:
+        assert held.label.rsplit(",", 1)[0] == trained.label.rsplit(",", 1)[0]  # the same ranks and init
+        a = study.prepare(model, held, targets, seed=1)
+        b = study.prepare(model, trained, targets, seed=1)
+        for (_, x), (_, y) in zip(nlnn.iter_adapters(a), nlnn.iter_adapters(b), strict=True):
+            assert x.delta.fixed_modes == (2, 3) and y.delta.fixed_modes == ()
+            assert all(k.requires_grad for k in y.delta.factors)
+            torch.testing.assert_close(x.delta_weight(), y.delta_weight())
+        spatial_numbers = sum(k.numel() for _, x in nlnn.iter_adapters(a) for k in x.delta.factors[2:])
+        assert count_trainable(b) - count_trainable(a) == spatial_numbers
+
+
+def test_spatial_tiny_run_writes_its_section(tmp_path):
+    from benchmarks.quality import run, spatial
+
+    config = run.Config(
+        study.Settings(seeds=(0, 1), lrs=(1e-2,), epochs=1, pretrain_epochs=1), (1,), (3,), ("zero_core",)
+    )
+    results = tmp_path / "RESULTS.md"
+    body = spatial.run(config, results)
+    rows = [line for line in body.splitlines() if line.startswith("| zero_core")]
+    assert len(rows) == 1 and "| r=1 | (3, 4, 3, 3) |" in rows[0] and "of 2)" in rows[0]
+    assert "<!-- quality_spatial:start -->" in results.read_text()
