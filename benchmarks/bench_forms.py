@@ -10,11 +10,13 @@ numbers:
   factorized branch as :class:`~ndlowrank.nn._conv.FactorizedTuckerConv` (``factorized``);
 - a pointwise convolution on a 1×…×1 map (an SE block's): ``F.linear(x, W + ΔW)`` with plain
   autograd, or :class:`~ndlowrank.nn._linear.FusedTuckerLinear`;
-- a linear layer: ``F.linear(x, W + ΔW)`` (``materialize``) or ``FusedTuckerLinear``
-  (``factorized``).
+- a linear layer: ``F.linear(x, W + ΔW)`` (``materialize``), or the base layer plus the
+  branch ``(x (G A1ᵀ)ᵀ) A0ᵀ`` with plain autograd (``plain base + branch``) or as
+  ``FusedTuckerLinear`` (``factorized`` either way).
 
 ``path="auto"`` chooses among them by the cost rules in :mod:`ndlowrank.nn.layers`
-(``_FUNCTION_STEP_OVERHEAD``, ``_PLAIN_DISCOUNT``, ``_LINEAR_NODE_OVERHEAD``), fitted on one CPU
+(``_FUNCTION_STEP_OVERHEAD``, ``_PLAIN_DISCOUNT``, ``_LINEAR_NODE_OVERHEAD``,
+``_LINEAR_NODE_ACTIVATIONS``), fitted on one CPU
 thread. This benchmark times a training step (forward, mean-square loss, backward into the
 input and the adapter, gradients reset) of each form, forced, and of ``auto`` itself, next to
 the frozen layer and PEFT LoRA at the same rank, on the layer shapes of the models in
@@ -78,6 +80,7 @@ CASES = [
     LayerCase("pointwise Conv2d(576, 96, 1)", _conv(576, 96, 1), (4, 576, 2, 2), (32, 576, 7, 7)),
     LayerCase("SE Conv2d(96, 24, 1)", lambda: nn.Conv2d(96, 24, 1), (4, 96, 1, 1), (32, 96, 1, 1)),
     LayerCase("SE Conv2d(576, 144, 1)", lambda: nn.Conv2d(576, 144, 1), (4, 576, 1, 1), (32, 576, 1, 1)),
+    LayerCase("UNet attention Linear(64, 64)", lambda: nn.Linear(64, 64), (128, 64), (8192, 640)),
     LayerCase("Linear(128, 128)", lambda: nn.Linear(128, 128), (256, 128), (2048, 1024)),
     LayerCase("Linear(128, 512)", lambda: nn.Linear(128, 512), (256, 128), (2048, 4096)),
 ]
@@ -107,7 +110,11 @@ def forms(adapter: nlnn.TuckerAdapter, x: torch.Tensor) -> dict[str, Callable[[]
             "FusedTuckerConv": force("materialize", False),
             "FactorizedTuckerConv": force("factorized"),
         }
-    return {"plain W+ΔW": force("materialize"), "FusedTuckerLinear": force("factorized")}
+    return {
+        "plain W+ΔW": force("materialize"),
+        "plain base + branch": force("factorized", True),
+        "FusedTuckerLinear": force("factorized", False),
+    }
 
 
 def picked(adapter: nlnn.TuckerAdapter, x: torch.Tensor) -> str:
@@ -122,7 +129,13 @@ def picked(adapter: nlnn.TuckerAdapter, x: torch.Tensor) -> str:
         if path == "factorized":
             return "FactorizedTuckerConv"
         return "plain W+ΔW" if adapter._form_choices[(x.shape, True, core)] else "FusedTuckerConv"
-    return "FusedTuckerLinear" if path == "factorized" else "plain W+ΔW"
+    if path == "materialize":
+        return "plain W+ΔW"
+    return (
+        "FusedTuckerLinear"
+        if adapter._form_choices[(x.shape, "linear node", core)]
+        else "plain base + branch"
+    )
 
 
 def _adapter(model: nn.Module) -> nlnn.TuckerAdapter:

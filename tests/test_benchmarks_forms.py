@@ -39,7 +39,8 @@ def _case(title: str) -> bench_forms.LayerCase:
         ("UNet Conv2d(32", ["plain W+ΔW", "FusedTuckerConv", "FactorizedTuckerConv"]),
         ("pointwise Conv2d(144", ["plain W+ΔW", "FusedTuckerConv", "FactorizedTuckerConv"]),
         ("SE Conv2d(96", ["plain W+ΔW", "FusedTuckerLinear"]),
-        ("Linear(128, 128)", ["plain W+ΔW", "FusedTuckerLinear"]),
+        ("Linear(128, 128)", ["plain W+ΔW", "plain base + branch", "FusedTuckerLinear"]),
+        ("UNet attention Linear(64", ["plain W+ΔW", "plain base + branch", "FusedTuckerLinear"]),
     ],
 )
 def test_every_forced_form_runs_its_own_function_and_the_same_numbers(title, expected):
@@ -58,10 +59,22 @@ def test_every_forced_form_runs_its_own_function_and_the_same_numbers(title, exp
         force()
         out = model(x)
         functions = {f for f in FUNCTIONS if f"{f}Backward" in _graph_names(out)}
-        assert functions == (set() if name == "plain W+ΔW" else {name})
+        assert functions == (set() if name.startswith("plain") else {name})
         outputs.append(out)
     for out in outputs[1:]:
         torch.testing.assert_close(out, outputs[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "title, form",
+    [("UNet attention Linear(64", "plain base + branch"), ("Linear(128, 512", "FusedTuckerLinear")],
+)
+def test_auto_picks_a_linears_form_by_its_size(title, form):
+    case = _case(title)
+    model = nlnn.add_adapters(Holder(case.make()), ["layer"], 8, seed=0, path="factorized")
+    x = torch.randn(case.cpu_input, requires_grad=True)
+    model(x)
+    assert bench_forms.picked(model.layer, x) == form
 
 
 def test_a_case_runs_and_reports_what_auto_took():

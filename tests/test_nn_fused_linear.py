@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from ndlowrank import nn as nlnn  # noqa: E402
+from ndlowrank.nn import layers  # noqa: E402
 from ndlowrank.nn._linear import FusedTuckerLinear  # noqa: E402
 
 F64 = torch.float64
@@ -182,6 +183,40 @@ def test_only_the_needed_gradients_are_computed():
 
 
 # -- when the adapters use the node -----------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _node_at_any_size(monkeypatch):
+    """The layers here are tiny; the node's size rule (``_LINEAR_NODE_ACTIVATIONS``) has its own test."""
+    monkeypatch.setattr(layers, "_LINEAR_NODE_ACTIVATIONS", -1)
+
+
+def _linear_adapter(transposed: bool):
+    if not transposed:
+        return _adapter(path="factorized")
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    return _adapter(pytorch_utils.Conv1D(4, 5).to(F64), path="factorized")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_below_the_size_rule_plain_autograd_gives_the_same_numbers(monkeypatch, transposed):
+    monkeypatch.setattr(layers, "_LINEAR_NODE_ACTIVATIONS", 3 * 9)  # 5 inputs and 4 outputs: 9 per token
+    adapter = _linear_adapter(transposed)
+    for tokens, node in [(3, False), (4, True)]:
+        x = torch.randn(tokens, 5, dtype=F64, requires_grad=True)
+        name, out = _node(adapter, x)
+        assert (name == "FusedTuckerLinearBackward") == node
+        weight = adapter.base_layer.weight + adapter.delta_weight()
+        expected = x @ (weight if transposed else weight.T) + adapter.base_layer.bias
+        torch.testing.assert_close(out, expected)
+        params = [x, *adapter.delta.parameters()]
+        upstream = torch.randn(out.shape, dtype=F64)
+        for got, want in zip(
+            torch.autograd.grad((out * upstream).sum(), params),
+            torch.autograd.grad((expected * upstream).sum(), params),
+            strict=True,
+        ):
+            torch.testing.assert_close(got, want)
 
 
 def _adapter(layer=None, **options):

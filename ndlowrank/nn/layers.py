@@ -80,6 +80,18 @@ none of that but runs a Python backward. Measured side by side on one CPU thread
 and 576 → 144 (batch 4, 1.7M and 2.4M), where it cut the adapter's extra cost over the
 frozen layer by 15-35%.
 """
+_LINEAR_NODE_ACTIVATIONS = 48_000
+"""Activation elements, tokens × (in + out), above which a linear layer's factorized path runs :class:`FusedTuckerLinear`.
+
+The node runs the base layer and the branch in one pass over the activations forward and
+backward, but its backward is Python; below this, plain autograd through
+``base(x) + (x (G A1ᵀ)ᵀ) A0ᵀ`` (C++ nodes only) costs less. Measured side by side on one CPU
+thread at rank 8, as the extra cost over the frozen layer against PEFT LoRA's: plain autograd
+0.68-0.86 and the node 0.82-1.44 at 1K-32K elements (``Linear(64, 64)`` on 8 to 256 tokens,
+32 → 32 on 512, 128 → 128 on 128, 256 → 256 on 32, 768 → 768 on 8); the node 0.46-0.74 and
+plain autograd 0.80-0.91 at 64K-164K (128 → 128 on 256 tokens, 320 → 320 on 128, 128 → 512
+on 256).
+"""
 _AUTO_PATHS_KEPT = 64  # input shapes whose path="auto" choice an adapter remembers
 
 
@@ -199,6 +211,8 @@ class TuckerAdapter(DeltaHost):
         self._plain_base = type(base_layer).forward is _registered_type(base_layer).forward
         self.path, self.dropout_p = path, float(dropout)
         self._auto_paths: dict[tuple[Any, ...], str] = {}  # path="auto"'s choice per input shape and mode
+        # per input shape: the form a path takes (plain autograd or an autograd function)
+        self._form_choices: dict[tuple[Any, ...], bool] = {}
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._init_delta(ranks, init=init, scale=scale, dtype=dtype, seed=seed, adapter_name=adapter_name)
         self._after_init()
@@ -239,6 +253,15 @@ class TuckerAdapter(DeltaHost):
         """``A0``, ``A1`` and ``G`` of a two-mode delta, in the weight's dtype (for the forward paths)."""
         core, a0, a1 = self._parts()
         return a0, a1, core
+
+    def _linear_node_pays(self, x: torch.Tensor) -> bool:
+        """Whether a linear layer's factorized call on ``x`` runs :class:`FusedTuckerLinear` (:data:`_LINEAR_NODE_ACTIVATIONS`)."""
+
+        def estimate() -> bool:
+            tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            return tokens * sum(self.weight.shape) > _LINEAR_NODE_ACTIVATIONS
+
+        return _remembered(self._form_choices, (x.shape, "linear node", self.delta.core.shape), estimate)
 
     def _runs_base_here(self, x: torch.Tensor) -> bool:
         """Whether a forward may compute the base layer's product itself instead of calling the layer.
@@ -345,7 +368,7 @@ class LinearAdapter(TuckerAdapter):
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1, core = self._factors_and_core()
         scale = self.delta.scale
-        if self._runs_base_here(x):
+        if self._runs_base_here(x) and self._linear_node_pays(x):
             layer = self.base_layer
             return fused_tucker_linear(x, layer.weight, layer.bias, a0, core, a1, scale)
         # G A1ᵀ (r0 × in) first: two products on the activations, as in LoRA, and one tiny one
@@ -393,7 +416,7 @@ class TransposedLinearAdapter(TuckerAdapter):
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         a0, a1, core = self._factors_and_core()
         scale = self.delta.scale
-        if self._runs_base_here(x):  # as (out, in): U = A1, V = A0 and the core transposed
+        if self._runs_base_here(x) and self._linear_node_pays(x):  # as (out, in): U = A1, V = A0, Gᵀ
             layer = self.base_layer
             return fused_tucker_linear(
                 x, layer.weight, layer.bias, a1, core, a0, scale, weight_transposed=True, core_transposed=True
@@ -420,9 +443,9 @@ class ConvAdapter(TuckerAdapter):
 
     def _after_init(self) -> None:
         self.geometry = ConvGeometry(self.base_layer)
-        # per input shape: the form a path takes (plain autograd or a function; see _forward_materialize,
-        # _forward_as_linear); and whether the held spatial factors still are the identity (see _used_parameters)
-        self._form_choices: dict[tuple[Any, ...], bool] = {}
+        # the forms of _forward_materialize and _forward_as_linear, and whether the held spatial
+        # factors still are the identity (see _used_parameters), for the new delta
+        self._form_choices.clear()
         self._hold_square_factors()
 
     def _hold_square_factors(self) -> None:
@@ -436,11 +459,11 @@ class ConvAdapter(TuckerAdapter):
 
         A 1 × 1 factor (a 1×…×1 kernel's) only rescales the core: always held. A larger
         square factor (full spatial rank) only re-expresses the core too, but training it
-        changes the course of training: held with the default ``init="zero_core"``, where the
-        quality study (``benchmarks/quality``, a conv net's 3×3 convs, five seeds) measured the
-        held form as accurate or better (+3.1, +2.5 and -1.0 points at three budgets), and
-        trained with the other inits, where holding cost up to 5 points (``orthogonal``
-        -3.8, -4.1, +0.1; ``principal`` -1.9, -3.5, -5.1).
+        changes the course of training. ``benchmarks/quality/spatial.py`` (the quality study's
+        conv net, five seeds, held minus trained accuracy at three budgets) measured holding as
+        accurate with the default ``init="zero_core"`` (-0.3, -0.1 and +0.2 points), so it is
+        held there, and worse with ``orthogonal`` (-5.3, -2.6, -0.4) and ``principal`` (-1.5,
+        -0.4, -1.0), so with those inits it trains.
         """
         kernel = self.weight.shape[2:]
         return [2 + d for d, size in enumerate(kernel) if size == 1 or self.init == "zero_core"]
