@@ -191,6 +191,15 @@ def _node_at_any_size(monkeypatch):
     monkeypatch.setattr(layers, "_LINEAR_NODE_ACTIVATIONS", -1)
 
 
+def _assert_gradients_match(out, expected, params):
+    """The gradients of ``⟨out, U⟩`` and ``⟨expected, U⟩`` for one random ``U`` agree, for every tensor in ``params``."""
+    upstream = torch.randn(out.shape, dtype=F64)
+    got = torch.autograd.grad((out * upstream).sum(), params)
+    want = torch.autograd.grad((expected * upstream).sum(), params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def _linear_adapter(transposed: bool):
     if not transposed:
         return _adapter(path="factorized")
@@ -209,14 +218,7 @@ def test_below_the_size_rule_plain_autograd_gives_the_same_numbers(monkeypatch, 
         weight = adapter.base_layer.weight + adapter.delta_weight()
         expected = x @ (weight if transposed else weight.T) + adapter.base_layer.bias
         torch.testing.assert_close(out, expected)
-        params = [x, *adapter.delta.parameters()]
-        upstream = torch.randn(out.shape, dtype=F64)
-        for got, want in zip(
-            torch.autograd.grad((out * upstream).sum(), params),
-            torch.autograd.grad((expected * upstream).sum(), params),
-            strict=True,
-        ):
-            torch.testing.assert_close(got, want)
+        _assert_gradients_match(out, expected, [x, *adapter.delta.parameters()])
 
 
 def _adapter(layer=None, **options):
@@ -339,14 +341,7 @@ def test_transformers_conv1d_runs_as_one_node_with_the_reference_numbers():
     assert name == "FusedTuckerLinearBackward"
     expected = x @ (layer.weight + adapter.delta_weight()) + layer.bias
     torch.testing.assert_close(out, expected)
-    params = [x, *adapter.delta.parameters()]
-    upstream = torch.randn(out.shape, dtype=F64)
-    for got, want in zip(
-        torch.autograd.grad((out * upstream).sum(), params),
-        torch.autograd.grad((expected * upstream).sum(), params),
-        strict=True,
-    ):
-        torch.testing.assert_close(got, want)
+    _assert_gradients_match(out, expected, [x, *adapter.delta.parameters()])
 
 
 def test_a_forward_pre_hook_gives_plain_autograd_for_higher_order_gradients():
