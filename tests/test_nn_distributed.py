@@ -73,7 +73,9 @@ def _worker(rank: int, port: int, folder: str) -> None:
         assert type(sharded.get_parameter("3.delta.core")).__name__ == "DTensor"
         assert sharded[1].delta.fixed_modes == (2,)
         _train(sharded, x[half], y[half])
-        assert len(sharded[1]._parts()) == 3  # the held factor is still known to be one, on its shards too
+        assert (
+            len(sharded[1]._parts()) == 3
+        )  # the held factor is still known to be the identity, read from its shards
         nlnn.save_adapters(sharded, f"{folder}/fsdp.safetensors")  # every rank calls it
         fresh = fully_shard(_model(start=3))
         nlnn.load_adapters(fresh, f"{folder}/fsdp.safetensors")

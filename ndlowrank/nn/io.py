@@ -272,9 +272,8 @@ def _copy_trained(delta: TuckerDelta, target: _Target, tensors: Mapping[str, tor
     prefix = _prefix(target.name)
     core = tensors[f"{prefix}core"]
     factors = [tensors[f"{prefix}factors.{n}"] for n in range(len(delta.factors))]
-    held = list(
-        delta.fixed_modes
-    )  # factors held at the identity, saved with other values: the core takes them over
+    # factors held at the identity, saved with other values (an older file): the core takes them over
+    held = list(delta.fixed_modes)
     if held:
         core = mode_products(core, [factors[n] for n in held], held)
         for n in held:
