@@ -7,7 +7,9 @@ numbers:
 
 - a convolution: ``conv(x, W + ΔW)`` with plain autograd (``plain W+ΔW``), the same through
   :class:`~ndlowrank.nn._conv.FusedTuckerConv` (the ``materialize`` path either way), or the
-  factorized branch as :class:`~ndlowrank.nn._conv.FactorizedTuckerConv` (``factorized``);
+  factorized branch as :class:`~ndlowrank.nn._conv.FactorizedTuckerConv` or, for an
+  ungrouped pointwise conv, as the base layer plus two 1×…×1 convolutions with plain autograd
+  (``plain base + branch``; ``factorized`` either way);
 - a pointwise convolution on a 1×…×1 map (an SE block's): ``F.linear(x, W + ΔW)`` with plain
   autograd, or :class:`~ndlowrank.nn._linear.FusedTuckerLinear`;
 - a linear layer: ``F.linear(x, W + ΔW)`` (``materialize``), or the base layer plus the
@@ -16,7 +18,7 @@ numbers:
 
 ``path="auto"`` chooses among them by the cost rules in :mod:`ndlowrank.nn.layers`
 (``_FUNCTION_STEP_OVERHEAD``, ``_PLAIN_DISCOUNT``, ``_LINEAR_NODE_OVERHEAD``,
-``_LINEAR_NODE_ACTIVATIONS``), fitted on one CPU
+``_LINEAR_NODE_ACTIVATIONS``, ``_POINTWISE_NODE_ACTIVATIONS``, ``_COMPOSITE_STEP_OVERHEAD``), fitted on one CPU
 thread. This benchmark times a training step (forward, mean-square loss, backward into the
 input and the adapter, gradients reset) of each form, forced, and of ``auto`` itself, next to
 the frozen layer and PEFT LoRA at the same rank, on the layer shapes of the models in
@@ -78,6 +80,8 @@ CASES = [
     LayerCase("pointwise Conv2d(144, 24, 1)", _conv(144, 24, 1), (4, 144, 16, 16), (32, 144, 56, 56)),
     LayerCase("pointwise Conv2d(240, 40, 1)", _conv(240, 40, 1), (4, 240, 8, 8), (32, 240, 28, 28)),
     LayerCase("pointwise Conv2d(576, 96, 1)", _conv(576, 96, 1), (4, 576, 2, 2), (32, 576, 7, 7)),
+    LayerCase("pointwise Conv2d(672, 112, 1)", _conv(672, 112, 1), (4, 672, 4, 4), (32, 672, 14, 14)),
+    LayerCase("pointwise Conv2d(1152, 192, 1)", _conv(1152, 192, 1), (4, 1152, 2, 2), (32, 1152, 7, 7)),
     LayerCase("SE Conv2d(96, 24, 1)", lambda: nn.Conv2d(96, 24, 1), (4, 96, 1, 1), (32, 96, 1, 1)),
     LayerCase("SE Conv2d(576, 144, 1)", lambda: nn.Conv2d(576, 144, 1), (4, 576, 1, 1), (32, 576, 1, 1)),
     LayerCase("UNet attention Linear(64, 64)", lambda: nn.Linear(64, 64), (128, 64), (8192, 640)),
@@ -90,30 +94,28 @@ def forms(adapter: nlnn.TuckerAdapter, x: torch.Tensor) -> dict[str, Callable[[]
     """The forms ``adapter``'s call can take on ``x``, each as a function that forces it."""
     core = adapter.delta.core.shape
 
-    def force(path: str, plain: bool | None = None) -> Callable[[], None]:
+    def force(path: str, plain: bool = False, composite: bool = False) -> Callable[[], None]:
         def apply() -> None:
-            adapter.path = path
-            if plain is not None:  # the per-shape choices the cost rules would make, made here
-                choices = {(x.shape, True, core): plain, (x.shape, "linear node", core): not plain}
-                adapter.__dict__["_form_choices"] = choices
+            adapter.path = path  # and the per-shape choices the cost rules would make, made here
+            adapter.__dict__["_form_choices"] = {
+                (x.shape, True, core): plain,
+                (x.shape, "linear node", core): not plain,
+                (x.shape, "composite", core): composite,
+            }
 
         return apply
 
     if isinstance(adapter, nlnn.ConvAdapter):
         if adapter._is_linear_on(x):
-            return {
-                "plain W+ΔW": force("materialize", True),
-                "FusedTuckerLinear": force("materialize", False),
-            }
-        return {
-            "plain W+ΔW": force("materialize", True),
-            "FusedTuckerConv": force("materialize", False),
-            "FactorizedTuckerConv": force("factorized"),
-        }
+            return {"plain W+ΔW": force("materialize", plain=True), "FusedTuckerLinear": force("materialize")}
+        found = {"plain W+ΔW": force("materialize", plain=True), "FusedTuckerConv": force("materialize")}
+        if adapter.geometry.pointwise and adapter.geometry.groups == 1:
+            found["plain base + branch"] = force("factorized", composite=True)
+        return found | {"FactorizedTuckerConv": force("factorized")}
     return {
         "plain W+ΔW": force("materialize"),
-        "plain base + branch": force("factorized", True),
-        "FusedTuckerLinear": force("factorized", False),
+        "plain base + branch": force("factorized", plain=True),
+        "FusedTuckerLinear": force("factorized"),
     }
 
 
@@ -121,21 +123,16 @@ def picked(adapter: nlnn.TuckerAdapter, x: torch.Tensor) -> str:
     """The form ``path="auto"`` took on ``x`` (after a call)."""
     path = adapter.chosen_path(x)
     core = adapter.delta.core.shape
+    choices = adapter._form_choices
     if isinstance(adapter, nlnn.ConvAdapter):
         if adapter._is_linear_on(x):
-            return (
-                "FusedTuckerLinear" if adapter._form_choices[(x.shape, "linear node", core)] else "plain W+ΔW"
-            )
+            return "FusedTuckerLinear" if choices[(x.shape, "linear node", core)] else "plain W+ΔW"
         if path == "factorized":
-            return "FactorizedTuckerConv"
-        return "plain W+ΔW" if adapter._form_choices[(x.shape, True, core)] else "FusedTuckerConv"
+            return "plain base + branch" if adapter._composes(tuple(x.shape)) else "FactorizedTuckerConv"
+        return "plain W+ΔW" if choices[(x.shape, True, core)] else "FusedTuckerConv"
     if path == "materialize":
         return "plain W+ΔW"
-    return (
-        "FusedTuckerLinear"
-        if adapter._form_choices[(x.shape, "linear node", core)]
-        else "plain base + branch"
-    )
+    return "FusedTuckerLinear" if choices[(x.shape, "linear node", core)] else "plain base + branch"
 
 
 def _adapter(model: nn.Module) -> nlnn.TuckerAdapter:

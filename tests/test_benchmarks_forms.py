@@ -37,7 +37,10 @@ def _case(title: str) -> bench_forms.LayerCase:
     "title, expected",
     [
         ("UNet Conv2d(32", ["plain W+ΔW", "FusedTuckerConv", "FactorizedTuckerConv"]),
-        ("pointwise Conv2d(144", ["plain W+ΔW", "FusedTuckerConv", "FactorizedTuckerConv"]),
+        (
+            "pointwise Conv2d(144",
+            ["plain W+ΔW", "FusedTuckerConv", "plain base + branch", "FactorizedTuckerConv"],
+        ),
         ("SE Conv2d(96", ["plain W+ΔW", "FusedTuckerLinear"]),
         ("Linear(128, 128)", ["plain W+ΔW", "plain base + branch", "FusedTuckerLinear"]),
         ("UNet attention Linear(64", ["plain W+ΔW", "plain base + branch", "FusedTuckerLinear"]),
@@ -67,9 +70,14 @@ def test_every_forced_form_runs_its_own_function_and_the_same_numbers(title, exp
 
 @pytest.mark.parametrize(
     "title, form",
-    [("UNet attention Linear(64", "plain base + branch"), ("Linear(128, 512", "FusedTuckerLinear")],
+    [
+        ("UNet attention Linear(64", "plain base + branch"),
+        ("Linear(128, 512", "FusedTuckerLinear"),
+        ("pointwise Conv2d(1152", "plain base + branch"),
+        ("pointwise Conv2d(16, 96", "FactorizedTuckerConv"),
+    ],
 )
-def test_auto_picks_a_linears_form_by_its_size(title, form):
+def test_the_factorized_path_takes_its_form_by_the_activations_size(title, form):
     case = _case(title)
     model = nlnn.add_adapters(Holder(case.make()), ["layer"], 8, seed=0, path="factorized")
     x = torch.randn(case.cpu_input, requires_grad=True)

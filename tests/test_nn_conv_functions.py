@@ -114,9 +114,17 @@ def conv_cases(draw):
 
 
 def force_form(adapter, x, plain):
-    """Make ``adapter`` take plain autograd (or else a function) on a batched input ``x``'s shape, whatever the costs."""
+    """Make ``adapter`` take plain autograd (or else a function) on a batched input ``x``'s shape, whatever the costs.
+
+    Plain autograd on the factorized path is the base plus the branch's two 1×…×1 convolutions
+    of an ungrouped pointwise conv (``ConvAdapter._composes``); other geometries have the function only.
+    """
     core = adapter.delta.core.shape
-    adapter._form_choices = {(x.shape, True, core): plain, (x.shape, "linear node", core): not plain}
+    adapter._form_choices = {
+        (x.shape, True, core): plain,
+        (x.shape, "linear node", core): not plain,
+        (x.shape, "composite", core): plain,
+    }
 
 
 @given(case=conv_cases(), seed=st.integers(0, 2**16))

@@ -24,7 +24,7 @@ from torch.func import functional_call  # noqa: E402
 
 import ndlowrank as nl  # noqa: E402
 from ndlowrank import nn as nlnn  # noqa: E402
-from ndlowrank.nn.layers import _FUNCTION_STEP_OVERHEAD, _PLAIN_DISCOUNT  # noqa: E402
+from ndlowrank.nn.layers import _COMPOSITE_STEP_OVERHEAD, _FUNCTION_STEP_OVERHEAD, _PLAIN_DISCOUNT  # noqa: E402
 
 F64 = torch.float64
 INITS = ("zero_core", "zero_factor", "orthogonal", "principal")
@@ -511,7 +511,12 @@ def test_pointwise_conv_path_costs_are_the_documented_formulas():
     fixed = _FUNCTION_STEP_OVERHEAD
     plain = (3 * 288.0 + batch * pixels * 6 * 8) / _PLAIN_DISCOUNT
     assert adapter._materialize_costs((2, 8, 6, 5)) == (plain, 3 * 288.0 + 2 * 864.0 + 3 * 216.0 + fixed)
-    assert adapter.path_costs((2, 8, 6, 5), training=True) == (plain, 3 * 1104.0 + fixed)
+    # 2 · 9 tokens × (8 + 6) channels: few activations, so the factorized path is the composite form
+    assert adapter._composes((2, 8, 6, 5))
+    assert adapter.path_costs((2, 8, 6, 5), training=True) == (plain, 3 * 1104.0 + _COMPOSITE_STEP_OVERHEAD)
+    assert not adapter._composes((3000, 8, 6, 5))  # 378K elements: the node
+    big_branch = 3000 * pixels * (8 * 4 + 6 * 4) + 8 * 4 * 3
+    assert adapter.path_costs((3000, 8, 6, 5), training=True)[1] == 3.0 * big_branch + fixed
 
 
 def test_embedding_path_costs_are_the_documented_formulas():

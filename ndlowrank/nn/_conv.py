@@ -319,7 +319,16 @@ def _branch(
 def factorized_branch(
     x: torch.Tensor, geometry: ConvGeometry, a0: torch.Tensor, a1: torch.Tensor, spatial_core: torch.Tensor
 ) -> torch.Tensor:
-    """``conv(x, ΔW)`` as in-projection, spatial-core convolution and out-projection (``x`` batched, prepared)."""
+    """``conv(x, ΔW)`` as in-projection, spatial-core convolution and out-projection (``x`` batched, prepared).
+
+    Plain autograd runs it (the autograd functions run :func:`_branch` themselves). An
+    ungrouped pointwise geometry takes two 1×…×1 convolutions, by the core folded into ``A1ᵀ``
+    and by ``A0``, as LoRA's two: fewer autograd nodes than products on reshaped activations.
+    """
+    if geometry.pointwise and geometry.groups == 1:
+        r0, ones = spatial_core.shape[0], [1] * geometry.dims
+        mid = geometry.conv(x, _inner(a1, spatial_core).view(r0, -1, *ones))
+        return _CONV[geometry.dims](mid, a0.view(a0.shape[0], r0, *ones))
     return project_out(_branch(x, geometry, a1, spatial_core)[1], a0, geometry.groups)
 
 

@@ -80,6 +80,27 @@ none of that but runs a Python backward. Measured side by side on one CPU thread
 and 576 → 144 (batch 4, 1.7M and 2.4M), where it cut the adapter's extra cost over the
 frozen layer by 15-35%.
 """
+_POINTWISE_NODE_ACTIVATIONS = 300_000
+"""Activation elements, tokens × (in + out), above which a pointwise conv's factorized path runs :class:`FactorizedTuckerConv`.
+
+Below this, an ungrouped pointwise conv runs the base layer plus the branch as two 1×…×1
+convolutions with plain autograd (C++ nodes only), which costs less than the node's Python
+backward. Measured side by side on one CPU thread at rank 8 (extra cost over the frozen
+layer against PEFT LoRA's): plain autograd 0.78-1.16 and the node 1.44-1.63 on 672 → 112 at
+4 × 4 and 1152 → 192 at 2 × 2 (batch 4: 50K and 22K elements), 0.84-1.04 against 1.17-1.31
+on 40 → 240 at 8 × 8 and 144 → 24 at 16 × 16 (72K and 172K); the node 0.55-0.96 against
+0.71-1.37 on 240 → 40 at 16 × 16, 256 → 256 at 16 × 16 and 64 → 256 at 32 × 32 (batch 8:
+573K, 1M and 2.6M elements).
+"""
+_COMPOSITE_STEP_OVERHEAD = 500_000
+"""The fixed cost, in flops, of a pointwise conv's step as base plus branch with plain autograd (see :data:`_POINTWISE_NODE_ACTIVATIONS`).
+
+Against plain autograd's ``conv(x, W + ΔW)`` (:data:`_PLAIN_DISCOUNT`), fitted to the same
+side-by-side runs: the two forms measured alike on 576 → 96 and 288 → 96 at 2 × 2 (batch 4),
+where this constant puts them about level, and the composite form cut the extra cost by a
+third or more on 672 → 112 at 4 × 4 and 1152 → 192 at 2 × 2, whose weight gradients cost
+more than their activations.
+"""
 _LINEAR_NODE_ACTIVATIONS = 48_000
 """Activation elements, tokens × (in + out), above which a linear layer's factorized path runs :class:`FusedTuckerLinear`.
 
@@ -529,6 +550,8 @@ class ConvAdapter(TuckerAdapter):
             return self._forward_composite(x, dropout=True)
         if self._is_linear_on(x):
             return self._forward_as_linear(x)
+        if self._composes(tuple(x.shape)):
+            return self._forward_composite(x, dropout=False)
         core, a0, a1, *spatial = self._parts()
         layer = self.base_layer
         return FactorizedTuckerConv.apply(
@@ -556,6 +579,23 @@ class ConvAdapter(TuckerAdapter):
             gs = spatial_fold(core, spatial, scale, self.geometry)
             y = F.linear(x2, merged_weight(layer.weight, a0, a1, gs, as_matrix=True), layer.bias)
         return y.view(x.shape[0], -1, *x.shape[2:])
+
+    def _composes(self, input_shape: tuple[int, ...]) -> bool:
+        """Whether the factorized path runs base plus branch with plain autograd on this input (:data:`_POINTWISE_NODE_ACTIVATIONS`).
+
+        Only an ungrouped pointwise conv, whose branch is two 1×…×1 convolutions.
+        """
+        geometry = self.geometry
+        if not (geometry.pointwise and geometry.groups == 1):
+            return False
+
+        def estimate() -> bool:
+            out, inp = self.weight.shape[:2]
+            batch = input_shape[0] if len(input_shape) == geometry.dims + 2 else 1
+            tokens = batch * math.prod(geometry.output_size(input_shape[-geometry.dims :]))
+            return tokens * (inp + out) <= _POINTWISE_NODE_ACTIVATIONS
+
+        return _remembered(self._form_choices, (input_shape, "composite", self.delta.core.shape), estimate)
 
     def _is_linear_on(self, x: torch.Tensor) -> bool:
         """Whether the convolution is a linear layer on ``x``'s channels: pointwise, ungrouped, on a 1×…×1 map (an SE block's)."""
@@ -604,7 +644,8 @@ class ConvAdapter(TuckerAdapter):
         if not training:
             return float(costs.build), float(costs.branch)
         # the factorized path runs its branch three times (forward and two gradients)
-        return min(self._materialize_costs(input_shape)), float(3 * costs.branch + _FUNCTION_STEP_OVERHEAD)
+        overhead = _COMPOSITE_STEP_OVERHEAD if self._composes(input_shape) else _FUNCTION_STEP_OVERHEAD
+        return min(self._materialize_costs(input_shape)), float(3 * costs.branch + overhead)
 
 
 class EmbeddingAdapter(TuckerAdapter):
