@@ -166,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
     if args.list:
+        width = max(len(name) for name in NAMES)
         for benchmark in BENCHMARKS:
             missing = benchmark.missing()
             note = f"  [needs {', '.join(missing)}: {INSTALL}]" if missing else ""
-            print(f"{benchmark.name:<10} {benchmark.about}{note}")
+            print(f"{benchmark.name:<{width}} {benchmark.about}{note}")
         return 0
     chosen = [b for b in BENCHMARKS if (not args.only or b.name in args.only) and b.name not in args.skip]
     if not chosen:
