@@ -108,10 +108,10 @@ The node runs the base layer and the branch in one pass over the activations for
 backward, but its backward is Python; below this, plain autograd through
 ``base(x) + (x (G A1ᵀ)ᵀ) A0ᵀ`` (C++ nodes only) costs less. Measured side by side on one CPU
 thread at rank 8, as the extra cost over the frozen layer against PEFT LoRA's: plain autograd
-0.68-0.86 and the node 0.82-1.44 at 1K-32K elements (``Linear(64, 64)`` on 8 to 256 tokens,
-32 → 32 on 512, 128 → 128 on 128, 256 → 256 on 32, 768 → 768 on 8); the node 0.46-0.74 and
-plain autograd 0.80-0.91 at 64K-164K (128 → 128 on 256 tokens, 320 → 320 on 128, 128 → 512
-on 256).
+0.68-1.08 and the node 0.75-1.44 at 1K-32K elements, plain autograd ahead or level in each of
+18 pairs (``Linear(64, 64)`` on 8 to 256 tokens, 32 → 32 on 512, 128 → 128 on 128,
+256 → 256 on 32, 768 → 768 on 8); the node 0.46-0.74 and plain autograd 0.80-0.91 at
+64K-164K (128 → 128 on 256 tokens, 320 → 320 on 128, 128 → 512 on 256).
 """
 _AUTO_PATHS_KEPT = 64  # input shapes whose path="auto" choice an adapter remembers
 
