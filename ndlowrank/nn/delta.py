@@ -106,6 +106,9 @@ class TuckerDelta(nn.Module):
     (torch.Size([16, 8, 3, 3]), 0.0)
     >>> delta
     TuckerDelta(shape=(16, 8, 3, 3), ranks=(4, 4, 3, 3), n_params=258, scale=1.0)
+    >>> delta.fix_square_modes([2, 3])  # the 3 × 3 spatial factors, as a conv adapter holds them
+    >>> delta, [p.shape for p in delta.trainable_parameters()]
+    (TuckerDelta(shape=(16, 8, 3, 3), ranks=(4, 4, 3, 3), n_params=258, scale=1.0, fixed_modes=(2, 3)), [torch.Size([4, 4, 3, 3]), torch.Size([16, 4]), torch.Size([8, 4])])
     """
 
     fixed_modes: tuple[int, ...] = ()
@@ -237,7 +240,8 @@ class TuckerDelta(nn.Module):
         return weight + self.delta(weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, ranks={self.ranks}, n_params={self.n_params}, scale={self.scale}"
+        held = f", fixed_modes={self.fixed_modes}" if self.fixed_modes else ""
+        return f"shape={self.shape}, ranks={self.ranks}, n_params={self.n_params}, scale={self.scale}{held}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
