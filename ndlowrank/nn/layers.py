@@ -97,9 +97,9 @@ _COMPOSITE_STEP_OVERHEAD = 500_000
 
 Against plain autograd's ``conv(x, W + ΔW)`` (:data:`_PLAIN_DISCOUNT`), fitted to the same
 side-by-side runs: the two forms measured alike on 576 → 96 and 288 → 96 at 2 × 2 (batch 4),
-where this constant puts them about level, and the composite form cut the extra cost by a
-third or more on 672 → 112 at 4 × 4 and 1152 → 192 at 2 × 2, whose weight gradients cost
-more than their activations.
+where this constant puts them about level, and the composite form cut the extra cost by
+22-51% on 672 → 112 at 4 × 4 and 1152 → 192 at 2 × 2, whose weight gradients cost more
+than their activations.
 """
 _LINEAR_NODE_ACTIVATIONS = 48_000
 """Activation elements, tokens × (in + out), above which a linear layer's factorized path runs :class:`FusedTuckerLinear`.
