@@ -21,7 +21,10 @@ forward under ``no_grad`` against the base model's.
 A third contender is the *floor*: the frozen model with a zero scalar parameter added to each
 target layer's output, so that its backward runs through every target layer as an adapter's
 must, and adds nothing else. The step minus the floor is what the adapters themselves cost;
-the table gives ndlowrank's adapter cost as a ratio to PEFT LoRA's.
+the table gives ndlowrank's adapter cost as a ratio to PEFT LoRA's. Beside it, the tensor
+products of ndlowrank's adapters are timed by themselves (``benchmarks/_products.py``): the
+part of that cost which is arithmetic, and the rest the fixed cost of running it (autograd
+nodes, module calls, Python).
 
 The second table isolates the fixed cost per adapted layer: a training step of single small
 layers (where the work is a few microseconds) for the frozen layer, PEFT LoRA and ndlowrank.
@@ -60,6 +63,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import interleaved_medians, load_window, machine, today, versions, write_section
+from benchmarks._products import products_step
 from benchmarks.bench_adapters import Device, Holder
 from ndlowrank import nn as nlnn
 
@@ -291,6 +295,14 @@ def _step(model: nn.Module, forward: Forward, device: Device) -> Callable[[], No
     return step
 
 
+def _synced(fn: Callable[[], None], device: Device) -> Callable[[], None]:
+    def call() -> None:
+        fn()
+        device.sync()
+
+    return call
+
+
 def floor_model(model: nn.Module, targets: list[str] | str) -> nn.Module:
     """The frozen ``model`` whose target layers each add a trainable zero scalar to their output.
 
@@ -332,6 +344,7 @@ def run_model(case: ModelCase, repeats: int, device: Device | None = None, round
         return Row(case, unavailable=f"{type(error).__name__}: {str(error)[:120]}")
     steps = {name: _step(model, forward, device) for name, model in models.items()}
     steps["floor"] = _step(floor_model(copy.deepcopy(base), case.targets), forward, device)
+    steps["products"] = _synced(products_step(models["ndlowrank"], forward), device)
     measured = [interleaved_medians(steps, repeats) for _ in range(rounds)]
     times = {name: statistics.median(m[name] for m in measured) for name in steps}
     ratios = [m["ndlowrank"] / m["peft"] for m in measured]
@@ -365,7 +378,8 @@ def run_model(case: ModelCase, repeats: int, device: Device | None = None, round
     print(
         f"  step: ndlowrank {times['ndlowrank'] * 1e3:.2f} ms, PEFT LoRA {times['peft'] * 1e3:.2f} ms "
         f"({row.step_ratio():.2f}x), floor {times['floor'] * 1e3:.2f} ms "
-        f"(adapter cost {_adapter_cost(times):.2f}x PEFT's); merged forward {merged['merged'] / merged['base']:.2f}x base",
+        f"(adapter cost {_adapter_cost(times):.2f}x PEFT's, its products alone {_products_cost(times):.2f}x); "
+        f"merged forward {merged['merged'] / merged['base']:.2f}x base",
         flush=True,
     )
     return row
@@ -398,6 +412,11 @@ def uniform_cost_for(measured: list[dict[str, float]], geomean: float) -> float:
 def _adapter_cost(times: dict[str, float]) -> float:
     """ndlowrank's step minus the floor, over PEFT LoRA's step minus the floor."""
     return (times["ndlowrank"] - times["floor"]) / (times["peft"] - times["floor"])
+
+
+def _products_cost(times: dict[str, float]) -> float:
+    """ndlowrank's products alone (:mod:`benchmarks._products`), over PEFT LoRA's step minus the floor."""
+    return times["products"] / (times["peft"] - times["floor"])
 
 
 # -- per-call overhead on small layers -------------------------------------------------------
@@ -506,12 +525,16 @@ def report(
         f"lora_alpha={RANK}; ndlowrank `add_adapters(model, targets, {RANK})` (the int rank clipped per mode, "
         "so a 3×3 conv gets (8, 8, 3, 3)), default init, `path='auto'`; both on the same targets of copies of "
         "the same seeded model; the floor is the frozen model whose target layers add a zero parameter to their "
-        "output (the least any adapter costs), and the adapter cost is the step minus the floor. "
+        "output (the least any adapter costs), and the adapter cost is the step minus the floor. *Its products "
+        "alone* times the tensor products of ndlowrank's adapters by themselves (their factorized forward and "
+        "gradients on the inputs they get in the step, under `no_grad`, no autograd node or module call: "
+        "`benchmarks/_products.py`), the part of the adapter cost that is arithmetic. "
         f"Targets: every model ≤ {TARGET_VS_PEFT}× PEFT LoRA's step, the geometric mean ≤ {TARGET_GEOMEAN}×.",
         "",
         "| model | targets | step vs PEFT LoRA | ndlowrank step (ms) | PEFT LoRA step (ms) | floor (ms) "
-        "| adapter cost vs PEFT's | trainable: ndlowrank / PEFT | peak memory vs PEFT | merged forward vs base |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| adapter cost vs PEFT's | its products alone vs PEFT's cost | trainable: ndlowrank / PEFT "
+        "| peak memory vs PEFT | merged forward vs base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios, measured = [], []
     for row in rows:
@@ -521,7 +544,7 @@ def report(
             else ", ".join(f"`{t}`" for t in row.case.targets)
         )
         if row.times is None:
-            lines.append(f"| {row.case.title(scale)} | {targets} | not run: {row.unavailable} |" + " – |" * 7)
+            lines.append(f"| {row.case.title(scale)} | {targets} | not run: {row.unavailable} |" + " – |" * 8)
             continue
         assert row.trainable is not None and row.peaks is not None and row.merged is not None
         ratio = row.step_ratio()
@@ -533,6 +556,7 @@ def report(
         lines.append(
             f"| {row.case.title(scale)} | {targets} | {ratio:.2f}×{mark} | {row.times['ndlowrank'] * 1e3:.2f} "
             f"| {row.times['peft'] * 1e3:.2f} | {row.times['floor'] * 1e3:.2f} | {_adapter_cost(row.times):.2f}× "
+            f"| {_products_cost(row.times):.2f}× "
             f"| {row.trainable['ndlowrank']:,} / {row.trainable['peft']:,} "
             f"| {row.peaks['ndlowrank'] / row.peaks['peft']:.2f}× "
             f"| {row.merged['merged'] / row.merged['base']:.2f}× |"
@@ -541,12 +565,14 @@ def report(
         geomean = statistics.geometric_mean(ratios)
         verdict = "meets" if geomean <= TARGET_GEOMEAN else "misses"
         floors = statistics.geometric_mean([t["floor"] / t["peft"] for t in measured])
+        products = statistics.geometric_mean([(t["floor"] + t["products"]) / t["peft"] for t in measured])
         lines += [
             "",
             f"Geometric mean of the step ratios over the {len(ratios)} models that ran: {geomean:.2f}× "
             f"PEFT LoRA's ({verdict} the ≤ {TARGET_GEOMEAN}× target). An adapter that cost nothing beyond the "
             f"floor would reach {floors:.2f}×; the target asks for adapter costs of about "
-            f"{uniform_cost_for(measured, TARGET_GEOMEAN):.2f}× PEFT LoRA's on every model.",
+            f"{uniform_cost_for(measured, TARGET_GEOMEAN):.2f}× PEFT LoRA's on every model. Adapters that cost "
+            f"only their products (floor plus products alone) would reach {products:.2f}×.",
         ]
     lines += [
         "",
