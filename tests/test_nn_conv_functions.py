@@ -366,7 +366,7 @@ def test_square_spatial_factors_are_held_at_the_identity_out_of_training(dims, k
 
 @pytest.mark.parametrize("init", ["orthogonal", "principal"])
 def test_with_other_inits_only_one_by_one_factors_are_held(init):
-    # the quality study measured held 3×3 factors worse with these inits (see ConvAdapter._held_modes)
+    # the quality study measured held 3×3 factors worse with these inits (see ndlowrank.nn.layers.held_spatial_modes)
     conv = nlnn.TuckerAdapter(nn.Conv2d(5, 6, 3), 3, init=init, seed=0)
     assert conv.delta.fixed_modes == () and len(conv._parts()) == 5
     assert all(k.requires_grad for k in conv.delta.factors)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ndlowrank import nn as nlnn
+from ndlowrank.nn.layers import held_spatial_modes
 
 from .._common import tucker_params
 
@@ -34,7 +35,8 @@ class Method:
     """One contender: its family (one plot series), its label and how it adapts a model.
 
     ``budget`` is the LoRA rank whose parameter count it is matched to (None for head-only and
-    full fine-tuning), ``spatial`` the spatial rank and ``init`` the init of an ndlowrank adapter.
+    full fine-tuning); ``ranks``, ``spatial`` (the spatial rank) and ``init`` are an ndlowrank
+    adapter's.
     """
 
     family: str
@@ -43,6 +45,7 @@ class Method:
     budget: int | None = None
     init: str | None = None
     spatial: int | None = None
+    ranks: Shape | None = None
 
 
 def ndlowrank_family(init: str, spatial: int | None) -> str:
@@ -66,13 +69,9 @@ def locon_tucker_count(shape: Shape, rank: int) -> int:
 def tucker_count(shape: Shape, ranks: Shape, init: str = "zero_core") -> int:
     """An ndlowrank adapter's trainable parameters: the stored numbers less the spatial factors a conv adapter holds.
 
-    It holds 1 × 1 factors, and square ones with ``init="zero_core"`` (``ConvAdapter._held_modes``).
+    It holds the square factors of :func:`~ndlowrank.nn.layers.held_spatial_modes`.
     """
-    held = sum(
-        size * rank
-        for size, rank in zip(shape[2:], ranks[2:], strict=True)
-        if size == rank and (size == 1 or init == "zero_core")
-    )
+    held = sum(shape[n] * ranks[n] for n in held_spatial_modes(shape[2:], init) if shape[n] == ranks[n])
     return tucker_params(shape, ranks) - held
 
 
@@ -198,6 +197,7 @@ def methods(
                         budget=r,
                         init=init,
                         spatial=spatial,
+                        ranks=ranks,
                     )
                 )
     return found

@@ -6,7 +6,7 @@ square spatial factors at the identity, so that only the core and the channel fa
 deltas but train differently. This runs the quality study's conv case (the same
 pre-training, splits, learning-rate grid and budgets) with each init both ways, and writes
 the ``quality_spatial`` section of ``benchmarks/RESULTS.md``: the measurement behind which
-inits hold them by default (``ConvAdapter._held_modes``).
+inits hold them by default (``ndlowrank.nn.layers.held_spatial_modes``).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def pairs(
                     budget=r,
                     init=init,
                     spatial=3,
+                    ranks=ranks,
                 )
                 for how in HOW
             )
@@ -83,9 +84,8 @@ def row(held: Outcome, trained: Outcome) -> str:
     differences = [h - t for h, t in zip(held.test, trained.test, strict=True)]
     ahead = sum(d > 0 for d in differences)
     method = held.method
-    ranks = method.label.split("(", 1)[1].split(")", 1)[0]
     return (
-        f"| {method.init} | r={method.budget} | ({ranks}) | {_cell(held)} | {_cell(trained)} | "
+        f"| {method.init} | r={method.budget} | {method.ranks} | {_cell(held)} | {_cell(trained)} | "
         f"{100 * statistics.fmean(differences):+.1f} (ahead on {ahead} of {len(differences)}) |"
     )
 

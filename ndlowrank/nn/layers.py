@@ -450,6 +450,24 @@ class TransposedLinearAdapter(TuckerAdapter):
         return _linear_costs(input_shape, out, inp, r_out, r_in, training=training)
 
 
+def held_spatial_modes(kernel: Sequence[int], init: str) -> list[int]:
+    """The spatial modes of a conv adapter with ``init`` on a ``kernel`` whose square factors it holds at the identity.
+
+    See :meth:`TuckerDelta.fix_square_modes`.
+    A 1 × 1 factor (a 1×…×1 kernel's) only rescales the core: always held. A larger
+    square factor (full spatial rank) only re-expresses the core too, but training it
+    changes the course of training. ``benchmarks/quality/spatial.py`` (the quality study's
+    conv net, five seeds, held minus trained accuracy at three budgets) measured holding as
+    accurate with the default ``init="zero_core"`` (-0.3, -0.1 and +0.2 points), so it is
+    held there, and worse with ``orthogonal`` (-5.3, -2.6, -0.4) and ``principal`` (-1.5,
+    -0.4, -1.0), so with those inits it trains.
+
+    Modes whose factor is not square (a spatial rank below the kernel size) are among them
+    but not held: :meth:`TuckerDelta.fix_square_modes` skips them.
+    """
+    return [2 + d for d, size in enumerate(kernel) if size == 1 or init == "zero_core"]
+
+
 class ConvAdapter(TuckerAdapter):
     """Tucker adapter of an ``nn.Conv1d/2d/3d``: ``ΔW`` of shape ``(out, in/groups, *kernel)``.
 
@@ -470,24 +488,10 @@ class ConvAdapter(TuckerAdapter):
         self._hold_square_factors()
 
     def _hold_square_factors(self) -> None:
-        """Hold the spatial factors :meth:`_held_modes` names at the identity; let the others train."""
-        held = self._held_modes()
+        """Hold the spatial factors :func:`held_spatial_modes` names at the identity; let the others train."""
+        held = held_spatial_modes(self.weight.shape[2:], self.init)
         self.delta.release_modes([n for n in range(2, self.weight.ndim) if n not in held])
         self.delta.fix_square_modes(held)
-
-    def _held_modes(self) -> list[int]:
-        """The spatial modes whose square factors the adapter holds at the identity (see :meth:`TuckerDelta.fix_square_modes`).
-
-        A 1 × 1 factor (a 1×…×1 kernel's) only rescales the core: always held. A larger
-        square factor (full spatial rank) only re-expresses the core too, but training it
-        changes the course of training. ``benchmarks/quality/spatial.py`` (the quality study's
-        conv net, five seeds, held minus trained accuracy at three budgets) measured holding as
-        accurate with the default ``init="zero_core"`` (-0.3, -0.1 and +0.2 points), so it is
-        held there, and worse with ``orthogonal`` (-5.3, -2.6, -0.4) and ``principal`` (-1.5,
-        -0.4, -1.0), so with those inits it trains.
-        """
-        kernel = self.weight.shape[2:]
-        return [2 + d for d, size in enumerate(kernel) if size == 1 or self.init == "zero_core"]
 
     def _used_parameters(self) -> list[torch.Tensor]:
         """As :meth:`TuckerAdapter._used_parameters`, without the spatial factors while they are held at the identity.
