@@ -35,18 +35,19 @@ __all__ = ["products_step", "replay"]
 
 
 def products_step(model: nn.Module, forward: Forward) -> Callable[[], None]:
-    """A function that runs the products of every adapter of ``model`` once, on the inputs of ``forward(model)``.
+    """A function that runs the products of every adapter of ``model`` on the inputs of ``forward(model)``.
 
     One forward (with gradients enabled, so that each input says whether it needs one)
-    records every adapter's input; the returned function then replays the products.
+    records every call of every adapter; the returned function then replays the products of
+    each call, once per call, as the step runs them.
     """
     adapters = [
         adapter for _, adapter in nlnn.iter_adapters(model) if isinstance(adapter, nlnn.TuckerAdapter)
     ]
-    inputs: dict[int, torch.Tensor] = {}
+    calls: list[tuple[nlnn.TuckerAdapter, torch.Tensor]] = []
 
     def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        inputs.setdefault(id(module), args[0])
+        calls.append((module, args[0]))  # type: ignore[arg-type]
 
     hooks = [adapter.register_forward_pre_hook(record) for adapter in adapters]
     try:
@@ -54,7 +55,7 @@ def products_step(model: nn.Module, forward: Forward) -> Callable[[], None]:
     finally:
         for hook in hooks:
             hook.remove()
-    replays = [replay(adapter, inputs[id(adapter)]) for adapter in adapters if id(adapter) in inputs]
+    replays = [replay(adapter, x) for adapter, x in calls]
 
     def step() -> None:
         with torch.no_grad():

@@ -216,3 +216,35 @@ def test_the_products_of_a_layer_without_a_replay_are_refused_by_name():
     model = nlnn.add_adapters(Holder(torch.nn.Embedding(10, 4)), ["layer"], 2, seed=0)
     with pytest.raises(TypeError, match="EmbeddingAdapter"):
         replay(model.layer, torch.tensor([1, 2]))
+
+
+def test_the_products_step_replays_every_call_of_every_adapter(monkeypatch):
+    import torch
+
+    from benchmarks import _products
+    from ndlowrank import nn as nlnn
+
+    model = nlnn.add_adapters(
+        torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)), ["0", "1"], 2
+    )
+    replayed = []
+    real_replay = _products.replay
+
+    def counted(adapter, x):
+        products = real_replay(adapter, x)
+
+        def run():
+            replayed.append((adapter, tuple(x.shape)))
+            return products()
+
+        return run
+
+    monkeypatch.setattr(_products, "replay", counted)
+    first, second = model[0], model[1]
+
+    def forward(m):  # the first layer runs twice, on inputs of two shapes
+        return m[1](m[0](m[0](torch.randn(2, 4)))) + m[1](m[0](torch.randn(5, 4))).sum()
+
+    step = _products.products_step(model, forward)
+    step()
+    assert replayed == [(first, (2, 4)), (first, (2, 4)), (second, (2, 4)), (first, (5, 4)), (second, (5, 4))]
