@@ -1,13 +1,15 @@
-"""The products alone: what ndlowrank's adapters compute in a training step, with nothing around it.
+"""The products alone: what ndlowrank's adapters compute in factorized form in a training step, with nothing around it.
 
 For every adapter of a model, :func:`products_step` replays the tensor products of its
 factorized branch on the input the adapter gets in the model's forward: the branch forward
 (added into an output of the base layer's shape) and the gradients of the factors, the core
 and the input (added into an input gradient), with the same kernels and layouts the library
 runs, under ``no_grad``. No autograd node, no module call, no path choice, no validation: the
-arithmetic of the method and the allocation of its intermediates, which no overhead can
-go below. ``bench_models`` times it beside the real step, so the table shows how much of an
-adapter's cost is its arithmetic and how much the fixed cost of running it.
+arithmetic of the factorized form and the allocation of its intermediates, which no
+per-call overhead of that form can go below. ``bench_models`` times it beside the real step,
+so the table shows how much of an adapter's cost is that arithmetic and how much the fixed
+cost of running it. (Where ``path="auto"`` builds ``W + ΔW`` instead, as on pointwise convs on
+large maps, the step computes other products, which can cost less.)
 
 A linear layer (``nn.Linear``, transformers' ``Conv1D``, and a pointwise conv on a 1×…×1 map)
 takes :class:`~ndlowrank.nn._linear.FusedTuckerLinear`'s products: ``h = x (G Vᵀ)ᵀ``,

@@ -22,8 +22,8 @@ A third contender is the *floor*: the frozen model with a zero scalar parameter 
 target layer's output, so that its backward runs through every target layer as an adapter's
 must, and adds nothing else. The step minus the floor is what the adapters themselves cost;
 the table gives ndlowrank's adapter cost as a ratio to PEFT LoRA's. Beside it, the tensor
-products of ndlowrank's adapters are timed by themselves (``benchmarks/_products.py``): the
-part of that cost which is arithmetic, and the rest the fixed cost of running it (autograd
+products of ndlowrank's adapters in factorized form are timed by themselves
+(``benchmarks/_products.py``): their arithmetic without the fixed cost of running it (autograd
 nodes, module calls, Python).
 
 The second table isolates the fixed cost per adapted layer: a training step of single small
@@ -526,9 +526,11 @@ def report(
         "so a 3×3 conv gets (8, 8, 3, 3)), default init, `path='auto'`; both on the same targets of copies of "
         "the same seeded model; the floor is the frozen model whose target layers add a zero parameter to their "
         "output (the least any adapter costs), and the adapter cost is the step minus the floor. *Its products "
-        "alone* times the tensor products of ndlowrank's adapters by themselves (their factorized forward and "
+        "alone* times the tensor products of ndlowrank's adapters in factorized form by themselves (forward and "
         "gradients on the inputs they get in the step, under `no_grad`, no autograd node or module call: "
-        "`benchmarks/_products.py`), the part of the adapter cost that is arithmetic. "
+        "`benchmarks/_products.py`): the arithmetic of the factorized form, without the fixed cost of running "
+        "it. Where `path='auto'` builds `W + ΔW` instead (pointwise convs on large maps) the step's arithmetic "
+        "is another, and can be smaller. "
         f"Targets: every model ≤ {TARGET_VS_PEFT}× PEFT LoRA's step, the geometric mean ≤ {TARGET_GEOMEAN}×.",
         "",
         "| model | targets | step vs PEFT LoRA | ndlowrank step (ms) | PEFT LoRA step (ms) | floor (ms) "
