@@ -104,12 +104,16 @@ class ConvGeometry:
 
 
 def project_in(x: torch.Tensor, a1: torch.Tensor, groups: int) -> torch.Tensor:
-    """The 1×…×1 in-projection by ``A1ᵀ`` per group, as one broadcast matmul: ``(B, g·r1, *S)``."""
+    """The 1×…×1 in-projection by ``A1ᵀ`` per group, as one batched product: ``(B, g·r1, *S)``."""
     batch, channels = x.shape[:2]
-    grouped = x.reshape(batch, groups, channels // groups, -1)
-    # an expanded (not a 2-D) left operand keeps matmul from transposing x into a copy
-    z = torch.matmul(a1.T.expand(batch, groups, *a1.T.shape), grouped)
-    return z.reshape(batch, groups * a1.shape[1], *x.shape[2:])
+    per_group = x.reshape(batch * groups, channels // groups, -1)
+    z = torch.bmm(a1.T.expand(batch * groups, *a1.T.shape), per_group)
+    return z.view(batch, groups * a1.shape[1], *x.shape[2:])
+
+
+def _per_image(matrices: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-group matrices ``(g, m, n)`` repeated for ``batch`` images: ``(batch·g, m, n)``, a view when g = 1."""
+    return matrices.expand(batch, *matrices.shape).reshape(-1, *matrices.shape[1:])
 
 
 def project_out(u: torch.Tensor, a0: torch.Tensor, groups: int) -> torch.Tensor:
@@ -312,8 +316,9 @@ def _branch(
     r0, r1 = spatial_core.shape[:2]
     mid = torch.matmul(spatial_core.reshape(r0, r1), a1.T)
     read = geometry.subsample(x)
-    t = torch.matmul(mid, read.reshape(read.shape[0], g, mid.shape[1], -1))
-    return mid, t.reshape(read.shape[0], g * r0, *read.shape[2:])
+    images = read.shape[0] * g
+    t = torch.bmm(mid.expand(images, *mid.shape), read.reshape(images, mid.shape[1], -1))
+    return mid, t.view(read.shape[0], g * r0, *read.shape[2:])
 
 
 def factorized_branch(
@@ -367,19 +372,21 @@ def _branch_grads(
     need_a0, need_a1, need_gs = needs
     g = geo.groups
     batch, out = grad_out.shape[:2]
+    images = batch * g  # the products run batched over images and groups
     r0, r1 = spatial_core.shape[:2]
     grad_a0 = grad_a1 = grad_gs = None
-    grouped_grad = grad_out.view(batch, g, out // g, -1)
+    per_group_grad = grad_out.view(images, out // g, -1)
     if need_a0:
-        product = torch.matmul(t.reshape(batch, g, r0, -1), grouped_grad.transpose(-1, -2))
-        grad_a0 = product.sum(0).transpose(-1, -2).reshape(out, r0)
+        product = torch.bmm(t.reshape(images, r0, -1), per_group_grad.transpose(1, 2))
+        grad_a0 = product.view(batch, g, r0, -1).sum(0).transpose(1, 2).reshape(out, r0)
     if not (need_a1 or need_gs or grad_x is not None):
         return grad_a0, grad_a1, grad_gs
-    q = torch.matmul(a0.reshape(g, out // g, r0).transpose(-1, -2), grouped_grad)  # (B, g, r0, S_out)
+    a0_t = _per_image(a0.reshape(g, out // g, r0).transpose(1, 2), batch)
+    q = torch.bmm(a0_t, per_group_grad)  # (B·g, r0, S_out)
     if geo.pointwise:
         read = geo.subsample(x)
         if need_a1 or need_gs:
-            grad_mid = torch.matmul(q, read.reshape(batch, g, -1, q.shape[-1]).transpose(-1, -2)).sum((0, 1))
+            grad_mid = torch.bmm(q, read.reshape(images, -1, q.shape[-1]).transpose(1, 2)).sum(0)
             if need_gs:
                 grad_gs = torch.matmul(grad_mid, a1).reshape(spatial_core.shape)
             if need_a1:
@@ -388,17 +395,16 @@ def _branch_grads(
             _add_grouped_product(geo.subsample(grad_x), mid.T, q, g)
         return grad_a0, grad_a1, grad_gs
     grad_z, grad_gs_tiled = _core_conv_backward(
-        geo, q.reshape(batch, g * r0, *grad_out.shape[2:]), mid, _tiled(spatial_core, g),
+        geo, q.view(batch, g * r0, *grad_out.shape[2:]), mid, _tiled(spatial_core, g),
         (need_a1 or grad_x is not None, need_gs),
     )  # fmt: skip
     if grad_gs_tiled is not None:
-        grad_gs = grad_gs_tiled.reshape(g, r0, *spatial_core.shape[1:]).sum(0)
+        grad_gs = grad_gs_tiled if g == 1 else grad_gs_tiled.reshape(g, r0, *spatial_core.shape[1:]).sum(0)
     if grad_z is None:
         return grad_a0, grad_a1, grad_gs
     if need_a1:
-        grouped_x = x.reshape(batch, g, x.shape[1] // g, -1)
-        product = torch.matmul(grad_z.reshape(batch, g, r1, -1), grouped_x.transpose(-1, -2))
-        grad_a1 = product.sum((0, 1)).T
+        per_group_x = x.reshape(images, x.shape[1] // g, -1)
+        grad_a1 = torch.bmm(grad_z.reshape(images, r1, -1), per_group_x.transpose(1, 2)).sum(0).T
     if grad_x is not None:
         _add_grouped_product(grad_x, a1, grad_z, g)
     return grad_a0, grad_a1, grad_gs
