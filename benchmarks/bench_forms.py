@@ -45,6 +45,7 @@ from benchmarks._common import interleaved_medians, load_window, machine, today,
 from benchmarks.bench_adapters import Device, Holder
 from benchmarks.bench_models import CALLS, layer_step, repeated
 from ndlowrank import nn as nlnn
+from ndlowrank.nn.layers import COMPOSITE, LINEAR_NODE, PLAIN_MERGE
 
 RANK = 8
 NEAR = 1.05  # auto within 5% of the fastest form counts as picking it (the machine's noise)
@@ -92,16 +93,11 @@ CASES = [
 
 def forms(adapter: nlnn.TuckerAdapter, x: torch.Tensor) -> dict[str, Callable[[], None]]:
     """The forms ``adapter``'s call can take on ``x``, each as a function that forces it."""
-    core = adapter.delta.core.shape
 
     def force(path: str, plain: bool = False, composite: bool = False) -> Callable[[], None]:
         def apply() -> None:
             adapter.path = path  # and the per-shape choices the cost rules would make, made here
-            adapter.__dict__["_form_choices"] = {
-                (x.shape, True, core): plain,
-                (x.shape, "linear node", core): not plain,
-                (x.shape, "composite", core): composite,
-            }
+            adapter._fix_forms(x.shape, {PLAIN_MERGE: plain, LINEAR_NODE: not plain, COMPOSITE: composite})
 
         return apply
 
@@ -122,17 +118,19 @@ def forms(adapter: nlnn.TuckerAdapter, x: torch.Tensor) -> dict[str, Callable[[]
 def picked(adapter: nlnn.TuckerAdapter, x: torch.Tensor) -> str:
     """The form ``path="auto"`` took on ``x`` (after a call)."""
     path = adapter.chosen_path(x)
-    core = adapter.delta.core.shape
-    choices = adapter._form_choices
+
+    def took(rule: str) -> bool:
+        return adapter._form_choices[adapter._form_key(x.shape, rule)]
+
     if isinstance(adapter, nlnn.ConvAdapter):
         if adapter._is_linear_on(x):
-            return "FusedTuckerLinear" if choices[(x.shape, "linear node", core)] else "plain W+ΔW"
+            return "FusedTuckerLinear" if took(LINEAR_NODE) else "plain W+ΔW"
         if path == "factorized":
             return "plain base + branch" if adapter._composes(tuple(x.shape)) else "FactorizedTuckerConv"
-        return "plain W+ΔW" if choices[(x.shape, True, core)] else "FusedTuckerConv"
+        return "plain W+ΔW" if took(PLAIN_MERGE) else "FusedTuckerConv"
     if path == "materialize":
         return "plain W+ΔW"
-    return "FusedTuckerLinear" if choices[(x.shape, "linear node", core)] else "plain base + branch"
+    return "FusedTuckerLinear" if took(LINEAR_NODE) else "plain base + branch"
 
 
 def _adapter(model: nn.Module) -> nlnn.TuckerAdapter:

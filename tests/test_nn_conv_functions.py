@@ -24,6 +24,7 @@ from torch import nn  # noqa: E402
 
 from ndlowrank import nn as nlnn  # noqa: E402
 from ndlowrank.nn._conv import FactorizedTuckerConv, FusedTuckerConv  # noqa: E402
+from ndlowrank.nn.layers import COMPOSITE, LINEAR_NODE, PLAIN_MERGE  # noqa: E402
 
 F64 = torch.float64
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -119,12 +120,7 @@ def force_form(adapter, x, plain):
     Plain autograd on the factorized path is the base plus the branch's two 1×…×1 convolutions
     of an ungrouped pointwise conv (``ConvAdapter._composes``); other geometries have the function only.
     """
-    core = adapter.delta.core.shape
-    adapter._form_choices = {
-        (x.shape, True, core): plain,
-        (x.shape, "linear node", core): not plain,
-        (x.shape, "composite", core): plain,
-    }
+    adapter._fix_forms(x.shape, {PLAIN_MERGE: plain, LINEAR_NODE: not plain, COMPOSITE: plain})
 
 
 @given(case=conv_cases(), seed=st.integers(0, 2**16))

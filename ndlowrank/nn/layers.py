@@ -115,6 +115,11 @@ thread at rank 8, as the extra cost over the frozen layer against PEFT LoRA's: p
 """
 _AUTO_PATHS_KEPT = 64  # input shapes whose path="auto" choice an adapter remembers
 
+# the cost rules whose choice an adapter remembers per input shape (see TuckerAdapter._form)
+PLAIN_MERGE = "plain W+ΔW"  # a conv's materialize path: plain autograd, or else FusedTuckerConv
+LINEAR_NODE = "linear node"  # a linear call through FusedTuckerLinear, or else plain autograd
+COMPOSITE = "composite"  # a pointwise conv's factorized path: base plus branch with plain autograd
+
 
 def supported_layers() -> tuple[type[nn.Module], ...]:
     """Layer types :class:`TuckerAdapter` can wrap (a peer's, such as transformers' ``Conv1D``, once imported)."""
@@ -275,6 +280,25 @@ class TuckerAdapter(DeltaHost):
         core, a0, a1 = self._parts()
         return a0, a1, core
 
+    def _form_key(self, input_shape: Sequence[int], rule: str, training: bool = True) -> tuple[Any, ...]:
+        """The key of ``rule``'s choice (:data:`PLAIN_MERGE`, :data:`LINEAR_NODE`, :data:`COMPOSITE`) for a call on ``input_shape``."""
+        return (tuple(input_shape), rule, training, tuple(self.delta.core.shape))
+
+    def _form(
+        self, input_shape: Sequence[int], rule: str, estimate: Callable[[], bool], training: bool = True
+    ) -> bool:
+        """``rule``'s choice for a call on ``input_shape``: ``estimate()`` the first time, then remembered."""
+        return _remembered(self._form_choices, self._form_key(input_shape, rule, training), estimate)
+
+    def _fix_forms(self, input_shape: Sequence[int], choices: dict[str, bool]) -> None:
+        """Make training calls on ``input_shape`` take ``choices`` (rule name to choice), whatever the cost rules say.
+
+        Tests and ``benchmarks/bench_forms.py`` force every form in turn with it.
+        """
+        self._form_choices.clear()
+        for rule, choice in choices.items():
+            self._form_choices[self._form_key(input_shape, rule)] = choice
+
     def _linear_node_pays(self, x: torch.Tensor) -> bool:
         """Whether a linear layer's factorized call on ``x`` runs :class:`FusedTuckerLinear` (:data:`_LINEAR_NODE_ACTIVATIONS`)."""
 
@@ -282,7 +306,7 @@ class TuckerAdapter(DeltaHost):
             tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
             return tokens * sum(self.weight.shape) > _LINEAR_NODE_ACTIVATIONS
 
-        return _remembered(self._form_choices, (x.shape, "linear node", self.delta.core.shape), estimate)
+        return self._form(x.shape, LINEAR_NODE, estimate)
 
     def _runs_base_here(self, x: torch.Tensor) -> bool:
         """Whether a forward may compute the base layer's product itself instead of calling the layer.
@@ -538,7 +562,7 @@ class ConvAdapter(TuckerAdapter):
             autograd, fused = self._materialize_costs(tuple(x.shape)) if training else (0.0, 1.0)
             return autograd <= fused
 
-        plain = _remembered(self._form_choices, (x.shape, training, self.delta.core.shape), estimate)
+        plain = self._form(x.shape, PLAIN_MERGE, estimate, training)
         core, a0, a1, *spatial = self._parts()
         layer, scale = self.base_layer, self.delta.scale
         if plain:
@@ -577,7 +601,7 @@ class ConvAdapter(TuckerAdapter):
             costs = conv_costs(tuple(x.shape), self.weight.shape, self.ranks, self.geometry)
             return 3 * costs.build + costs.weight_gradient > _LINEAR_NODE_OVERHEAD
 
-        if _remembered(self._form_choices, (x.shape, "linear node", self.delta.core.shape), estimate):
+        if self._form(x.shape, LINEAR_NODE, estimate):
             y = fused_tucker_linear(x2, layer.weight, layer.bias, a0, core, a1, scale, spatial=tuple(spatial))
         else:
             gs = spatial_fold(core, spatial, scale, self.geometry)
@@ -599,7 +623,7 @@ class ConvAdapter(TuckerAdapter):
             tokens = batch * math.prod(geometry.output_size(input_shape[-geometry.dims :]))
             return tokens * (inp + out) <= _POINTWISE_NODE_ACTIVATIONS
 
-        return _remembered(self._form_choices, (input_shape, "composite", self.delta.core.shape), estimate)
+        return self._form(input_shape, COMPOSITE, estimate)
 
     def _is_linear_on(self, x: torch.Tensor) -> bool:
         """Whether the convolution is a linear layer on ``x``'s channels: pointwise, ungrouped, on a 1×…×1 map (an SE block's)."""
