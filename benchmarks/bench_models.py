@@ -409,6 +409,11 @@ def uniform_cost_for(measured: list[dict[str, float]], geomean: float) -> float:
     return low
 
 
+def _ratio_text(ratio: float) -> str:
+    """``ratio`` to two decimals, or three where two would round it onto the target it misses ("1.003", not "1.00")."""
+    return f"{ratio:.3f}" if ratio > TARGET_VS_PEFT and round(ratio, 2) <= TARGET_VS_PEFT else f"{ratio:.2f}"
+
+
 def _adapter_cost(times: dict[str, float]) -> float:
     """ndlowrank's step minus the floor, over PEFT LoRA's step minus the floor."""
     return (times["ndlowrank"] - times["floor"]) / (times["peft"] - times["floor"])
@@ -556,7 +561,7 @@ def report(
         if row.spread is not None and row.spread[0] != row.spread[1]:
             mark = f" ({row.spread[0]:.2f}–{row.spread[1]:.2f}){mark}"
         lines.append(
-            f"| {row.case.title(scale)} | {targets} | {ratio:.2f}×{mark} | {row.times['ndlowrank'] * 1e3:.2f} "
+            f"| {row.case.title(scale)} | {targets} | {_ratio_text(ratio)}×{mark} | {row.times['ndlowrank'] * 1e3:.2f} "
             f"| {row.times['peft'] * 1e3:.2f} | {row.times['floor'] * 1e3:.2f} | {_adapter_cost(row.times):.2f}× "
             f"| {_products_cost(row.times):.2f}× "
             f"| {row.trainable['ndlowrank']:,} / {row.trainable['peft']:,} "

@@ -248,3 +248,10 @@ def test_the_products_step_replays_every_call_of_every_adapter(monkeypatch):
     step = _products.products_step(model, forward)
     step()
     assert replayed == [(first, (2, 4)), (first, (2, 4)), (second, (2, 4)), (first, (5, 4)), (second, (5, 4))]
+
+
+def test_a_ratio_just_above_the_target_does_not_read_as_on_it():
+    assert bench_models._ratio_text(1.003) == "1.003"
+    assert bench_models._ratio_text(1.0) == "1.00"
+    assert bench_models._ratio_text(0.996) == "1.00"  # rounds up onto the target it meets
+    assert bench_models._ratio_text(1.04) == "1.04"
