@@ -477,7 +477,6 @@ class TransposedLinearAdapter(TuckerAdapter):
 def held_spatial_modes(kernel: Sequence[int], init: str) -> list[int]:
     """The spatial modes of a conv adapter with ``init`` on a ``kernel`` whose square factors it holds at the identity.
 
-    See :meth:`TuckerDelta.fix_square_modes`.
     A 1 × 1 factor (a 1×…×1 kernel's) only rescales the core: always held. A larger
     square factor (full spatial rank) only re-expresses the core too, but training it
     changes the course of training. ``benchmarks/quality/spatial.py`` (the quality study's
@@ -487,7 +486,7 @@ def held_spatial_modes(kernel: Sequence[int], init: str) -> list[int]:
     -0.4, -1.0), so with those inits it trains.
 
     Modes whose factor is not square (a spatial rank below the kernel size) are among them
-    but not held: :meth:`TuckerDelta.fix_square_modes` skips them.
+    but not held: :meth:`TuckerDelta.fix_square_modes`, which holds them, skips those.
     """
     return [2 + d for d, size in enumerate(kernel) if size == 1 or init == "zero_core"]
 
