@@ -17,7 +17,7 @@ from ..delta import tucker_delta
 from ..tenalg import _mode_product, _product_order
 from ..tucker import TuckerTensor
 
-__all__ = ["TuckerDelta", "layer_seed", "mode_products", "trailing_mode_products"]
+__all__ = ["TuckerDelta", "fold_into_core", "layer_seed", "mode_products", "trailing_mode_products"]
 
 
 def mode_products(x: torch.Tensor, matrices: Sequence[torch.Tensor], modes: Sequence[int]) -> torch.Tensor:
@@ -33,6 +33,19 @@ def mode_products(x: torch.Tensor, matrices: Sequence[torch.Tensor], modes: Sequ
     for mode, _, _ in _product_order(steps):
         x = _mode_product(x, by_mode[mode], mode, xp=torch)
     return x
+
+
+def fold_into_core(
+    core: torch.Tensor, factors: Sequence[torch.Tensor], modes: Sequence[int]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The same delta with the square factors of ``modes`` folded into the core: ``(G ×_n K_n …, factors with K_n = I)``."""
+    folded = list(factors)
+    if not modes:
+        return core, folded
+    core = mode_products(core, [factors[n] for n in modes], modes)
+    for n in modes:
+        folded[n] = torch.eye(factors[n].shape[0], dtype=factors[n].dtype, device=factors[n].device)
+    return core, folded
 
 
 def trailing_mode_products(x: torch.Tensor, matrices: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -160,12 +173,13 @@ class TuckerDelta(nn.Module):
         is not square are skipped.
         """
         fixed = [n for n in modes if self.factors[n].shape[0] == self.factors[n].shape[1]]
-        if fixed:
-            self.core.copy_(mode_products(self.core, [self.factors[n] for n in fixed], fixed))
+        if not fixed:
+            return
+        core, factors = fold_into_core(self.core, list(self.factors), fixed)
+        self.core.copy_(core)
         for n in fixed:
-            factor = self.factors[n]
-            factor.copy_(torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device))
-            factor.requires_grad_(False)
+            self.factors[n].copy_(factors[n])
+            self.factors[n].requires_grad_(False)
         self.fixed_modes = tuple(sorted({*self.fixed_modes, *fixed}))
 
     def release_modes(self, modes: Sequence[int]) -> None:

@@ -55,7 +55,7 @@ from ._host import DEFAULT_ADAPTER, DeltaHost, check_adapter_name
 from ._iter import owner_of
 from ._load_plan import _parse_header, _plan, _read_file, _Target
 from .bypass import untrained_adapters
-from .delta import TuckerDelta, mode_products
+from .delta import TuckerDelta, fold_into_core
 from .distributed import copy_full, gathered, is_sharded, rank_writes, unwrap, wait_for_writer
 from .layers import TuckerAdapter
 from .model import _set_submodule, iter_adapters, mark_only_adapters_trainable, runs_at_once
@@ -273,11 +273,7 @@ def _copy_trained(delta: TuckerDelta, target: _Target, tensors: Mapping[str, tor
     core = tensors[f"{prefix}core"]
     factors = [tensors[f"{prefix}factors.{n}"] for n in range(len(delta.factors))]
     # factors held at the identity, saved with other values (an older file): the core takes them over
-    held = list(delta.fixed_modes)
-    if held:
-        core = mode_products(core, [factors[n] for n in held], held)
-        for n in held:
-            factors[n] = torch.eye(factors[n].shape[0], dtype=factors[n].dtype, device=factors[n].device)
+    core, factors = fold_into_core(core, factors, delta.fixed_modes)
     copy_full(delta.core, core)
     for factor, value in zip(delta.factors, factors, strict=True):
         copy_full(factor, value)

@@ -280,17 +280,17 @@ class TuckerAdapter(DeltaHost):
         core, a0, a1 = self._parts()
         return a0, a1, core
 
-    def _form_key(self, input_shape: Sequence[int], rule: str, training: bool = True) -> tuple[Any, ...]:
+    def _form_key(self, input_shape: tuple[int, ...], rule: str, training: bool = True) -> tuple[Any, ...]:
         """The key of ``rule``'s choice (:data:`PLAIN_MERGE`, :data:`LINEAR_NODE`, :data:`COMPOSITE`) for a call on ``input_shape``."""
-        return (tuple(input_shape), rule, training, tuple(self.delta.core.shape))
+        return (input_shape, rule, training, self.delta.core.shape)  # a torch.Size hashes as its tuple
 
     def _form(
-        self, input_shape: Sequence[int], rule: str, estimate: Callable[[], bool], training: bool = True
+        self, input_shape: tuple[int, ...], rule: str, estimate: Callable[[], bool], training: bool = True
     ) -> bool:
         """``rule``'s choice for a call on ``input_shape``: ``estimate()`` the first time, then remembered."""
         return _remembered(self._form_choices, self._form_key(input_shape, rule, training), estimate)
 
-    def _fix_forms(self, input_shape: Sequence[int], choices: dict[str, bool]) -> None:
+    def _fix_forms(self, input_shape: tuple[int, ...], choices: dict[str, bool]) -> None:
         """Make training calls on ``input_shape`` take ``choices`` (rule name to choice), whatever the cost rules say.
 
         Tests and ``benchmarks/bench_forms.py`` force every form in turn with it.
